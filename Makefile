@@ -1,0 +1,42 @@
+# Two entry points: `make demo` (set-up + quickstart) and `make test` (set-up +
+# Redis + the whole suite). Everything the project needs is installed here.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sieve-installed
+# Real MovieLens when it sits beside the checkout; otherwise quickstart downloads
+# it (and falls back to a seeded synthetic catalog when offline).
+SHARED_ML := ../shared/data/movielens/ml-latest-small
+DATA ?= $(if $(wildcard $(SHARED_ML)/ratings.csv),$(SHARED_ML),)
+
+.PHONY: demo test venv redis protos lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel of torch first: a range that admits newer versions pulls CUDA.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,offline,dev]'
+	touch $@
+
+# Debian's redis-server, for the tests; the fixture starts it on a free port.
+redis:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	@redis-server --version
+
+demo: $(STAMP)
+	$(VENV)/bin/sieve quickstart $(if $(DATA),--data $(DATA),)
+
+test: $(STAMP) redis
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+protos: $(STAMP)
+	$(PY) -m sieve.protogen
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

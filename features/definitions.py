@@ -1,0 +1,112 @@
+"""Feast definitions for sieve: entities, feature views and the model's service.
+
+The schema is declared once, as plain data (``USER_VIEW``, ``ITEM_VIEW``), and
+both the Feast objects and our fast online reader are derived from it, so the two
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+FeatureKind = Literal["float", "int64", "float_list", "int64_list"]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One feature: its name, value kind and, for fixed-size float lists, dim."""
+
+    name: str
+    kind: FeatureKind
+    dim: int = 0
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One feature view keyed by a single Int64 join key."""
+
+    name: str
+    entity: str
+    join_key: str
+    features: tuple[FeatureSpec, ...]
+
+    def feature(self, name: str) -> FeatureSpec:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(f"{self.name} has no feature {name!r}")
+
+
+EMBEDDING_DIM = 384
+N_GENRES = 20
+
+USER_VIEW = ViewSpec(
+    name="user_features",
+    entity="user",
+    join_key="user_id",
+    features=(
+        FeatureSpec("user_vector", "float_list", EMBEDDING_DIM),
+        FeatureSpec("genre_affinity", "float_list", N_GENRES),
+        FeatureSpec("rating_count", "int64"),
+        FeatureSpec("rating_mean", "float"),
+        FeatureSpec("seen_item_ids", "int64_list"),
+    ),
+)
+ITEM_VIEW = ViewSpec(
+    name="item_features",
+    entity="item",
+    join_key="item_id",
+    features=(
+        FeatureSpec("embedding", "float_list", EMBEDDING_DIM),
+        FeatureSpec("genres", "float_list", N_GENRES),
+        FeatureSpec("primary_genre", "int64"),
+        FeatureSpec("log_popularity", "float"),
+        FeatureSpec("rating_mean", "float"),
+    ),
+)
+VIEWS = (USER_VIEW, ITEM_VIEW)
+FEATURE_SERVICE = "ranker_v1"
+"""The FeatureService the first ranking model reads; its name goes in the manifest."""
+TIMESTAMP_FIELD = "event_timestamp"
+
+
+def feature_definitions(offline_dir: Path) -> list[object]:
+    """Feast objects over the parquet files in ``offline_dir``.
+
+    ``offline_dir`` must hold ``user_features.parquet`` and ``item_features.parquet``
+    (written by ``features.materialize.write_offline``).
+    """
+    from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+    from feast.types import Array, Float32, Int64
+
+    types = {
+        "float": Float32,
+        "int64": Int64,
+        "float_list": Array(Float32),
+        "int64_list": Array(Int64),
+    }
+    objects: list[object] = []
+    views = []
+    for spec in VIEWS:
+        entity = Entity(name=spec.entity, join_keys=[spec.join_key], value_type=ValueType.INT64)
+        source = FileSource(
+            name=f"{spec.name}_source",
+            path=str(Path(offline_dir).resolve() / f"{spec.name}.parquet"),
+            timestamp_field=TIMESTAMP_FIELD,
+        )
+        view = FeatureView(
+            name=spec.name,
+            entities=[entity],
+            ttl=timedelta(days=3650),
+            schema=[Field(name=spec.join_key, dtype=Int64)]
+            + [Field(name=f.name, dtype=types[f.kind]) for f in spec.features],
+            source=source,
+            online=True,
+        )
+        objects += [entity, view]
+        views.append(view)
+    objects.append(FeatureService(name=FEATURE_SERVICE, features=views))
+    return objects

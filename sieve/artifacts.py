@@ -1,0 +1,125 @@
+"""The versioned artifact set: index, model and feature schema that belong together.
+
+Layout under an artifacts root::
+
+    CURRENT                      the live version's name (written atomically)
+    versions/<version>/
+        manifest.json            names every file below with its SHA-256
+        index.faiss  catalog.parquet  user_vectors.npz  ranker.onnx
+        feature_repo/            a Feast repo: feature_store.yaml, repo.py, data/, registry.db
+
+Services resolve ``CURRENT`` once at load and verify the checksums of the files
+they read, so a half-written or tampered set is refused naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sieve.atomic import atomic_path, sha256_file
+from sieve.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+CURRENT = "CURRENT"
+FORMAT = 1
+_VERSION_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ArtifactSet:
+    """A loaded manifest and the folder it describes."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    def path(self, role: str) -> Path:
+        """Absolute path of the file the manifest names for ``role``."""
+        try:
+            return self.root / self.manifest["files"][role]["path"]
+        except KeyError:
+            raise ArtifactError(f"{self.root / MANIFEST} names no {role!r} file") from None
+
+    def verified(self, role: str) -> Path:
+        """``path(role)``, after checking it exists and matches its checksum.
+
+        Raises:
+            ArtifactError: naming the missing or corrupt file.
+        """
+        path = self.path(role)
+        if not path.is_file():
+            raise ArtifactError(f"{role} file {path} is missing")
+        expected = self.manifest["files"][role]["sha256"]
+        if sha256_file(path) != expected:
+            raise ArtifactError(f"{role} file {path} does not match its checksum in {MANIFEST}")
+        return path
+
+
+def file_entry(root: Path, rel: str) -> dict[str, Any]:
+    path = root / rel
+    return {"path": rel, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def write_manifest(version_dir: Path, manifest: dict[str, Any]) -> Path:
+    """Write ``manifest.json`` atomically (temp file, then ``os.replace``)."""
+    target = Path(version_dir) / MANIFEST
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return target
+
+
+def publish(root: Path, version: str) -> None:
+    """Point ``root/CURRENT`` at ``version``, atomically."""
+    if not _VERSION_RE.match(version):
+        raise ValueError(f"bad artifact version {version!r}")
+    with atomic_path(Path(root) / CURRENT) as tmp:
+        tmp.write_text(version + "\n")
+
+
+def resolve(root: Path) -> Path:
+    """The version folder ``root/CURRENT`` points at (or ``root`` itself if it holds
+    a manifest directly).
+
+    Raises:
+        ArtifactError: naming what is missing.
+    """
+    root = Path(root)
+    if (root / MANIFEST).is_file():
+        return root
+    current = root / CURRENT
+    if not current.is_file():
+        raise ArtifactError(f"{current} is missing: no artifact set was built in {root}")
+    version = current.read_text().strip()
+    if not _VERSION_RE.match(version):
+        raise ArtifactError(f"{current} holds {version!r}, not a version name")
+    folder = root / "versions" / version
+    if not (folder / MANIFEST).is_file():
+        raise ArtifactError(f"{folder / MANIFEST} is missing ({current} points at it)")
+    return folder
+
+
+def load(root: Path) -> ArtifactSet:
+    """Read and sanity-check the manifest of the live artifact set under ``root``.
+
+    Raises:
+        ArtifactError: missing or unreadable manifest, or a manifest of another format.
+    """
+    folder = resolve(root)
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is not readable JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a sieve manifest of format {FORMAT}")
+    for key in ("version", "files", "index", "model", "feature_schema"):
+        if key not in manifest:
+            raise ArtifactError(f"{path} lacks {key!r}")
+    return ArtifactSet(root=folder, manifest=manifest)

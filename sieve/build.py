@@ -1,0 +1,174 @@
+"""``sieve build``: the offline jobs, in order, into one versioned artifact set.
+
+catalog + ratings -> temporal split -> item text embeddings -> user vectors ->
+Faiss index -> feature tables -> ranking model (ONNX, checked against torch) ->
+Feast apply + materialize -> manifest.json -> CURRENT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sieve import artifacts
+from sieve.config import BuildConfig
+from sieve.data import GENRES, load_movielens, temporal_split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildReport:
+    version: str
+    root: Path
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        print(f"[build] {name} ...", flush=True)
+        yield
+        self.stage_seconds[name] = round(time.perf_counter() - t0, 3)
+        print(f"[build] {name} done in {self.stage_seconds[name]:.1f}s", flush=True)
+
+
+def _version(data_dir: Path, config: BuildConfig, now: datetime) -> str:
+    h = hashlib.sha256(config.model_dump_json().encode())
+    for name in ("movies.csv", "ratings.csv", "tags.csv"):
+        p = data_dir / name
+        if p.is_file():
+            h.update(artifacts.sha256_file(p).encode())
+    return f"{now:%Y%m%d%H%M%S}_{h.hexdigest()[:8]}"
+
+
+def build(data_dir: Path, out: Path, config: BuildConfig, cache_dir: Path | None = None) -> BuildReport:
+    """Run every offline job on MovieLens-layout CSVs and publish the artifact set.
+
+    The set is written into ``out/versions/<version>/`` and becomes live only when
+    ``out/CURRENT`` is replaced at the very end, so a failed build leaves the last
+    good set in place.
+    """
+    from candidate.embed import DIM, MODEL_ID, embed_texts, item_texts
+    from candidate.index import build_index, write_index
+    from features.definitions import FEATURE_SERVICE, VIEWS
+    from features.materialize import build_feature_repo
+    from features.tables import item_table, user_table
+    from ranker.features import MODEL_FEATURES
+    from ranker.train import INPUT_NAME, OUTPUT_NAME, train_and_export, training_rows
+
+    out = Path(out)
+    data_dir = Path(data_dir)
+    cache_dir = Path(cache_dir) if cache_dir else out / "cache"
+    now = datetime.now(UTC).replace(microsecond=0)
+    version = _version(data_dir, config, now)
+    vdir = out / "versions" / version
+    if vdir.exists():
+        shutil.rmtree(vdir)
+    vdir.mkdir(parents=True)
+    report = BuildReport(version=version, root=vdir)
+    t_all = time.perf_counter()
+
+    with report.stage("load + temporal split"):
+        ml = load_movielens(data_dir)
+        train, holdout = temporal_split(ml.ratings, config.holdout_fraction)
+        report.stats.update(
+            items=len(ml.movies), users=int(ml.ratings["userId"].nunique()),
+            ratings=len(ml.ratings), train=len(train), holdout=len(holdout),
+        )  # fmt: skip
+        holdout.to_parquet(vdir / "holdout.parquet", index=False)
+        ml.movies.rename(columns={"movieId": "item_id"}).to_parquet(
+            vdir / "catalog.parquet", index=False
+        )
+
+    with report.stage("embed item texts (all-MiniLM-L6-v2)"):
+        texts = item_texts(ml.movies, ml.tags, config.top_tags)
+        emb, n_new = embed_texts(
+            texts, cache_dir / f"embeddings-{MODEL_ID}.npz", config.embedding_batch_size
+        )
+        report.stats.update(embedded=n_new, embedding_cache_hits=len(texts) - n_new)
+
+    with report.stage("feature tables + user vectors"):
+        items = item_table(ml.movies, train, emb)
+        users = user_table(train, ml.movies, emb, config.positive_rating)
+        np.savez(
+            vdir / "user_vectors.npz",
+            user_ids=users["user_id"].to_numpy(np.int64),
+            vectors=np.stack(users["user_vector"].to_numpy()).astype(np.float32),
+        )
+
+    with report.stage(f"faiss index ({config.index_factory})"):
+        index = build_index(emb, config.index_factory, config.seed)
+        write_index(index, vdir / "index.faiss")
+
+    with report.stage("train ranker + ONNX export"):
+        x, y = training_rows(
+            train, users, items, config.positive_rating, config.negatives_per_positive, config.seed
+        )
+        result = train_and_export(x, y, vdir / "ranker.onnx", config.hidden, config.epochs, config.seed)
+        report.stats.update(
+            train_rows=result.n_rows, positive_share=round(result.positive_share, 4),
+            final_loss=round(result.final_loss, 4), onnx_max_abs_diff=result.onnx_max_abs_diff,
+        )  # fmt: skip
+
+    project = f"{config.feast_project}_{version}"
+    with report.stage("feast apply + materialize"):
+        build_feature_repo(
+            vdir / "feature_repo", project, config.online_store,
+            {"user_features": users, "item_features": items}, now,
+        )  # fmt: skip
+
+    files = {
+        "index": "index.faiss",
+        "model": "ranker.onnx",
+        "catalog": "catalog.parquet",
+        "user_vectors": "user_vectors.npz",
+        "holdout": "holdout.parquet",
+        "feature_store": "feature_repo/feature_store.yaml",
+        "user_features": "feature_repo/data/user_features.parquet",
+        "item_features": "feature_repo/data/item_features.parquet",
+    }
+    manifest = {
+        "format": artifacts.FORMAT,
+        "version": version,
+        "created_at": now.isoformat(),
+        "source": {"data_dir": str(data_dir.resolve())},
+        "files": {role: artifacts.file_entry(vdir, rel) for role, rel in files.items()},
+        "index": {
+            "factory": config.index_factory, "metric": "inner_product", "dim": DIM,
+            "ntotal": int(index.ntotal), "nprobe": config.nprobe,
+        },  # fmt: skip
+        "model": {
+            "kind": "mlp", "hidden": list(config.hidden), "input_name": INPUT_NAME,
+            "output_name": OUTPUT_NAME, "features": list(MODEL_FEATURES),
+            "onnx_max_abs_diff_vs_torch": result.onnx_max_abs_diff,
+        },  # fmt: skip
+        "feature_schema": {
+            "project": project,
+            "feature_service": FEATURE_SERVICE,
+            "genres": list(GENRES),
+            "views": {
+                v.name: {
+                    "entity": v.entity, "join_key": v.join_key,
+                    "features": {f.name: {"kind": f.kind, "dim": f.dim} for f in v.features},
+                }  # fmt: skip
+                for v in VIEWS
+            },
+        },
+        "build": {"config": config.model_dump(mode="json"), "stats": report.stats},
+    }
+    report.stage_seconds["total"] = round(time.perf_counter() - t_all, 3)
+    manifest["build"]["stage_seconds"] = report.stage_seconds
+    artifacts.write_manifest(vdir, manifest)
+    artifacts.publish(out, version)
+    return report

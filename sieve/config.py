@@ -1,0 +1,116 @@
+"""Typed, frozen configuration: one model per service, loaded once in ``main``.
+
+Every model rejects unknown keys (``extra="forbid"``), so a typo in ``sieve.toml``
+fails at start with the key's name instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SqliteStoreConfig(_Frozen):
+    """Feast's embedded SQLite online store (the default)."""
+
+    type: Literal["sqlite"] = "sqlite"
+    path: str = "online_store.db"
+    """SQLite file, relative to the artifact set's feature repo."""
+
+
+class RedisStoreConfig(_Frozen):
+    """Feast's Redis online store (production)."""
+
+    type: Literal["redis"] = "redis"
+    connection_string: str = "127.0.0.1:6379"
+    """``host:port[,db=N,password=...]`` in Feast's own format."""
+
+
+OnlineStoreConfig = Annotated[SqliteStoreConfig | RedisStoreConfig, Field(discriminator="type")]
+
+
+class BuildConfig(_Frozen):
+    """The offline jobs of ``sieve build``."""
+
+    holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    """Share of each user's latest ratings held out for evaluation (at least one
+    rating is held out and at least one kept for training)."""
+    positive_rating: float = Field(4.0, ge=0.5, le=5.0)
+    """A rating at or above this is a positive interaction."""
+    top_tags: int = Field(3, ge=0, le=20)
+    """How many of an item's most frequent tags go into its text."""
+    embedding_batch_size: int = Field(64, ge=1, le=4096)
+    index_factory: str = "Flat"
+    """Faiss ``index_factory`` string, inner-product metric (e.g. ``IVF256,SQ8``)."""
+    nprobe: int = Field(16, ge=1)
+    """Inverted lists visited per query for IVF indexes; ignored otherwise."""
+    negatives_per_positive: int = Field(2, ge=1, le=50)
+    """Unrated items sampled as negatives per positive training interaction."""
+    epochs: int = Field(3, ge=1, le=100)
+    hidden: tuple[int, ...] = (64, 32)
+    """Hidden layer widths of the ranking MLP."""
+    seed: int = 0
+    online_store: OnlineStoreConfig = SqliteStoreConfig()
+    feast_project: str = Field("sieve", pattern=r"^[a-z][a-z0-9_]*$")
+
+
+class CandidateConfig(_Frozen):
+    """The candidate (ANN) service."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(50061, ge=0, le=65535)
+    """0 picks a free port (tests)."""
+    max_k: int = Field(2048, ge=1, le=2048)
+    """Largest k a request may ask for (Faiss GPU caps k at 2048)."""
+    max_exclude: int = Field(20_000, ge=0)
+    """Most excluded ids one request may carry (seen items plus caller's own)."""
+    omp_threads: int = Field(1, ge=1)
+    """Faiss OpenMP threads; concurrency across requests is the better use of cores."""
+    grace_s: float = Field(5.0, ge=0.0)
+    """Time in-flight RPCs get to finish on shutdown."""
+
+
+class RankerConfig(_Frozen):
+    """The ranker (entry point) service."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(50062, ge=0, le=65535)
+    candidate_address: str = "127.0.0.1:50061"
+    num_candidates: int = Field(1000, ge=1, le=2048)
+    default_k: int = Field(50, ge=1)
+    max_k: int = Field(500, ge=1)
+    max_exclude: int = Field(10_000, ge=0)
+    max_per_genre: int = Field(10, ge=1)
+    """Re-rank rule: at most this many items of one primary genre in the final k."""
+    intra_op_threads: int = Field(1, ge=1)
+    """ONNX Runtime threads per call (1 is right under concurrency on a CPU)."""
+    retrieve_timeout_s: float = Field(1.0, gt=0.0)
+    grace_s: float = Field(5.0, ge=0.0)
+
+
+class SieveConfig(_Frozen):
+    """Everything ``sieve`` reads from ``sieve.toml``; each section is optional."""
+
+    build: BuildConfig = BuildConfig()
+    candidate: CandidateConfig = CandidateConfig()
+    ranker: RankerConfig = RankerConfig()
+
+
+def load_config(path: Path | None) -> SieveConfig:
+    """Read a TOML file into a ``SieveConfig``; no file means the defaults.
+
+    Raises:
+        pydantic.ValidationError: an unknown key or an out-of-range value; the
+            message names the key.
+    """
+    if path is None:
+        return SieveConfig()
+    with open(path, "rb") as f:
+        return SieveConfig.model_validate(tomllib.load(f))
