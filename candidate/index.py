@@ -109,6 +109,13 @@ class CandidateIndex:
             )
         return cls(index, item_ids, user_ids, user_vectors, nprobe)
 
+    def warm_up(self, k: int, rounds: int = 3) -> None:
+        """Run a few searches so first requests do not pay for lazy initialisation."""
+        probe = self._user_vectors[0] if len(self._user_vectors) else np.ones(self.dim, np.float32)
+        probe = probe / max(float(np.linalg.norm(probe)), 1e-12)
+        for _ in range(rounds):
+            self.search(probe, k, np.empty(0, np.int64))
+
     def user_vector(self, user_id: int) -> np.ndarray | None:
         """The stored vector of ``user_id``, or None for an unknown user."""
         pos = np.searchsorted(self._user_ids, user_id, sorter=self._user_order)

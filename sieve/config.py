@@ -92,6 +92,9 @@ class RankerConfig(_Frozen):
     intra_op_threads: int = Field(1, ge=1)
     """ONNX Runtime threads per call (1 is right under concurrency on a CPU)."""
     retrieve_timeout_s: float = Field(1.0, gt=0.0)
+    """Deadline of the Retrieve call; past it the answer degrades to popular items."""
+    item_refresh_s: float = Field(30.0, ge=0.0)
+    """How often to check for a new materialization of item features (0: never)."""
     grace_s: float = Field(5.0, ge=0.0)
 
 

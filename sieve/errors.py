@@ -24,6 +24,12 @@ class InvalidRequest(SieveError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class NotFound(SieveError):
+    """The caller named something we do not have."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class NotReady(SieveError):
     """The service has no loaded artifact set (yet)."""
 

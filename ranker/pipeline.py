@@ -1,0 +1,269 @@
+"""The ranker's request path, stage by stage, in one place.
+
+    Rank(user) -> user features (online store)
+               -> Retrieve over gRPC: 1,000 candidates, seen items excluded in the search
+               -> item features (in-process table)
+               -> score (ONNX Runtime)
+               -> re-rank (genre cap) -> k items
+
+Each stage is timed; what the request had to give up is listed as a degradation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pandas as pd
+
+from features.definitions import USER_VIEW
+from features.item_table import ItemTable, load_item_table
+from features.reader import OnlineReader, open_reader
+from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from ranker.features import MODEL_FEATURES, assemble
+from ranker.rerank import genre_cap
+from ranker.scorer import OnnxScorer
+from sieve import artifacts
+from sieve.config import RankerConfig
+from sieve.errors import ArtifactError, InvalidRequest, NotReady
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankQuery:
+    user_id: int
+    k: int
+    exclude: np.ndarray  # int64
+    debug: bool
+
+
+def parse_rank(req: sieve_pb2.RankRequest, config: RankerConfig) -> RankQuery:
+    """Validate a RankRequest (k=0 means the default).
+
+    Raises:
+        InvalidRequest: saying which field is wrong and what is allowed.
+    """
+    if req.user_id <= 0:
+        raise InvalidRequest(f"user_id must be a positive integer, got {req.user_id}")
+    k = req.k or config.default_k
+    if not 1 <= k <= config.max_k:
+        raise InvalidRequest(f"k must be in 1..{config.max_k} (0 for {config.default_k}), got {req.k}")
+    if len(req.exclude_item_ids) > config.max_exclude:
+        raise InvalidRequest(
+            f"exclude_item_ids holds {len(req.exclude_item_ids)} ids, at most {config.max_exclude}"
+        )
+    exclude = np.asarray(req.exclude_item_ids, dtype=np.int64)
+    if len(exclude) and exclude.min() <= 0:
+        raise InvalidRequest(f"exclude_item_ids must be positive, got {int(exclude.min())}")
+    return RankQuery(req.user_id, k, exclude, req.debug)
+
+
+@dataclass
+class RankResult:
+    item_ids: np.ndarray
+    final_scores: np.ndarray
+    candidate_scores: np.ndarray
+    model_scores: np.ndarray
+    candidate_ranks: np.ndarray
+    version: str
+    timings: list[tuple[str, int]] = field(default_factory=list)
+    degradations: list[str] = field(default_factory=list)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.marks: list[tuple[str, int]] = []
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.marks.append((stage, int((now - self.last) * 1e6)))
+        self.last = now
+
+    def total(self) -> list[tuple[str, int]]:
+        return [*self.marks, ("total", int((time.perf_counter() - self.start) * 1e6))]
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """Everything one artifact version serves with, swapped as a unit."""
+
+    version: str
+    reader: OnlineReader
+    items: ItemTable
+    scorer: OnnxScorer
+    popular: np.ndarray  # item table rows, most popular first
+    registry_mtime: float
+    registry_path: Path
+
+
+class RankPipeline:
+    def __init__(self, config: RankerConfig, artifacts_root: Path) -> None:
+        self.config = config
+        self.artifacts_root = Path(artifacts_root)
+        self._state: _Loaded | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: sieve_pb2_grpc.CandidateServiceStub | None = None
+
+    @property
+    def version(self) -> str:
+        return self._state.version if self._state else ""
+
+    async def start(self) -> None:
+        """Load the artifact set, open the store and the candidate channel, warm up.
+
+        Raises:
+            ArtifactError: naming the missing or corrupt file.
+        """
+        self._state = await self._load()
+        self._channel = grpc.aio.insecure_channel(self.config.candidate_address)
+        self._stub = sieve_pb2_grpc.CandidateServiceStub(self._channel)
+        state = self._state
+        x = np.zeros((self.config.num_candidates, len(MODEL_FEATURES)), np.float32)
+        for _ in range(3):
+            state.scorer.score(x)
+
+    async def _load(self) -> _Loaded:
+        aset = artifacts.load(self.artifacts_root)
+        model = aset.manifest["model"]
+        if list(model["features"]) != list(MODEL_FEATURES):
+            raise ArtifactError(
+                f"{aset.root / artifacts.MANIFEST}: model features {model['features']} are not "
+                f"the features this ranker computes {list(MODEL_FEATURES)}"
+            )
+        scorer = OnnxScorer(
+            str(aset.verified("model")), model["input_name"], model["output_name"],
+            model["features"], self.config.intra_op_threads,
+        )  # fmt: skip
+        await asyncio.to_thread(scorer.load)
+        repo = aset.verified("feature_store").parent
+        reader = open_reader(repo)
+        await reader.start()
+        catalog = pd.read_parquet(aset.verified("catalog"), columns=["item_id"])
+        items = await load_item_table(reader, catalog["item_id"].to_numpy(np.int64))
+        if len(items) == 0:
+            raise ArtifactError(f"online store of {repo} holds no item features (materialized?)")
+        popular = np.argsort(-items.columns["log_popularity"], kind="stable")
+        registry = repo / "registry.db"
+        mtime = registry.stat().st_mtime if registry.exists() else 0.0
+        log.info("ranker loaded %s: %d items, model %s", aset.version, len(items), scorer.path)
+        return _Loaded(aset.version, reader, items, scorer, popular, mtime, registry)
+
+    async def refresh_item_features(self, force: bool = False) -> bool:
+        """Reload the in-process item table when Feast's registry changed (a new
+        materialization landed). Returns whether a reload happened."""
+        state = self._state
+        if state is None:
+            return False
+        mtime = state.registry_path.stat().st_mtime if state.registry_path.exists() else 0.0
+        if not force and mtime == state.registry_mtime:
+            return False
+        items = await load_item_table(state.reader, state.items.ids)
+        popular = np.argsort(-items.columns["log_popularity"], kind="stable")
+        self._state = _Loaded(state.version, state.reader, items, state.scorer, popular, mtime,
+                              state.registry_path)  # fmt: skip
+        return True
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        if self._state is not None:
+            await self._state.reader.close()
+
+    async def rank(self, q: RankQuery) -> RankResult:
+        state, stub = self._state, self._stub
+        if state is None or stub is None:
+            raise NotReady("ranker is not loaded yet")
+        clock = _Clock()
+        clock.mark("validate")
+
+        user = await state.reader.read(USER_VIEW, np.array([q.user_id], np.int64))
+        clock.mark("user_features")
+        if not user.found[0]:
+            return self._popular(state, q, clock, f"cold_start_user: no features for user "
+                                 f"{q.user_id}; returned popular items")  # fmt: skip
+
+        seen = user.columns["seen_item_ids"][0]
+        exclude = np.union1d(seen, q.exclude)
+        try:
+            resp = await stub.Retrieve(
+                sieve_pb2.RetrieveRequest(
+                    user_vector=sieve_pb2.UserVector(values=user.columns["user_vector"][0]),
+                    k=self.config.num_candidates,
+                    exclude_item_ids=exclude,
+                ),
+                timeout=self.config.retrieve_timeout_s,
+            )
+        except grpc.aio.AioRpcError as e:
+            log.warning("Retrieve failed: %s %s", e.code().name, e.details())
+            return self._popular(state, q, clock, f"retrieve_failed: {e.code().name}; "
+                                 "returned popular items")  # fmt: skip
+        clock.mark("retrieve")
+        degradations = []
+        if resp.artifact_version != state.version:
+            degradations.append(
+                f"version_mismatch: candidate {resp.artifact_version}, ranker {state.version}"
+            )
+
+        cand_ids = np.asarray(resp.item_ids, np.int64)
+        cand_scores = np.asarray(resp.scores, np.float32)
+        rows, found = state.items.rows(cand_ids)
+        if not found.all():
+            degradations.append(f"missing_item_features: {int((~found).sum())} candidates dropped")
+            cand_ids, cand_scores, rows = cand_ids[found], cand_scores[found], rows[found]
+        cols = state.items.columns
+        x = assemble(
+            ann_score=cand_scores,
+            user_genre_affinity=user.columns["genre_affinity"],
+            item_genres=cols["genres"][rows],
+            item_log_popularity=cols["log_popularity"][rows],
+            item_rating_mean=cols["rating_mean"][rows],
+            user_rating_count=user.columns["rating_count"],
+            user_rating_mean=user.columns["rating_mean"],
+        )
+        clock.mark("item_features")
+
+        model_scores = state.scorer.score(x)
+        clock.mark("score")
+
+        chosen, relaxed = genre_cap(
+            model_scores, cols["primary_genre"][rows], q.k, self.config.max_per_genre
+        )
+        if relaxed:
+            degradations.append(f"genre_cap_relaxed: fewer than {q.k} items within the cap")
+        if len(chosen) < q.k:
+            degradations.append(f"short_list: only {len(chosen)} candidates for k={q.k}")
+        clock.mark("rerank")
+        return RankResult(
+            item_ids=cand_ids[chosen],
+            final_scores=model_scores[chosen],
+            candidate_scores=cand_scores[chosen],
+            model_scores=model_scores[chosen],
+            candidate_ranks=chosen.astype(np.int32),
+            version=state.version,
+            timings=clock.total(),
+            degradations=degradations,
+        )
+
+    def _popular(self, state: _Loaded, q: RankQuery, clock: _Clock, why: str) -> RankResult:
+        """The fallback answer: most popular items not excluded."""
+        rows = state.popular
+        if len(q.exclude):
+            rows = rows[~np.isin(state.items.ids[rows], q.exclude)]
+        rows = rows[: q.k]
+        pop = state.items.columns["log_popularity"][rows]
+        zeros = np.zeros(len(rows), np.float32)
+        clock.mark("fallback")
+        return RankResult(
+            item_ids=state.items.ids[rows], final_scores=pop.astype(np.float32),
+            candidate_scores=zeros, model_scores=zeros,
+            candidate_ranks=np.full(len(rows), -1, np.int32), version=state.version,
+            timings=clock.total(), degradations=[why],
+        )  # fmt: skip
+

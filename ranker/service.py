@@ -1,0 +1,98 @@
+"""The ranker gRPC service (the entry point): a thin adapter around ``RankPipeline``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+import grpc
+
+from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from ranker.pipeline import RankPipeline, parse_rank
+from sieve.config import RankerConfig
+from sieve.errors import grpc_errors
+from sieve.grpc_server import Server
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = sieve_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
+
+
+class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
+    def __init__(self, config: RankerConfig, pipeline: RankPipeline) -> None:
+        self.config = config
+        self.pipeline = pipeline
+
+    @grpc_errors
+    async def Rank(
+        self, request: sieve_pb2.RankRequest, context: grpc.aio.ServicerContext
+    ) -> sieve_pb2.RankResponse:
+        result = await self.pipeline.rank(parse_rank(request, self.config))
+        return sieve_pb2.RankResponse(
+            items=[
+                sieve_pb2.RankedItem(
+                    item_id=int(i), final_score=float(f), candidate_score=float(c),
+                    model_score=float(m), candidate_rank=int(r),
+                )  # fmt: skip
+                for i, f, c, m, r in zip(
+                    result.item_ids, result.final_scores, result.candidate_scores,
+                    result.model_scores, result.candidate_ranks, strict=True,
+                )  # fmt: skip
+            ],
+            timings=[sieve_pb2.StageTiming(stage=s, micros=us) for s, us in result.timings],
+            artifact_version=result.version,
+            degradations=result.degradations,
+        )
+
+
+async def _refresh_loop(pipeline: RankPipeline, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            if await pipeline.refresh_item_features():
+                log.info("item features reloaded after a new materialization")
+        except Exception:
+            log.exception("item feature reload failed; keeping the previous table")
+
+
+class RankerServer(Server):
+    """The ranker's server, which also owns the pipeline's lifetime."""
+
+    def __init__(self, config: RankerConfig, pipeline: RankPipeline) -> None:
+        super().__init__(SERVICE_NAME, config.host, config.port)
+        self.pipeline = pipeline
+        self._refresh: asyncio.Task[None] | None = None
+        self._refresh_s = config.item_refresh_s
+
+    async def ready(self) -> None:
+        await super().ready()
+        if self._refresh_s > 0:
+            self._refresh = asyncio.create_task(_refresh_loop(self.pipeline, self._refresh_s))
+
+    async def stop(self, grace_s: float) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
+        await super().stop(grace_s)
+        await self.pipeline.close()
+
+
+async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[RankerServer, RankPipeline]:
+    """Start the ranker server (NOT_SERVING), load and warm up, then SERVING.
+
+    Raises:
+        ArtifactError: artifacts missing or corrupt; the server is stopped first.
+    """
+    pipeline = RankPipeline(config, artifacts_root)
+    server = RankerServer(config, pipeline)
+    sieve_pb2_grpc.add_RankerServiceServicer_to_server(RankerServicer(config, pipeline), server.server)
+    await server.start()
+    try:
+        await pipeline.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    await server.ready()
+    return server, pipeline

@@ -1,0 +1,296 @@
+"""The ``sieve`` command: build, serve, rank, quickstart."""
+
+from __future__ import annotations
+
+import os
+
+# Set the thread policy before anything imports faiss or onnxruntime: passive
+# OpenMP waits keep Faiss's idle threads from spinning against ONNX Runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import gc  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from sieve.config import SieveConfig, load_config  # noqa: E402
+from sieve.errors import SieveError  # noqa: E402
+
+log = logging.getLogger("sieve")
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sieve"
+
+
+def _config(args: argparse.Namespace) -> SieveConfig:
+    return load_config(Path(args.config) if args.config else None)
+
+
+# ------------------------------------------------------------------- build --
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from sieve.build import build
+    from sieve.data import write_synthetic_movielens
+
+    cfg = _config(args)
+    data = Path(args.data) if args.data else None
+    if args.synthetic:
+        data = write_synthetic_movielens(Path(args.out) / "synthetic", n_items=args.synthetic,
+                                         seed=cfg.build.seed)  # fmt: skip
+    if data is None:
+        print("sieve build: give --data DIR (ml-latest-small layout) or --synthetic N", file=sys.stderr)
+        return 2
+    report = build(data, Path(args.out), cfg.build, Path(args.cache) if args.cache else None)
+    _print_build(report)
+    return 0
+
+
+def _print_build(report) -> None:  # type: ignore[no-untyped-def]
+    print(f"\nartifact set {report.version} -> {report.root}")
+    for stage, secs in report.stage_seconds.items():
+        print(f"  {stage:<40} {secs:8.1f} s")
+
+
+# ------------------------------------------------------------------- serve --
+
+
+async def serve(
+    cfg: SieveConfig, artifacts_root: Path, only: str | None, ready_file: Path | None = None
+) -> None:
+    """Run the candidate and/or ranker server until SIGTERM or SIGINT."""
+    from candidate.service import create_server as create_candidate
+    from ranker.service import create_server as create_ranker
+
+    servers = []
+    ranker_cfg = cfg.ranker
+    try:
+        if only in (None, "candidate"):
+            server, _ = await create_candidate(cfg.candidate, artifacts_root)
+            servers.append(("candidate", server, cfg.candidate.grace_s))
+            if only is None:  # the ranker talks to the port actually bound
+                ranker_cfg = ranker_cfg.model_copy(
+                    update={"candidate_address": f"{cfg.candidate.host}:{server.port}"}
+                )
+        if only in (None, "ranker"):
+            rserver, pipeline = await create_ranker(ranker_cfg, artifacts_root)
+            servers.append(("ranker", rserver, ranker_cfg.grace_s))
+    except BaseException:
+        for _, s, _ in servers:
+            await s.stop(0)
+        raise
+    # Start-up garbage (Feast's import alone leaves ~177k objects) must not be
+    # walked by every full collection on the request path.
+    gc.collect()
+    gc.freeze()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    lines = [f"{name} serving on {ranker_cfg.host if name == 'ranker' else cfg.candidate.host}"
+             f":{s.port}" for name, s, _ in servers]  # fmt: skip
+    print("; ".join(lines), flush=True)
+    if ready_file is not None:
+        ready_file.write_text("\n".join(f"{name} {s.port}" for name, s, _ in servers) + "\n")
+    await stop.wait()
+    print("shutting down (grace period for in-flight calls)", flush=True)
+    # The entry point first, so it stops taking calls before its backend goes.
+    for _, s, grace in reversed(servers):
+        await s.stop(grace)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    updates_c = {"port": args.candidate_port} if args.candidate_port is not None else {}
+    updates_r = {"port": args.ranker_port} if args.ranker_port is not None else {}
+    if args.candidate_address:
+        updates_r["candidate_address"] = args.candidate_address
+    cfg = cfg.model_copy(
+        update={
+            "candidate": cfg.candidate.model_copy(update=updates_c),
+            "ranker": cfg.ranker.model_copy(update=updates_r),
+        }
+    )
+    ready = Path(args.ready_file) if args.ready_file else None
+    asyncio.run(serve(cfg, Path(args.artifacts), args.only, ready))
+    return 0
+
+
+# -------------------------------------------------------------------- rank --
+
+
+async def rank_once(address: str, user_id: int, k: int, exclude: list[int], timeout_s: float = 10.0):  # type: ignore[no-untyped-def]
+    import grpc
+
+    from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = sieve_pb2_grpc.RankerServiceStub(channel)
+        return await stub.Rank(
+            sieve_pb2.RankRequest(user_id=user_id, k=k, exclude_item_ids=exclude), timeout=timeout_s
+        )
+
+
+def format_response(resp, catalog, user_id: int) -> str:  # type: ignore[no-untyped-def]
+    """The table ``sieve rank`` and the quickstart print."""
+    titles = dict(zip(catalog["item_id"], catalog["title"], strict=True)) if catalog is not None else {}
+    genres = dict(zip(catalog["item_id"], catalog["genres"], strict=True)) if catalog is not None else {}
+    out = [f"\nuser {user_id}: {len(resp.items)} items (artifact set {resp.artifact_version})"]
+    out.append(f"{'#':>3}  {'title':<48} {'genres':<34} {'cand':>6} {'rank':>6}")
+    for pos, item in enumerate(resp.items, 1):
+        title = str(titles.get(item.item_id, f"item {item.item_id}"))[:48]
+        g = str(genres.get(item.item_id, ""))[:34]
+        out.append(f"{pos:>3}  {title:<48} {g:<34} {item.candidate_score:6.3f} {item.final_score:6.3f}")
+    stages = "  ".join(f"{t.stage} {t.micros / 1000:.2f}" for t in resp.timings)
+    out.append(f"stage times (ms): {stages}")
+    out.append(f"degradations: {', '.join(resp.degradations) if resp.degradations else 'none'}")
+    return "\n".join(out)
+
+
+def _catalog(artifacts_root: Path | None):  # type: ignore[no-untyped-def]
+    if artifacts_root is None:
+        return None
+    import pandas as pd
+
+    from sieve import artifacts
+
+    try:
+        return pd.read_parquet(artifacts.load(artifacts_root).path("catalog"))
+    except (SieveError, OSError):
+        return None
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    import grpc
+
+    try:
+        resp = asyncio.run(rank_once(args.address, args.user, args.k, args.exclude or []))
+    except grpc.RpcError as e:
+        print(f"sieve rank: {e.code().name}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    print(format_response(resp, _catalog(Path(args.artifacts)), args.user))
+    return 0
+
+
+# -------------------------------------------------------------- quickstart --
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def resolve_data(data: str | None, cache_dir: Path, url: str, seed: int) -> Path:
+    """--data, else MovieLens from GroupLens (cached), else a synthetic catalog."""
+    from sieve.data import fetch_movielens, write_synthetic_movielens
+
+    if data:
+        return Path(data)
+    try:
+        return fetch_movielens(cache_dir, url)
+    except Exception as e:  # any failure to fetch means: fall back, say so in one line
+        print(f"could not download MovieLens from {url} ({type(e).__name__}: {e}); "
+              "using a seeded synthetic catalog instead", flush=True)  # fmt: skip
+        return write_synthetic_movielens(cache_dir / "synthetic", seed=seed)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from sieve.build import build
+
+    cfg = _config(args)
+    out = Path(args.out)
+    data = resolve_data(args.data, Path(args.cache), args.url, cfg.build.seed)
+    report = build(data, out, cfg.build, Path(args.cache))
+    _print_build(report)
+
+    cport, rport = _free_port(), _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        ready = Path(tmp) / "ready"
+        cmd = [sys.executable, "-m", "sieve.cli", "serve", "--artifacts", str(out),
+               "--candidate-port", str(cport), "--ranker-port", str(rport),
+               "--ready-file", str(ready)]  # fmt: skip
+        if args.config:
+            cmd += ["--config", args.config]
+        proc = subprocess.Popen(cmd)
+        try:
+            deadline = time.monotonic() + 180
+            while not ready.exists():
+                if proc.poll() is not None:
+                    print("sieve serve exited before it was ready", file=sys.stderr)
+                    return 1
+                if time.monotonic() > deadline:
+                    print("sieve serve was not ready within 180 s", file=sys.stderr)
+                    return 1
+                time.sleep(0.2)
+            catalog = _catalog(out)
+            users = [int(u) for u in args.users.split(",")]
+            for user in users:
+                resp = asyncio.run(rank_once(f"127.0.0.1:{rport}", user, 50, []))
+                print(format_response(resp, catalog, user))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    print(f"\nquickstart done: `sieve serve --artifacts {out}` serves this set; "
+          f"`sieve rank --user 42` asks it.")  # fmt: skip
+    return 0
+
+
+# -------------------------------------------------------------------- main --
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sieve.data import GROUPLENS_URL
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="sieve", description=__doc__)
+    p.add_argument("--config", help="sieve.toml (defaults when absent)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="run the offline jobs into a versioned artifact set")
+    b.add_argument("--data", help="folder in the MovieLens ml-latest-small layout")
+    b.add_argument("--synthetic", type=int, metavar="N", help="build a seeded synthetic catalog of N items")
+    b.add_argument("--out", default="artifacts")
+    b.add_argument("--cache", help="embedding cache folder (default: OUT/cache)")
+    b.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("serve", help="start the candidate and ranker gRPC servers")
+    s.add_argument("--artifacts", default="artifacts")
+    s.add_argument("--only", choices=["candidate", "ranker"])
+    s.add_argument("--candidate-port", type=int)
+    s.add_argument("--ranker-port", type=int)
+    s.add_argument("--candidate-address", help="for --only ranker: where Retrieve is served")
+    s.add_argument("--ready-file", help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("rank", help="ask the ranker for a user's recommendations")
+    r.add_argument("--user", type=int, required=True)
+    r.add_argument("--k", type=int, default=50)
+    r.add_argument("--exclude", type=int, nargs="*")
+    r.add_argument("--address", default="127.0.0.1:50062")
+    r.add_argument("--artifacts", default="artifacts", help="for titles and genres")
+    r.set_defaults(func=cmd_rank)
+
+    q = sub.add_parser("quickstart", help="build, serve, and rank a few users, end to end")
+    q.add_argument("--data", help="MovieLens folder (default: download ml-latest-small)")
+    q.add_argument("--out", default="artifacts")
+    q.add_argument("--cache", default=str(DEFAULT_CACHE))
+    q.add_argument("--url", default=GROUPLENS_URL, help=argparse.SUPPRESS)
+    q.add_argument("--users", default="1,42,414")
+    q.set_defaults(func=cmd_quickstart)
+
+    args = p.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SieveError as e:
+        print(f"sieve {args.cmd}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
