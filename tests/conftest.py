@@ -1,0 +1,120 @@
+"""Shared fixtures: real MovieLens, one real build, a real Redis, real servers."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from collections.abc import AsyncIterator, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import pytest_asyncio  # noqa: E402
+
+from sieve import artifacts  # noqa: E402
+from sieve.build import BuildReport, build  # noqa: E402
+from sieve.config import BuildConfig, CandidateConfig, RankerConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MOVIELENS = Path(
+    os.environ.get("SIEVE_MOVIELENS", ROOT.parent / "shared/data/movielens/ml-latest-small")
+)
+# Embeddings survive between local runs here; CI starts from a clean clone.
+EMBED_CACHE = Path(os.environ.get("SIEVE_TEST_CACHE", ROOT / ".pytest_cache" / "sieve"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def movielens_dir() -> Path:
+    if not (MOVIELENS / "ratings.csv").is_file():
+        raise FileNotFoundError(
+            f"MovieLens ml-latest-small not found at {MOVIELENS}; set SIEVE_MOVIELENS"
+        )
+    return MOVIELENS
+
+
+@pytest.fixture(scope="session")
+def built(movielens_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> BuildReport:
+    """One full offline build on real MovieLens, shared by the whole session."""
+    out = tmp_path_factory.mktemp("artifacts")
+    return build(movielens_dir, out, BuildConfig(), EMBED_CACHE)
+
+
+@pytest.fixture(scope="session")
+def artifacts_root(built: BuildReport) -> Path:
+    return built.root.parent.parent
+
+
+@pytest.fixture(scope="session")
+def artifact_set(artifacts_root: Path) -> artifacts.ArtifactSet:
+    return artifacts.load(artifacts_root)
+
+
+def copy_artifacts(artifacts_root: Path, dest: Path) -> Path:
+    """A private copy of the live artifact set, for tests that damage or change it."""
+    folder = artifacts.resolve(artifacts_root)
+    target = dest / "versions" / folder.name
+    shutil.copytree(folder, target)
+    artifacts.publish(dest, folder.name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A real redis-server on a free loopback port, no persistence, stopped after."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise FileNotFoundError("redis-server is not installed (make test installs it)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"redis-server did not come up on port {port}") from None
+            time.sleep(0.05)
+    yield f"127.0.0.1:{port}"
+    client.close()
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def servers(artifacts_root: Path) -> AsyncIterator[dict[str, object]]:
+    """Candidate and ranker servers on free loopback ports, in this process."""
+    from candidate.service import create_server as create_candidate
+    from ranker.service import create_server as create_ranker
+
+    cserver, cservicer = await create_candidate(CandidateConfig(port=0), artifacts_root)
+    rconfig = RankerConfig(port=0, candidate_address=f"127.0.0.1:{cserver.port}", item_refresh_s=0)
+    rserver, pipeline = await create_ranker(rconfig, artifacts_root)
+    yield {
+        "candidate": f"127.0.0.1:{cserver.port}",
+        "ranker": f"127.0.0.1:{rserver.port}",
+        "candidate_servicer": cservicer,
+        "pipeline": pipeline,
+        "ranker_config": rconfig,
+    }
+    await rserver.stop(0)
+    await cserver.stop(0)

@@ -1,0 +1,86 @@
+"""The ANN stage against an exact IndexFlatIP oracle, with exclusions."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from candidate.index import CandidateIndex, build_index
+from sieve.errors import InvalidRequest
+
+
+def _data(n: int = 4000, d: int = 32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(20, d))
+    x = centers[rng.integers(0, 20, n)] + 0.3 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _oracle(x: np.ndarray, q: np.ndarray, k: int, excluded_rows: np.ndarray) -> np.ndarray:
+    exact = faiss.IndexFlatIP(x.shape[1])
+    exact.add(x)
+    scores, labels = exact.search(q.reshape(1, -1), k + len(excluded_rows))
+    keep = ~np.isin(labels[0], excluded_rows)
+    return labels[0][keep][:k], scores[0][keep][:k]
+
+
+def _index(x: np.ndarray, factory: str, nprobe: int = 8) -> CandidateIndex:
+    item_ids = np.arange(1000, 1000 + len(x)) * 3  # ids are not rows
+    return CandidateIndex(build_index(x, factory), item_ids, np.array([7]), x[:1], nprobe)
+
+
+def test_flat_matches_exact_search_with_exclusions() -> None:
+    x = _data()
+    idx = _index(x, "Flat")
+    rng = np.random.default_rng(1)
+    for qi in rng.integers(0, len(x), 10):
+        excluded_rows = rng.choice(len(x), 300, replace=False)
+        res = idx.search(x[qi], 100, idx.item_ids[excluded_rows])
+        want_rows, want_scores = _oracle(x, x[qi], 100, excluded_rows)
+        assert len(res.item_ids) == 100
+        assert not np.isin(res.item_ids, idx.item_ids[excluded_rows]).any()
+        # tie-tolerant: same score profile; same set except at tied boundary scores
+        np.testing.assert_allclose(res.scores, want_scores, rtol=0, atol=1e-5)
+        boundary = want_scores[-1]
+        sure = set(idx.item_ids[want_rows[want_scores > boundary + 1e-5]].tolist())
+        assert sure <= set(res.item_ids.tolist())
+
+
+def test_ivf_recall_against_exact() -> None:
+    x = _data()
+    idx = _index(x, "IVF32,SQ8", nprobe=16)
+    rng = np.random.default_rng(2)
+    recalls = []
+    for qi in rng.integers(0, len(x), 20):
+        excluded_rows = rng.choice(len(x), 200, replace=False)
+        res = idx.search(x[qi], 100, idx.item_ids[excluded_rows])
+        assert not np.isin(res.item_ids, idx.item_ids[excluded_rows]).any()
+        want_rows, _ = _oracle(x, x[qi], 100, excluded_rows)
+        recalls.append(len(set(res.item_ids) & set(idx.item_ids[want_rows])) / 100)
+    assert np.mean(recalls) >= 0.9
+
+
+def test_unknown_excluded_ids_are_ignored_and_k_capped() -> None:
+    x = _data(n=50)
+    idx = _index(x, "Flat")
+    res = idx.search(x[0], 500, np.array([1, 2, idx.item_ids[0]]))
+    assert len(res.item_ids) == 49 and idx.item_ids[0] not in res.item_ids
+
+
+def test_bad_query_vectors() -> None:
+    x = _data(n=50)
+    idx = _index(x, "Flat")
+    with pytest.raises(InvalidRequest, match="has 31 values, the index expects 32"):
+        idx.search(x[0][:31], 5, np.empty(0, np.int64))
+    bad = x[0].copy()
+    bad[3] = np.nan
+    with pytest.raises(InvalidRequest, match="NaN"):
+        idx.search(bad, 5, np.empty(0, np.int64))
+
+
+def test_user_vector_lookup() -> None:
+    x = _data(n=50)
+    idx = _index(x, "Flat")
+    np.testing.assert_array_equal(idx.user_vector(7), x[0])
+    assert idx.user_vector(8) is None

@@ -1,0 +1,38 @@
+"""Decoding Feast's serialized values, and Feast's Redis field hashing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from feast.infra.online_stores.helpers import _mmh3
+from feast.protos.feast.types.Value_pb2 import FloatList, Int64List, Value
+
+from features.definitions import FeatureSpec
+from features.reader import decode_column, feature_field
+from sieve.errors import ArtifactError
+
+
+def test_feature_field_matches_feast() -> None:
+    for view, feat in [("item_features", "embedding"), ("user_features", "rating_mean")]:
+        assert feature_field(view, feat) == _mmh3(f"{view}:{feat}")
+
+
+def test_decode_scalars_lists_and_missing() -> None:
+    f = [Value(float_val=1.5).SerializeToString(), None, Value().SerializeToString()]
+    np.testing.assert_array_equal(decode_column(f, FeatureSpec("x", "float")), [1.5, 0, 0])
+    i = [Value(int64_val=2**40).SerializeToString(), None]
+    out = decode_column(i, FeatureSpec("x", "int64"))
+    assert out.dtype == np.int64 and out.tolist() == [2**40, 0]
+    fl = [Value(float_list_val=FloatList(val=[0.5, 0.25])).SerializeToString(), None]
+    np.testing.assert_array_equal(
+        decode_column(fl, FeatureSpec("x", "float_list", 2)), [[0.5, 0.25], [0, 0]]
+    )
+    il = [Value(int64_list_val=Int64List(val=[3, 1])).SerializeToString(), None]
+    got = decode_column(il, FeatureSpec("x", "int64_list"))
+    assert [a.tolist() for a in got] == [[3, 1], []]
+
+
+def test_wrong_list_length_is_an_artifact_error() -> None:
+    fl = [Value(float_list_val=FloatList(val=[0.5])).SerializeToString()]
+    with pytest.raises(ArtifactError, match="has 1 values, schema says 2"):
+        decode_column(fl, FeatureSpec("emb", "float_list", 2))
