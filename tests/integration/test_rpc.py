@@ -1,0 +1,150 @@
+"""The RPC contract over real loopback servers: Rank, Retrieve, health, reflection."""
+
+from __future__ import annotations
+
+import faiss
+import grpc
+import numpy as np
+import pandas as pd
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from sieve import artifacts
+
+STAGES = ["validate", "user_features", "retrieve", "item_features", "score", "rerank", "total"]
+
+
+@pytest.fixture(scope="session")
+def users(artifact_set: artifacts.ArtifactSet) -> pd.DataFrame:
+    return pd.read_parquet(artifact_set.verified("user_features")).set_index("user_id")
+
+
+@pytest.fixture(scope="session")
+def catalog(artifact_set: artifacts.ArtifactSet) -> pd.DataFrame:
+    return pd.read_parquet(artifact_set.verified("catalog"))
+
+
+async def _rank(servers, **kw) -> sieve_pb2.RankResponse:  # type: ignore[no-untyped-def]
+    async with grpc.aio.insecure_channel(servers["ranker"]) as ch:
+        return await sieve_pb2_grpc.RankerServiceStub(ch).Rank(sieve_pb2.RankRequest(**kw), timeout=10)
+
+
+async def _retrieve(servers, **kw) -> sieve_pb2.RetrieveResponse:  # type: ignore[no-untyped-def]
+    async with grpc.aio.insecure_channel(servers["candidate"]) as ch:
+        stub = sieve_pb2_grpc.CandidateServiceStub(ch)
+        return await stub.Retrieve(sieve_pb2.RetrieveRequest(**kw), timeout=10)
+
+
+@pytest.mark.parametrize("user_id", [1, 42, 414, 610])
+async def test_rank_returns_50_distinct_unseen_items(servers, users, artifact_set, user_id) -> None:  # type: ignore[no-untyped-def]
+    resp = await _rank(servers, user_id=user_id)
+    ids = [i.item_id for i in resp.items]
+    assert len(ids) == 50 and len(set(ids)) == 50
+    assert not set(ids) & set(users.loc[user_id, "seen_item_ids"].tolist())
+    assert resp.artifact_version == artifact_set.version
+    assert list(resp.degradations) == []
+    assert [t.stage for t in resp.timings] == STAGES
+    assert all(t.micros >= 0 for t in resp.timings)
+    assert resp.timings[-1].micros >= max(t.micros for t in resp.timings[:-1])
+    finals = [i.final_score for i in resp.items]
+    assert finals == sorted(finals, reverse=True)
+    assert all(0.0 <= i.model_score <= 1.0 and 0 <= i.candidate_rank < 1000 for i in resp.items)
+
+
+async def test_rank_applies_genre_cap_and_caller_exclusions(servers, catalog) -> None:  # type: ignore[no-untyped-def]
+    first = await _rank(servers, user_id=42, k=20)
+    drop = [i.item_id for i in first.items[:5]]
+    again = await _rank(servers, user_id=42, k=20, exclude_item_ids=drop)
+    assert len(again.items) == 20 and not {i.item_id for i in again.items} & set(drop)
+    primary = catalog.set_index("item_id")["genres"].str.split("|").str[0]
+    cap = servers["ranker_config"].max_per_genre
+    assert primary.loc[[i.item_id for i in first.items]].value_counts().max() <= cap
+
+
+async def test_candidate_scores_are_the_exact_inner_products(servers, users, artifact_set) -> None:  # type: ignore[no-untyped-def]
+    """The Flat index is exact: Retrieve's answer is the IndexFlatIP oracle's."""
+    user = users.loc[42]
+    resp = await _retrieve(servers, user_vector=sieve_pb2.UserVector(values=user["user_vector"]),
+                           k=1000, exclude_item_ids=user["seen_item_ids"])  # fmt: skip
+    emb = np.stack(pd.read_parquet(artifact_set.verified("item_features"))["embedding"].to_numpy())
+    ids = pd.read_parquet(artifact_set.verified("item_features"))["item_id"].to_numpy()
+    exact = faiss.IndexFlatIP(emb.shape[1])
+    exact.add(emb.astype(np.float32))
+    scores, rows = exact.search(np.asarray(user["user_vector"], np.float32)[None], 1000 + 2000)
+    keep = ~np.isin(ids[rows[0]], user["seen_item_ids"])
+    want_ids, want_scores = ids[rows[0]][keep][:1000], scores[0][keep][:1000]
+    np.testing.assert_allclose(resp.scores, want_scores, atol=1e-5)
+    assert len(set(resp.item_ids) ^ set(want_ids)) <= 2  # a tie at the boundary at most
+
+
+async def test_retrieve_by_user_id_equals_by_vector(servers, users) -> None:  # type: ignore[no-untyped-def]
+    by_id = await _retrieve(servers, user_id=7, k=100)
+    by_vec = await _retrieve(servers, user_vector=sieve_pb2.UserVector(values=users.loc[7, "user_vector"]), k=100)
+    assert list(by_id.item_ids) == list(by_vec.item_ids) and len(by_id.item_ids) == 100
+    excluded = list(by_id.item_ids[:30])
+    fewer = await _retrieve(servers, user_id=7, k=100, exclude_item_ids=excluded)
+    assert len(fewer.item_ids) == 100 and not set(fewer.item_ids) & set(excluded)
+
+
+async def test_unknown_user_gets_popular_items_and_a_degradation(servers) -> None:  # type: ignore[no-untyped-def]
+    resp = await _rank(servers, user_id=987654321, k=10)
+    assert len(resp.items) == 10
+    assert len(resp.degradations) == 1 and resp.degradations[0].startswith("cold_start_user")
+    pops = [i.final_score for i in resp.items]
+    assert pops == sorted(pops, reverse=True) and pops[0] > 0
+
+
+@pytest.mark.parametrize(
+    ("request_kw", "message"),
+    [
+        ({"user_id": 1, "k": 501}, "k must be in 1..500"),
+        ({"user_id": 1, "k": -3}, "k must be in 1..500"),
+        ({"user_id": 0}, "user_id must be a positive integer, got 0"),
+        ({"user_id": -5}, "user_id must be a positive integer, got -5"),
+        ({"user_id": 1, "exclude_item_ids": list(range(1, 10_002))}, "holds 10001 ids, at most 10000"),
+        ({"user_id": 1, "exclude_item_ids": [3, -1]}, "exclude_item_ids must be positive"),
+    ],
+)
+async def test_rank_bad_input_is_invalid_argument(servers, request_kw, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _rank(servers, **request_kw)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+
+
+@pytest.mark.parametrize(
+    ("request_kw", "code", "message"),
+    [
+        ({"k": 10}, grpc.StatusCode.INVALID_ARGUMENT, "set either user_vector or user_id"),
+        ({"user_id": 1, "k": 0}, grpc.StatusCode.INVALID_ARGUMENT, "k must be in 1..2048"),
+        ({"user_id": 1, "k": 2049}, grpc.StatusCode.INVALID_ARGUMENT, "k must be in 1..2048"),
+        ({"user_vector": sieve_pb2.UserVector(values=[0.1] * 10), "k": 5},
+         grpc.StatusCode.INVALID_ARGUMENT, "has 10 values, the index expects 384"),
+        ({"user_vector": sieve_pb2.UserVector(values=[float("nan")] * 384), "k": 5},
+         grpc.StatusCode.INVALID_ARGUMENT, "NaN or infinity"),
+        ({"user_id": 1, "k": 5, "exclude_item_ids": list(range(1, 20_002))},
+         grpc.StatusCode.INVALID_ARGUMENT, "at most 20000"),
+        ({"user_id": 99999999, "k": 5}, grpc.StatusCode.NOT_FOUND, "has no stored vector"),
+    ],
+)  # fmt: skip
+async def test_retrieve_bad_input(servers, request_kw, code, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _retrieve(servers, **request_kw)
+    assert err.value.code() == code and message in err.value.details()
+
+
+async def test_health_and_reflection(servers) -> None:  # type: ignore[no-untyped-def]
+    for key, service in [("candidate", "sieve.v1.CandidateService"), ("ranker", "sieve.v1.RankerService")]:
+        async with grpc.aio.insecure_channel(servers[key]) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            for name in ("", service):
+                resp = await health.Check(health_pb2.HealthCheckRequest(service=name))
+                assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+            replies = refl.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+            names = [s.name async for r in replies for s in r.list_services_response.service]
+            assert service in names and "grpc.health.v1.Health" in names
