@@ -93,7 +93,9 @@ class CandidateIndex:
         try:
             index = faiss.read_index(str(index_path))
         except RuntimeError as e:
-            raise ArtifactError(f"index file {index_path} is not a readable Faiss index: {e}") from e
+            raise ArtifactError(
+                f"index file {index_path} is not a readable Faiss index: {e}"
+            ) from e
         if index.ntotal != len(item_ids):
             raise ArtifactError(
                 f"index file {index_path} holds {index.ntotal} vectors, the catalog {len(item_ids)}"
@@ -140,7 +142,9 @@ class CandidateIndex:
         """
         q = np.asarray(query, np.float32).reshape(1, -1)
         if q.shape[1] != self.dim:
-            raise InvalidRequest(f"user vector has {q.shape[1]} values, the index expects {self.dim}")
+            raise InvalidRequest(
+                f"user vector has {q.shape[1]} values, the index expects {self.dim}"
+            )
         if not np.isfinite(q).all():
             raise InvalidRequest("user vector holds NaN or infinity")
         k = min(k, int(self.index.ntotal))

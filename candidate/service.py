@@ -90,8 +90,12 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         gpus = gpu_count()
         log.info(
             "candidate index %s: %d items, dim %d, %s (GPUs seen: %d, serving on CPU)",
-            aset.version, index.index.ntotal, index.dim, aset.manifest["index"]["factory"], gpus,
-        )  # fmt: skip
+            aset.version,
+            index.index.ntotal,
+            index.dim,
+            aset.manifest["index"]["factory"],
+            gpus,
+        )
         return index, aset.version
 
     @grpc_errors

@@ -118,6 +118,7 @@ class OnlineReader(abc.ABC):
         self.project = project
         self.key_version = key_version
 
+    @abc.abstractmethod
     async def start(self) -> None:
         """Open connections; called once before ``read``."""
 
@@ -125,6 +126,7 @@ class OnlineReader(abc.ABC):
     async def read(self, view: ViewSpec, ids: np.ndarray) -> FeatureFrame:
         """Features of ``ids`` (int64 [n]) in request order."""
 
+    @abc.abstractmethod
     async def close(self) -> None:
         """Release connections."""
 
@@ -151,9 +153,7 @@ class SqliteReader(OnlineReader):
         if not self.path.is_file():
             raise ArtifactError(f"online store {self.path} does not exist (run `sieve build`)")
         # Read-only URI: the serving path never writes Feast's tables.
-        self._conn = sqlite3.connect(
-            f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
-        )
+        self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
 
     async def read(self, view: ViewSpec, ids: np.ndarray) -> FeatureFrame:
         if self._conn is None:
@@ -205,8 +205,10 @@ class RedisReader(OnlineReader):
         ts_field = f"_ts:{view.name}".encode()
         async with self._client.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
             for i in ids:
-                pipe.hmget(entity_key_bytes(view.join_key, int(i), self.key_version) + project,
-                           fields + [ts_field])  # fmt: skip
+                pipe.hmget(
+                    entity_key_bytes(view.join_key, int(i), self.key_version) + project,
+                    fields + [ts_field],
+                )
             replies = await pipe.execute()
         rows: list[dict[str, bytes | None] | None] = []
         for reply in replies:
@@ -247,7 +249,9 @@ def open_reader(repo_dir: Path) -> OnlineReader:
     raise ArtifactError(f"{path}: online store type {kind!r} is not supported (sqlite, redis)")
 
 
-async def read_all(reader: OnlineReader, view: ViewSpec, ids: np.ndarray, batch: int = 2000) -> FeatureFrame:
+async def read_all(
+    reader: OnlineReader, view: ViewSpec, ids: np.ndarray, batch: int = 2000
+) -> FeatureFrame:
     """Read many ids in batches (start-up loads of the whole item table)."""
     frames = [await reader.read(view, ids[lo : lo + batch]) for lo in range(0, len(ids), batch)]
     columns: dict[str, np.ndarray | list[np.ndarray]] = {}

@@ -44,8 +44,9 @@ def assemble(
     n = len(ann_score)
     out = np.empty((n, len(MODEL_FEATURES)), dtype=np.float32)
     out[:, 0] = ann_score
-    out[:, 1] = np.einsum("ij,ij->i", np.broadcast_to(user_genre_affinity, item_genres.shape),
-                          item_genres)  # fmt: skip
+    out[:, 1] = np.einsum(
+        "ij,ij->i", np.broadcast_to(user_genre_affinity, item_genres.shape), item_genres
+    )
     out[:, 2] = item_log_popularity
     out[:, 3] = item_rating_mean
     out[:, 4] = np.log1p(np.asarray(user_rating_count, np.float32))

@@ -53,7 +53,9 @@ def parse_rank(req: sieve_pb2.RankRequest, config: RankerConfig) -> RankQuery:
         raise InvalidRequest(f"user_id must be a positive integer, got {req.user_id}")
     k = req.k or config.default_k
     if not 1 <= k <= config.max_k:
-        raise InvalidRequest(f"k must be in 1..{config.max_k} (0 for {config.default_k}), got {req.k}")
+        raise InvalidRequest(
+            f"k must be in 1..{config.max_k} (0 for {config.default_k}), got {req.k}"
+        )
     if len(req.exclude_item_ids) > config.max_exclude:
         raise InvalidRequest(
             f"exclude_item_ids holds {len(req.exclude_item_ids)} ids, at most {config.max_exclude}"
@@ -138,9 +140,12 @@ class RankPipeline:
                 f"the features this ranker computes {list(MODEL_FEATURES)}"
             )
         scorer = OnnxScorer(
-            str(aset.verified("model")), model["input_name"], model["output_name"],
-            model["features"], self.config.intra_op_threads,
-        )  # fmt: skip
+            str(aset.verified("model")),
+            model["input_name"],
+            model["output_name"],
+            model["features"],
+            self.config.intra_op_threads,
+        )
         await asyncio.to_thread(scorer.load)
         repo = aset.verified("feature_store").parent
         reader = open_reader(repo)
@@ -166,8 +171,9 @@ class RankPipeline:
             return False
         items = await load_item_table(state.reader, state.items.ids)
         popular = np.argsort(-items.columns["log_popularity"], kind="stable")
-        self._state = _Loaded(state.version, state.reader, items, state.scorer, popular, mtime,
-                              state.registry_path)  # fmt: skip
+        self._state = _Loaded(
+            state.version, state.reader, items, state.scorer, popular, mtime, state.registry_path
+        )
         return True
 
     async def close(self) -> None:
@@ -186,8 +192,12 @@ class RankPipeline:
         user = await state.reader.read(USER_VIEW, np.array([q.user_id], np.int64))
         clock.mark("user_features")
         if not user.found[0]:
-            return self._popular(state, q, clock, f"cold_start_user: no features for user "
-                                 f"{q.user_id}; returned popular items")  # fmt: skip
+            return self._popular(
+                state,
+                q,
+                clock,
+                f"cold_start_user: no features for user {q.user_id}; returned popular items",
+            )
 
         seen = user.columns["seen_item_ids"][0]
         exclude = np.union1d(seen, q.exclude)
@@ -202,8 +212,9 @@ class RankPipeline:
             )
         except grpc.aio.AioRpcError as e:
             log.warning("Retrieve failed: %s %s", e.code().name, e.details())
-            return self._popular(state, q, clock, f"retrieve_failed: {e.code().name}; "
-                                 "returned popular items")  # fmt: skip
+            return self._popular(
+                state, q, clock, f"retrieve_failed: {e.code().name}; returned popular items"
+            )
         clock.mark("retrieve")
         degradations = []
         if resp.artifact_version != state.version:
@@ -261,9 +272,12 @@ class RankPipeline:
         zeros = np.zeros(len(rows), np.float32)
         clock.mark("fallback")
         return RankResult(
-            item_ids=state.items.ids[rows], final_scores=pop.astype(np.float32),
-            candidate_scores=zeros, model_scores=zeros,
-            candidate_ranks=np.full(len(rows), -1, np.int32), version=state.version,
-            timings=clock.total(), degradations=[why],
-        )  # fmt: skip
-
+            item_ids=state.items.ids[rows],
+            final_scores=pop.astype(np.float32),
+            candidate_scores=zeros,
+            model_scores=zeros,
+            candidate_ranks=np.full(len(rows), -1, np.int32),
+            version=state.version,
+            timings=clock.total(),
+            degradations=[why],
+        )

@@ -15,7 +15,12 @@ class OnnxScorer:
     """
 
     def __init__(
-        self, path: str, input_name: str, output_name: str, features: list[str], intra_op_threads: int
+        self,
+        path: str,
+        input_name: str,
+        output_name: str,
+        features: list[str],
+        intra_op_threads: int,
     ) -> None:
         self.path = path
         self.input_name = input_name

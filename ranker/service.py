@@ -32,13 +32,20 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
         return sieve_pb2.RankResponse(
             items=[
                 sieve_pb2.RankedItem(
-                    item_id=int(i), final_score=float(f), candidate_score=float(c),
-                    model_score=float(m), candidate_rank=int(r),
-                )  # fmt: skip
+                    item_id=int(i),
+                    final_score=float(f),
+                    candidate_score=float(c),
+                    model_score=float(m),
+                    candidate_rank=int(r),
+                )
                 for i, f, c, m, r in zip(
-                    result.item_ids, result.final_scores, result.candidate_scores,
-                    result.model_scores, result.candidate_ranks, strict=True,
-                )  # fmt: skip
+                    result.item_ids,
+                    result.final_scores,
+                    result.candidate_scores,
+                    result.model_scores,
+                    result.candidate_ranks,
+                    strict=True,
+                )
             ],
             timings=[sieve_pb2.StageTiming(stage=s, micros=us) for s, us in result.timings],
             artifact_version=result.version,
@@ -79,7 +86,9 @@ class RankerServer(Server):
         await self.pipeline.close()
 
 
-async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[RankerServer, RankPipeline]:
+async def create_server(
+    config: RankerConfig, artifacts_root: Path
+) -> tuple[RankerServer, RankPipeline]:
     """Start the ranker server (NOT_SERVING), load and warm up, then SERVING.
 
     Raises:
@@ -87,7 +96,9 @@ async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[Ran
     """
     pipeline = RankPipeline(config, artifacts_root)
     server = RankerServer(config, pipeline)
-    sieve_pb2_grpc.add_RankerServiceServicer_to_server(RankerServicer(config, pipeline), server.server)
+    sieve_pb2_grpc.add_RankerServiceServicer_to_server(
+        RankerServicer(config, pipeline), server.server
+    )
     await server.start()
     try:
         await pipeline.start()

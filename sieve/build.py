@@ -52,7 +52,9 @@ def _version(data_dir: Path, config: BuildConfig, now: datetime) -> str:
     return f"{now:%Y%m%d%H%M%S}_{h.hexdigest()[:8]}"
 
 
-def build(data_dir: Path, out: Path, config: BuildConfig, cache_dir: Path | None = None) -> BuildReport:
+def build(
+    data_dir: Path, out: Path, config: BuildConfig, cache_dir: Path | None = None
+) -> BuildReport:
     """Run every offline job on MovieLens-layout CSVs and publish the artifact set.
 
     The set is written into ``out/versions/<version>/`` and becomes live only when
@@ -83,9 +85,12 @@ def build(data_dir: Path, out: Path, config: BuildConfig, cache_dir: Path | None
         ml = load_movielens(data_dir)
         train, holdout = temporal_split(ml.ratings, config.holdout_fraction)
         report.stats.update(
-            items=len(ml.movies), users=int(ml.ratings["userId"].nunique()),
-            ratings=len(ml.ratings), train=len(train), holdout=len(holdout),
-        )  # fmt: skip
+            items=len(ml.movies),
+            users=int(ml.ratings["userId"].nunique()),
+            ratings=len(ml.ratings),
+            train=len(train),
+            holdout=len(holdout),
+        )
         holdout.to_parquet(vdir / "holdout.parquet", index=False)
         ml.movies.rename(columns={"movieId": "item_id"}).to_parquet(
             vdir / "catalog.parquet", index=False
@@ -115,18 +120,25 @@ def build(data_dir: Path, out: Path, config: BuildConfig, cache_dir: Path | None
         x, y = training_rows(
             train, users, items, config.positive_rating, config.negatives_per_positive, config.seed
         )
-        result = train_and_export(x, y, vdir / "ranker.onnx", config.hidden, config.epochs, config.seed)
+        result = train_and_export(
+            x, y, vdir / "ranker.onnx", config.hidden, config.epochs, config.seed
+        )
         report.stats.update(
-            train_rows=result.n_rows, positive_share=round(result.positive_share, 4),
-            final_loss=round(result.final_loss, 4), onnx_max_abs_diff=result.onnx_max_abs_diff,
-        )  # fmt: skip
+            train_rows=result.n_rows,
+            positive_share=round(result.positive_share, 4),
+            final_loss=round(result.final_loss, 4),
+            onnx_max_abs_diff=result.onnx_max_abs_diff,
+        )
 
     project = f"{config.feast_project}_{version}"
     with report.stage("feast apply + materialize"):
         build_feature_repo(
-            vdir / "feature_repo", project, config.online_store,
-            {"user_features": users, "item_features": items}, now,
-        )  # fmt: skip
+            vdir / "feature_repo",
+            project,
+            config.online_store,
+            {"user_features": users, "item_features": items},
+            now,
+        )
 
     files = {
         "index": "index.faiss",
@@ -145,23 +157,30 @@ def build(data_dir: Path, out: Path, config: BuildConfig, cache_dir: Path | None
         "source": {"data_dir": str(data_dir.resolve())},
         "files": {role: artifacts.file_entry(vdir, rel) for role, rel in files.items()},
         "index": {
-            "factory": config.index_factory, "metric": "inner_product", "dim": DIM,
-            "ntotal": int(index.ntotal), "nprobe": config.nprobe,
-        },  # fmt: skip
+            "factory": config.index_factory,
+            "metric": "inner_product",
+            "dim": DIM,
+            "ntotal": int(index.ntotal),
+            "nprobe": config.nprobe,
+        },
         "model": {
-            "kind": "mlp", "hidden": list(config.hidden), "input_name": INPUT_NAME,
-            "output_name": OUTPUT_NAME, "features": list(MODEL_FEATURES),
+            "kind": "mlp",
+            "hidden": list(config.hidden),
+            "input_name": INPUT_NAME,
+            "output_name": OUTPUT_NAME,
+            "features": list(MODEL_FEATURES),
             "onnx_max_abs_diff_vs_torch": result.onnx_max_abs_diff,
-        },  # fmt: skip
+        },
         "feature_schema": {
             "project": project,
             "feature_service": FEATURE_SERVICE,
             "genres": list(GENRES),
             "views": {
                 v.name: {
-                    "entity": v.entity, "join_key": v.join_key,
+                    "entity": v.entity,
+                    "join_key": v.join_key,
                     "features": {f.name: {"kind": f.kind, "dim": f.dim} for f in v.features},
-                }  # fmt: skip
+                }
                 for v in VIEWS
             },
         },

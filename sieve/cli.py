@@ -41,10 +41,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     cfg = _config(args)
     data = Path(args.data) if args.data else None
     if args.synthetic:
-        data = write_synthetic_movielens(Path(args.out) / "synthetic", n_items=args.synthetic,
-                                         seed=cfg.build.seed)  # fmt: skip
+        data = write_synthetic_movielens(
+            Path(args.out) / "synthetic", n_items=args.synthetic, seed=cfg.build.seed
+        )
     if data is None:
-        print("sieve build: give --data DIR (ml-latest-small layout) or --synthetic N", file=sys.stderr)
+        print(
+            "sieve build: give --data DIR (ml-latest-small layout) or --synthetic N",
+            file=sys.stderr,
+        )
         return 2
     report = build(data, Path(args.out), cfg.build, Path(args.cache) if args.cache else None)
     _print_build(report)
@@ -92,8 +96,10 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    lines = [f"{name} serving on {ranker_cfg.host if name == 'ranker' else cfg.candidate.host}"
-             f":{s.port}" for name, s, _ in servers]  # fmt: skip
+    lines = [
+        f"{name} serving on {ranker_cfg.host if name == 'ranker' else cfg.candidate.host}:{s.port}"
+        for name, s, _ in servers
+    ]
     print("; ".join(lines), flush=True)
     if ready_file is not None:
         ready_file.write_text("\n".join(f"{name} {s.port}" for name, s, _ in servers) + "\n")
@@ -124,7 +130,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------- rank --
 
 
-async def rank_once(address: str, user_id: int, k: int, exclude: list[int], timeout_s: float = 10.0):  # type: ignore[no-untyped-def]
+async def rank_once(
+    address: str, user_id: int, k: int, exclude: list[int], timeout_s: float = 10.0
+):  # type: ignore[no-untyped-def]
     import grpc
 
     from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
@@ -138,14 +146,20 @@ async def rank_once(address: str, user_id: int, k: int, exclude: list[int], time
 
 def format_response(resp, catalog, user_id: int) -> str:  # type: ignore[no-untyped-def]
     """The table ``sieve rank`` and the quickstart print."""
-    titles = dict(zip(catalog["item_id"], catalog["title"], strict=True)) if catalog is not None else {}
-    genres = dict(zip(catalog["item_id"], catalog["genres"], strict=True)) if catalog is not None else {}
+    titles = (
+        dict(zip(catalog["item_id"], catalog["title"], strict=True)) if catalog is not None else {}
+    )
+    genres = (
+        dict(zip(catalog["item_id"], catalog["genres"], strict=True)) if catalog is not None else {}
+    )
     out = [f"\nuser {user_id}: {len(resp.items)} items (artifact set {resp.artifact_version})"]
     out.append(f"{'#':>3}  {'title':<48} {'genres':<34} {'cand':>6} {'rank':>6}")
     for pos, item in enumerate(resp.items, 1):
         title = str(titles.get(item.item_id, f"item {item.item_id}"))[:48]
         g = str(genres.get(item.item_id, ""))[:34]
-        out.append(f"{pos:>3}  {title:<48} {g:<34} {item.candidate_score:6.3f} {item.final_score:6.3f}")
+        out.append(
+            f"{pos:>3}  {title:<48} {g:<34} {item.candidate_score:6.3f} {item.final_score:6.3f}"
+        )
     stages = "  ".join(f"{t.stage} {t.micros / 1000:.2f}" for t in resp.timings)
     out.append(f"stage times (ms): {stages}")
     out.append(f"degradations: {', '.join(resp.degradations) if resp.degradations else 'none'}")
@@ -195,8 +209,11 @@ def resolve_data(data: str | None, cache_dir: Path, url: str, seed: int) -> Path
     try:
         return fetch_movielens(cache_dir, url)
     except Exception as e:  # any failure to fetch means: fall back, say so in one line
-        print(f"could not download MovieLens from {url} ({type(e).__name__}: {e}); "
-              "using a seeded synthetic catalog instead", flush=True)  # fmt: skip
+        print(
+            f"could not download MovieLens from {url} ({type(e).__name__}: {e}); "
+            "using a seeded synthetic catalog instead",
+            flush=True,
+        )
         return write_synthetic_movielens(cache_dir / "synthetic", seed=seed)
 
 
@@ -212,9 +229,20 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     cport, rport = _free_port(), _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         ready = Path(tmp) / "ready"
-        cmd = [sys.executable, "-m", "sieve.cli", "serve", "--artifacts", str(out),
-               "--candidate-port", str(cport), "--ranker-port", str(rport),
-               "--ready-file", str(ready)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "sieve.cli",
+            "serve",
+            "--artifacts",
+            str(out),
+            "--candidate-port",
+            str(cport),
+            "--ranker-port",
+            str(rport),
+            "--ready-file",
+            str(ready),
+        ]
         if args.config:
             cmd += ["--config", args.config]
         proc = subprocess.Popen(cmd)
@@ -236,8 +264,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-    print(f"\nquickstart done: `sieve serve --artifacts {out}` serves this set; "
-          f"`sieve rank --user 42` asks it.")  # fmt: skip
+    print(
+        f"\nquickstart done: `sieve serve --artifacts {out}` serves this set; "
+        f"`sieve rank --user 42` asks it."
+    )
     return 0
 
 
@@ -247,14 +277,18 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from sieve.data import GROUPLENS_URL
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     p = argparse.ArgumentParser(prog="sieve", description=__doc__)
     p.add_argument("--config", help="sieve.toml (defaults when absent)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     b = sub.add_parser("build", help="run the offline jobs into a versioned artifact set")
     b.add_argument("--data", help="folder in the MovieLens ml-latest-small layout")
-    b.add_argument("--synthetic", type=int, metavar="N", help="build a seeded synthetic catalog of N items")
+    b.add_argument(
+        "--synthetic", type=int, metavar="N", help="build a seeded synthetic catalog of N items"
+    )
     b.add_argument("--out", default="artifacts")
     b.add_argument("--cache", help="embedding cache folder (default: OUT/cache)")
     b.set_defaults(func=cmd_build)

@@ -27,10 +27,27 @@ REQUIRED_FILES = ("movies.csv", "ratings.csv")
 # MovieLens' genre vocabulary, in a fixed order: the multi-hot encoding and the
 # genre affinity vectors index into it.
 GENRES: tuple[str, ...] = (
-    "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary",
-    "Drama", "Fantasy", "Film-Noir", "Horror", "IMAX", "Musical", "Mystery", "Romance",
-    "Sci-Fi", "Thriller", "War", "Western", "(no genres listed)",
-)  # fmt: skip
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "IMAX",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+    "(no genres listed)",
+)
 GENRE_INDEX = {g: i for i, g in enumerate(GENRES)}
 
 
@@ -164,8 +181,24 @@ def write_synthetic_movielens(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     real_genres = np.array(GENRES[:-1])
-    words = ["Night", "River", "Star", "Empire", "Garden", "Shadow", "Winter", "Signal",
-             "Harbor", "Echo", "Frontier", "Mirror", "Storm", "Circus", "Orbit", "Letter"]  # fmt: skip
+    words = [
+        "Night",
+        "River",
+        "Star",
+        "Empire",
+        "Garden",
+        "Shadow",
+        "Winter",
+        "Signal",
+        "Harbor",
+        "Echo",
+        "Frontier",
+        "Mirror",
+        "Storm",
+        "Circus",
+        "Orbit",
+        "Letter",
+    ]
     item_genres = []
     titles = []
     for i in range(n_items):
@@ -190,8 +223,11 @@ def write_synthetic_movielens(
         raw = 2.5 + 4.0 * affinity + quality[items] + rng.normal(0, 0.5, size=n)
         ratings = np.clip(np.round(raw * 2) / 2, 0.5, 5.0)
         ts = 1_500_000_000 + np.sort(rng.integers(0, 10_000_000, size=n))
-        rows.append(pd.DataFrame({"userId": u + 1, "movieId": items + 1,
-                                  "rating": ratings, "timestamp": ts}))  # fmt: skip
+        rows.append(
+            pd.DataFrame(
+                {"userId": u + 1, "movieId": items + 1, "rating": ratings, "timestamp": ts}
+            )
+        )
     movies.to_csv(out_dir / "movies.csv", index=False)
     pd.concat(rows).to_csv(out_dir / "ratings.csv", index=False)
     pd.DataFrame({"userId": [], "movieId": [], "tag": [], "timestamp": []}).to_csv(

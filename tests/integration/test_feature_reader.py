@@ -68,8 +68,11 @@ async def _compare(reader: OnlineReader, repo: Path, view: ViewSpec, ids: np.nda
                 assert got.dtype == np.float32
                 np.testing.assert_array_equal(got, want, err_msg=f"{f.name} of id {ids[row]}")
             else:
-                np.testing.assert_array_equal(np.asarray(got, np.int64), np.asarray(value, np.int64),
-                                              err_msg=f"{f.name} of id {ids[row]}")  # fmt: skip
+                np.testing.assert_array_equal(
+                    np.asarray(got, np.int64),
+                    np.asarray(value, np.int64),
+                    err_msg=f"{f.name} of id {ids[row]}",
+                )
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -100,7 +103,9 @@ async def test_redis_reader_equals_feast(redis_reader, redis_repo: Path, view: V
     await _compare(redis_reader, redis_repo, view, _ids(redis_repo, view, 60, seed=2))
 
 
-async def test_stores_agree_with_the_offline_table(sqlite_reader, redis_reader, sqlite_repo) -> None:  # type: ignore[no-untyped-def]
+async def test_stores_agree_with_the_offline_table(
+    sqlite_reader, redis_reader, sqlite_repo
+) -> None:  # type: ignore[no-untyped-def]
     table = pd.read_parquet(sqlite_repo / "data" / "user_features.parquet")
     row = table.iloc[17]
     ids = np.array([row["user_id"]])

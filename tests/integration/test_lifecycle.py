@@ -30,7 +30,6 @@ from sieve.grpc_server import Server
 from tests.conftest import EMBED_CACHE, ROOT, copy_artifacts, free_port
 
 
-
 def test_manifest_names_what_belongs_together(artifact_set: artifacts.ArtifactSet) -> None:
     m = artifact_set.manifest
     for role in m["files"]:
@@ -55,21 +54,29 @@ async def test_health_is_not_serving_until_ready() -> None:
     await server.stop(0)
 
 
-async def test_corrupt_index_is_refused_naming_the_file(artifacts_root: Path, tmp_path: Path) -> None:
+async def test_corrupt_index_is_refused_naming_the_file(
+    artifacts_root: Path, tmp_path: Path
+) -> None:
     root = copy_artifacts(artifacts_root, tmp_path)
     aset = artifacts.load(root)
     aset.path("index").write_bytes(b"\x00" * 100)
-    with pytest.raises(ArtifactError, match=r"index file .*index.faiss does not match its checksum"):
+    with pytest.raises(
+        ArtifactError, match=r"index file .*index.faiss does not match its checksum"
+    ):
         await create_candidate(CandidateConfig(port=0), root)
     # Even with a manifest that agrees, the bytes are refused by Faiss, naming the file.
     manifest = dict(aset.manifest)
     manifest["files"]["index"] = artifacts.file_entry(aset.root, "index.faiss")
     artifacts.write_manifest(aset.root, manifest)
-    with pytest.raises(ArtifactError, match=r"index file .*index.faiss is not a readable Faiss index"):
+    with pytest.raises(
+        ArtifactError, match=r"index file .*index.faiss is not a readable Faiss index"
+    ):
         await create_candidate(CandidateConfig(port=0), root)
 
 
-async def test_corrupt_model_is_refused_naming_the_file(artifacts_root: Path, tmp_path: Path) -> None:
+async def test_corrupt_model_is_refused_naming_the_file(
+    artifacts_root: Path, tmp_path: Path
+) -> None:
     root = copy_artifacts(artifacts_root, tmp_path)
     artifacts.load(root).path("model").write_bytes(b"junk")
     with pytest.raises(ArtifactError, match=r"model file .*ranker.onnx does not match"):
@@ -77,22 +84,41 @@ async def test_corrupt_model_is_refused_naming_the_file(artifacts_root: Path, tm
 
 
 def _sieve(*args: str, **kw) -> subprocess.Popen:  # type: ignore[no-untyped-def,type-arg]
-    return subprocess.Popen([sys.executable, "-m", "sieve.cli", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "sieve.cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def test_serve_refuses_to_start_without_artifacts(tmp_path: Path) -> None:
-    proc = _sieve("serve", "--artifacts", str(tmp_path), "--candidate-port", "0", "--ranker-port", "0")
+    proc = _sieve(
+        "serve", "--artifacts", str(tmp_path), "--candidate-port", "0", "--ranker-port", "0"
+    )
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert f"{tmp_path}/CURRENT is missing" in out
 
 
-def test_serve_answers_then_stops_gracefully_on_sigterm(artifacts_root: Path, tmp_path: Path) -> None:
+def test_serve_answers_then_stops_gracefully_on_sigterm(
+    artifacts_root: Path, tmp_path: Path
+) -> None:
     ready = tmp_path / "ready"
     rport = free_port()
-    proc = _sieve("serve", "--artifacts", str(artifacts_root), "--candidate-port", "0",
-                  "--ranker-port", str(rport), "--ready-file", str(ready))  # fmt: skip
+    proc = _sieve(
+        "serve",
+        "--artifacts",
+        str(artifacts_root),
+        "--candidate-port",
+        "0",
+        "--ranker-port",
+        str(rport),
+        "--ready-file",
+        str(ready),
+    )
     try:
         deadline = time.monotonic() + 120
         while not ready.exists():  # the server writes this file once both are SERVING
@@ -111,7 +137,9 @@ def test_serve_answers_then_stops_gracefully_on_sigterm(artifacts_root: Path, tm
     assert "shutting down" in out
 
 
-async def test_item_features_reload_after_a_new_materialization(artifacts_root: Path, tmp_path: Path) -> None:
+async def test_item_features_reload_after_a_new_materialization(
+    artifacts_root: Path, tmp_path: Path
+) -> None:
     root = copy_artifacts(artifacts_root, tmp_path)
     aset = artifacts.load(root)
     repo = aset.path("feature_store").parent
@@ -129,9 +157,14 @@ async def test_item_features_reload_after_a_new_materialization(artifacts_root: 
         before = float(pipeline._state.items.columns["rating_mean"][rows[0]])  # type: ignore[union-attr]
         items.loc[5, "rating_mean"] = np.float32(before + 0.75)
         later = event_time + timedelta(hours=1)
-        write_offline(repo / "data", {"item_features": items.drop(columns="event_timestamp"),
-                                      "user_features": pd.read_parquet(repo / "data" / "user_features.parquet")},
-                      later)  # fmt: skip
+        write_offline(
+            repo / "data",
+            {
+                "item_features": items.drop(columns="event_timestamp"),
+                "user_features": pd.read_parquet(repo / "data" / "user_features.parquet"),
+            },
+            later,
+        )
         apply_and_materialize(repo, later)
         assert await pipeline.refresh_item_features()
         rows, _ = pipeline._state.items.rows(np.array([target]))  # type: ignore[union-attr]
@@ -145,7 +178,9 @@ def test_embedding_cache_skips_unchanged_items(built) -> None:  # type: ignore[n
     from candidate.embed import item_texts
     from sieve.data import load_movielens
 
-    ml = load_movielens(Path(json.loads((built.root / "manifest.json").read_text())["source"]["data_dir"]))
+    ml = load_movielens(
+        Path(json.loads((built.root / "manifest.json").read_text())["source"]["data_dir"])
+    )
     texts = item_texts(ml.movies.head(50), ml.tags, top_tags=3)
     cache = EMBED_CACHE / f"embeddings-{MODEL_ID}.npz"
     first, n_new = embed_texts(texts, cache, show_progress=False)
@@ -164,8 +199,17 @@ def test_quickstart_end_to_end(movielens_dir: Path, tmp_path: Path) -> None:
     cache.mkdir()
     src = EMBED_CACHE / f"embeddings-{MODEL_ID}.npz"
     shutil.copy(src, cache / src.name)  # the session's build already embedded these texts
-    proc = _sieve("quickstart", "--data", str(movielens_dir), "--out", str(tmp_path / "art"),
-                  "--cache", str(cache), "--users", "1,42")  # fmt: skip
+    proc = _sieve(
+        "quickstart",
+        "--data",
+        str(movielens_dir),
+        "--out",
+        str(tmp_path / "art"),
+        "--cache",
+        str(cache),
+        "--users",
+        "1,42",
+    )
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     for user in (1, 42):

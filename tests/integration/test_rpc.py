@@ -28,7 +28,9 @@ def catalog(artifact_set: artifacts.ArtifactSet) -> pd.DataFrame:
 
 async def _rank(servers, **kw) -> sieve_pb2.RankResponse:  # type: ignore[no-untyped-def]
     async with grpc.aio.insecure_channel(servers["ranker"]) as ch:
-        return await sieve_pb2_grpc.RankerServiceStub(ch).Rank(sieve_pb2.RankRequest(**kw), timeout=10)
+        return await sieve_pb2_grpc.RankerServiceStub(ch).Rank(
+            sieve_pb2.RankRequest(**kw), timeout=10
+        )
 
 
 async def _retrieve(servers, **kw) -> sieve_pb2.RetrieveResponse:  # type: ignore[no-untyped-def]
@@ -66,8 +68,12 @@ async def test_rank_applies_genre_cap_and_caller_exclusions(servers, catalog) ->
 async def test_candidate_scores_are_the_exact_inner_products(servers, users, artifact_set) -> None:  # type: ignore[no-untyped-def]
     """The Flat index is exact: Retrieve's answer is the IndexFlatIP oracle's."""
     user = users.loc[42]
-    resp = await _retrieve(servers, user_vector=sieve_pb2.UserVector(values=user["user_vector"]),
-                           k=1000, exclude_item_ids=user["seen_item_ids"])  # fmt: skip
+    resp = await _retrieve(
+        servers,
+        user_vector=sieve_pb2.UserVector(values=user["user_vector"]),
+        k=1000,
+        exclude_item_ids=user["seen_item_ids"],
+    )
     emb = np.stack(pd.read_parquet(artifact_set.verified("item_features"))["embedding"].to_numpy())
     ids = pd.read_parquet(artifact_set.verified("item_features"))["item_id"].to_numpy()
     exact = faiss.IndexFlatIP(emb.shape[1])
@@ -81,7 +87,9 @@ async def test_candidate_scores_are_the_exact_inner_products(servers, users, art
 
 async def test_retrieve_by_user_id_equals_by_vector(servers, users) -> None:  # type: ignore[no-untyped-def]
     by_id = await _retrieve(servers, user_id=7, k=100)
-    by_vec = await _retrieve(servers, user_vector=sieve_pb2.UserVector(values=users.loc[7, "user_vector"]), k=100)
+    by_vec = await _retrieve(
+        servers, user_vector=sieve_pb2.UserVector(values=users.loc[7, "user_vector"]), k=100
+    )
     assert list(by_id.item_ids) == list(by_vec.item_ids) and len(by_id.item_ids) == 100
     excluded = list(by_id.item_ids[:30])
     fewer = await _retrieve(servers, user_id=7, k=100, exclude_item_ids=excluded)
@@ -103,7 +111,10 @@ async def test_unknown_user_gets_popular_items_and_a_degradation(servers) -> Non
         ({"user_id": 1, "k": -3}, "k must be in 1..500"),
         ({"user_id": 0}, "user_id must be a positive integer, got 0"),
         ({"user_id": -5}, "user_id must be a positive integer, got -5"),
-        ({"user_id": 1, "exclude_item_ids": list(range(1, 10_002))}, "holds 10001 ids, at most 10000"),
+        (
+            {"user_id": 1, "exclude_item_ids": list(range(1, 10_002))},
+            "holds 10001 ids, at most 10000",
+        ),
         ({"user_id": 1, "exclude_item_ids": [3, -1]}, "exclude_item_ids must be positive"),
     ],
 )
@@ -120,15 +131,24 @@ async def test_rank_bad_input_is_invalid_argument(servers, request_kw, message) 
         ({"k": 10}, grpc.StatusCode.INVALID_ARGUMENT, "set either user_vector or user_id"),
         ({"user_id": 1, "k": 0}, grpc.StatusCode.INVALID_ARGUMENT, "k must be in 1..2048"),
         ({"user_id": 1, "k": 2049}, grpc.StatusCode.INVALID_ARGUMENT, "k must be in 1..2048"),
-        ({"user_vector": sieve_pb2.UserVector(values=[0.1] * 10), "k": 5},
-         grpc.StatusCode.INVALID_ARGUMENT, "has 10 values, the index expects 384"),
-        ({"user_vector": sieve_pb2.UserVector(values=[float("nan")] * 384), "k": 5},
-         grpc.StatusCode.INVALID_ARGUMENT, "NaN or infinity"),
-        ({"user_id": 1, "k": 5, "exclude_item_ids": list(range(1, 20_002))},
-         grpc.StatusCode.INVALID_ARGUMENT, "at most 20000"),
+        (
+            {"user_vector": sieve_pb2.UserVector(values=[0.1] * 10), "k": 5},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "has 10 values, the index expects 384",
+        ),
+        (
+            {"user_vector": sieve_pb2.UserVector(values=[float("nan")] * 384), "k": 5},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "NaN or infinity",
+        ),
+        (
+            {"user_id": 1, "k": 5, "exclude_item_ids": list(range(1, 20_002))},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "at most 20000",
+        ),
         ({"user_id": 99999999, "k": 5}, grpc.StatusCode.NOT_FOUND, "has no stored vector"),
     ],
-)  # fmt: skip
+)
 async def test_retrieve_bad_input(servers, request_kw, code, message) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _retrieve(servers, **request_kw)
@@ -136,7 +156,10 @@ async def test_retrieve_bad_input(servers, request_kw, code, message) -> None:  
 
 
 async def test_health_and_reflection(servers) -> None:  # type: ignore[no-untyped-def]
-    for key, service in [("candidate", "sieve.v1.CandidateService"), ("ranker", "sieve.v1.RankerService")]:
+    for key, service in [
+        ("candidate", "sieve.v1.CandidateService"),
+        ("ranker", "sieve.v1.RankerService"),
+    ]:
         async with grpc.aio.insecure_channel(servers[key]) as ch:
             health = health_pb2_grpc.HealthStub(ch)
             for name in ("", service):

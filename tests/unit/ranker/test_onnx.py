@@ -18,8 +18,12 @@ def _model(n: int):  # type: ignore[no-untyped-def]
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    return _mlp(n, (16, 8), rng.normal(size=n).astype(np.float32),
-                rng.uniform(0.5, 2, size=n).astype(np.float32)).eval()  # fmt: skip
+    return _mlp(
+        n,
+        (16, 8),
+        rng.normal(size=n).astype(np.float32),
+        rng.uniform(0.5, 2, size=n).astype(np.float32),
+    ).eval()
 
 
 def test_onnx_matches_torch_on_random_rows(tmp_path: Path) -> None:

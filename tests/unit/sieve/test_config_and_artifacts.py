@@ -55,9 +55,15 @@ def _set(tmp_path: Path) -> Path:
     (v / "index.faiss").write_bytes(b"abc")
     artifacts.write_manifest(
         v,
-        {"format": artifacts.FORMAT, "version": "v1", "index": {}, "model": {},
-         "feature_schema": {}, "files": {"index": artifacts.file_entry(v, "index.faiss")}},
-    )  # fmt: skip
+        {
+            "format": artifacts.FORMAT,
+            "version": "v1",
+            "index": {},
+            "model": {},
+            "feature_schema": {},
+            "files": {"index": artifacts.file_entry(v, "index.faiss")},
+        },
+    )
     artifacts.publish(tmp_path, "v1")
     return v
 
