@@ -35,6 +35,11 @@ demo: $(STAMP)
 test: $(STAMP) redis
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy candidate ranker features sieve
+
 protos: $(STAMP)
 	$(PY) -m sieve.protogen
 

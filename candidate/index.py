@@ -153,10 +153,14 @@ class CandidateIndex:
         # pointers to them.
         batch = faiss.IDSelectorBatch(rows.astype(np.int64)) if len(rows) else None
         sel = faiss.IDSelectorNot(batch) if batch is not None else None
+        params: faiss.SearchParameters
         if self._ivf is not None:
-            params = faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
+            params = faiss.SearchParametersIVF()
+            params.nprobe = self.nprobe
         else:
-            params = faiss.SearchParameters(sel=sel)
+            params = faiss.SearchParameters()
+        if sel is not None:
+            params.sel = sel
         scores, labels = self.index.search(q, k, params=params)
         keep = labels[0] >= 0
         return SearchResult(self.item_ids[labels[0][keep]], scores[0][keep].astype(np.float32))

@@ -72,8 +72,9 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         Raises:
             ArtifactError: naming the missing or corrupt file.
         """
-        self.index, self.version = await asyncio.to_thread(self._load)
-        self.index.warm_up(min(1000, self.config.max_k))
+        index, version = await asyncio.to_thread(self._load)
+        index.warm_up(min(1000, self.config.max_k))
+        self.index, self.version = index, version
 
     def _load(self) -> tuple[CandidateIndex, str]:
         import faiss

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 FeatureKind = Literal["float", "int64", "float_list", "int64_list"]
 
@@ -82,14 +82,14 @@ def feature_definitions(offline_dir: Path) -> list[object]:
     from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
     from feast.types import Array, Float32, Int64
 
-    types = {
+    types: dict[str, Any] = {
         "float": Float32,
         "int64": Int64,
         "float_list": Array(Float32),
         "int64_list": Array(Int64),
     }
     objects: list[object] = []
-    views = []
+    views: list[Any] = []
     for spec in VIEWS:
         entity = Entity(name=spec.entity, join_keys=[spec.join_key], value_type=ValueType.INT64)
         source = FileSource(

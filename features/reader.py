@@ -21,6 +21,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mmh3
 import numpy as np
@@ -46,8 +47,22 @@ class FeatureFrame:
     found: np.ndarray
     columns: dict[str, np.ndarray | list[np.ndarray]]
 
+    def array(self, name: str) -> np.ndarray:
+        """A scalar or fixed-size list column as one array."""
+        col = self.columns[name]
+        if not isinstance(col, np.ndarray):
+            raise TypeError(f"feature {name!r} is a variable-length list; use lists()")
+        return col
 
-def _value_proto() -> type:
+    def lists(self, name: str) -> list[np.ndarray]:
+        """A variable-length list column, one array per entity."""
+        col = self.columns[name]
+        if isinstance(col, np.ndarray):
+            raise TypeError(f"feature {name!r} is not a variable-length list; use array()")
+        return col
+
+
+def _value_proto() -> Any:
     from feast.protos.feast.types.Value_pb2 import Value
 
     return Value

@@ -199,12 +199,12 @@ class RankPipeline:
                 f"cold_start_user: no features for user {q.user_id}; returned popular items",
             )
 
-        seen = user.columns["seen_item_ids"][0]
+        seen = user.lists("seen_item_ids")[0]
         exclude = np.union1d(seen, q.exclude)
         try:
             resp = await stub.Retrieve(
                 sieve_pb2.RetrieveRequest(
-                    user_vector=sieve_pb2.UserVector(values=user.columns["user_vector"][0]),
+                    user_vector=sieve_pb2.UserVector(values=user.array("user_vector")[0]),
                     k=self.config.num_candidates,
                     exclude_item_ids=exclude,
                 ),
@@ -231,12 +231,12 @@ class RankPipeline:
         cols = state.items.columns
         x = assemble(
             ann_score=cand_scores,
-            user_genre_affinity=user.columns["genre_affinity"],
+            user_genre_affinity=user.array("genre_affinity"),
             item_genres=cols["genres"][rows],
             item_log_popularity=cols["log_popularity"][rows],
             item_rating_mean=cols["rating_mean"][rows],
-            user_rating_count=user.columns["rating_count"],
-            user_rating_mean=user.columns["rating_mean"],
+            user_rating_count=user.array("rating_count"),
+            user_rating_mean=user.array("rating_mean"),
         )
         clock.mark("item_features")
 

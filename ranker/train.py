@@ -80,6 +80,9 @@ def _mlp(n_in: int, hidden: tuple[int, ...], mean: np.ndarray, std: np.ndarray):
     from torch import nn
 
     class Ranker(nn.Module):
+        mean: torch.Tensor
+        std: torch.Tensor
+
         def __init__(self) -> None:
             super().__init__()
             self.register_buffer("mean", torch.from_numpy(mean))
@@ -163,6 +166,8 @@ def export_onnx(model, n_features: int, out_path: Path) -> None:  # type: ignore
         dynamic_shapes=({0: batch},),
         verbose=False,
     )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
     program.save(str(out_path), external_data=False)
 
 

@@ -150,7 +150,7 @@ def build(
         "user_features": "feature_repo/data/user_features.parquet",
         "item_features": "feature_repo/data/item_features.parquet",
     }
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": artifacts.FORMAT,
         "version": version,
         "created_at": now.isoformat(),

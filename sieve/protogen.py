@@ -40,12 +40,13 @@ def generate(out_dir: Path) -> list[Path]:
     return [out_dir / PROTO.parent / name for name in GENERATED]
 
 
-def main() -> None:
+def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for path in generate(Path(tmp)):
             target = ROOT / PROTO.parent / path.name
             target.write_bytes(path.read_bytes())
             print(f"wrote {target.relative_to(ROOT)}")
+    return 0
 
 
 if __name__ == "__main__":
