@@ -61,10 +61,15 @@ class EmbeddingCache:
             return
         with np.load(self.path) as z:
             keys, vectors = z["keys"], z["vectors"]
-        if vectors.ndim != 2 or vectors.shape[1] != DIM or len(keys) != len(vectors):
-            log.warning("ignoring embedding cache %s: unexpected shape", self.path)
+        if (
+            keys.dtype != np.uint8
+            or keys.shape != (len(vectors), 32)
+            or vectors.ndim != 2
+            or vectors.shape[1] != DIM
+        ):
+            log.warning("ignoring embedding cache %s: unexpected layout", self.path)
             return
-        self._vectors = {bytes(k): v for k, v in zip(keys, vectors, strict=True)}
+        self._vectors = {k.tobytes(): v for k, v in zip(keys, vectors, strict=True)}
 
     def get(self, text: str) -> np.ndarray | None:
         return self._vectors.get(self.key(text))
@@ -73,7 +78,8 @@ class EmbeddingCache:
         self._vectors[self.key(text)] = vector
 
     def save(self) -> None:
-        keys = np.array(list(self._vectors), dtype="S32")
+        # Raw digest bytes as uint8 rows: numpy's "S32" would strip trailing NULs.
+        keys = np.frombuffer(b"".join(self._vectors), dtype=np.uint8).reshape(-1, 32)
         vectors = np.stack(list(self._vectors.values())).astype(np.float32)
 
         def write(tmp: Path) -> None:
