@@ -38,7 +38,7 @@ test: $(STAMP) redis
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy candidate ranker features sieve
+	$(VENV)/bin/mypy candidate ranker features sieve benchmarks
 
 protos: $(STAMP)
 	$(PY) -m sieve.protogen

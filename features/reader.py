@@ -16,6 +16,7 @@ Layouts (Feast 0.67, read from ``feast/infra/online_stores/{sqlite,redis}.py``):
 from __future__ import annotations
 
 import abc
+import functools
 import sqlite3
 import struct
 from collections.abc import Sequence
@@ -62,10 +63,41 @@ class FeatureFrame:
         return col
 
 
+@functools.cache
 def _value_proto() -> Any:
     from feast.protos.feast.types.Value_pb2 import Value
 
     return Value
+
+
+@functools.cache
+def _float_list_header(dim: int) -> bytes:
+    """The bytes before the packed floats in a serialized ``Value`` holding a
+    ``float_list_val`` of ``dim`` values (the encoding is canonical: one field)."""
+    from feast.protos.feast.types.Value_pb2 import FloatList
+
+    full = _value_proto()(float_list_val=FloatList(val=[0.0] * dim)).SerializeToString()
+    return full[: len(full) - 4 * dim]
+
+
+def _float_lists(raw: Sequence[bytes | None], dim: int, name: str) -> np.ndarray:
+    out = np.zeros((len(raw), dim), dtype=np.float32)
+    header = _float_list_header(dim)
+    size = len(header) + 4 * dim
+    for i, b in enumerate(raw):
+        if not b:
+            continue
+        if len(b) == size and b.startswith(header):
+            # Fast path: the packed little-endian floats are the message's tail.
+            out[i] = np.frombuffer(b, dtype="<f4", offset=len(header))
+            continue
+        vals = _value_proto().FromString(b).float_list_val.val
+        if len(vals) == 0:
+            continue
+        if len(vals) != dim:
+            raise ArtifactError(f"feature {name!r} has {len(vals)} values, schema says {dim}")
+        out[i] = vals
+    return out
 
 
 def decode_column(raw: Sequence[bytes | None], spec: FeatureSpec) -> np.ndarray | list[np.ndarray]:
@@ -89,19 +121,7 @@ def decode_column(raw: Sequence[bytes | None], spec: FeatureSpec) -> np.ndarray 
             )
         return out_lists
     if spec.kind == "float_list":
-        out = np.zeros((n, spec.dim), dtype=np.float32)
-        for i, b in enumerate(raw):
-            if not b:
-                continue
-            vals = value_cls.FromString(b).float_list_val.val
-            if len(vals) == 0:
-                continue
-            if len(vals) != spec.dim:
-                raise ArtifactError(
-                    f"feature {spec.name!r} has {len(vals)} values, schema says {spec.dim}"
-                )
-            out[i] = vals
-        return out
+        return _float_lists(raw, spec.dim, spec.name)
     dtype = np.float32 if spec.kind == "float" else np.int64
     scalar = np.zeros(n, dtype=dtype)
     attr = "float_val" if spec.kind == "float" else "int64_val"
@@ -109,6 +129,34 @@ def decode_column(raw: Sequence[bytes | None], spec: FeatureSpec) -> np.ndarray 
         if b:
             scalar[i] = getattr(value_cls.FromString(b), attr)
     return scalar
+
+
+class EntityKeys:
+    """Feast's serialized entity keys for one Int64 join key, many ids at once.
+
+    For a single Int64 key the serialization is a constant prefix followed by the
+    id as a little-endian int64. That layout is checked against Feast's own
+    ``serialize_entity_key`` at construction; if a Feast release changes it, this
+    falls back to calling Feast per id.
+    """
+
+    def __init__(self, join_key: str, version: int) -> None:
+        self.join_key = join_key
+        self.version = version
+        probe = entity_key_bytes(join_key, 0, version)
+        prefix = probe[:-8]
+        fits = all(
+            entity_key_bytes(join_key, i, version) == prefix + struct.pack("<q", i)
+            for i in (0, 1, -1, 2**40 + 3, 2**63 - 1)
+        )
+        self._prefix: bytes | None = prefix if fits else None
+
+    def __call__(self, ids: np.ndarray) -> list[bytes]:
+        if self._prefix is None:
+            return [entity_key_bytes(self.join_key, int(i), self.version) for i in ids]
+        raw = np.ascontiguousarray(ids, dtype="<i8").tobytes()
+        p = self._prefix
+        return [p + raw[j : j + 8] for j in range(0, len(raw), 8)]
 
 
 def entity_key_bytes(join_key: str, entity_id: int, version: int) -> bytes:
@@ -132,6 +180,14 @@ class OnlineReader(abc.ABC):
     def __init__(self, project: str, key_version: int) -> None:
         self.project = project
         self.key_version = key_version
+        self._keys: dict[str, EntityKeys] = {}
+
+    def entity_keys(self, join_key: str, ids: np.ndarray) -> list[bytes]:
+        """Serialized Feast entity keys of ``ids`` under ``join_key``."""
+        enc = self._keys.get(join_key)
+        if enc is None:
+            enc = self._keys[join_key] = EntityKeys(join_key, self.key_version)
+        return enc(ids)
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -173,7 +229,7 @@ class SqliteReader(OnlineReader):
     async def read(self, view: ViewSpec, ids: np.ndarray) -> FeatureFrame:
         if self._conn is None:
             raise RuntimeError("SqliteReader.read before start()")
-        keys = [entity_key_bytes(view.join_key, int(i), self.key_version) for i in ids]
+        keys = self.entity_keys(view.join_key, ids)
         by_key: dict[bytes, dict[str, bytes | None]] = {}
         table = f'"{self.project}_{view.name}"'
         for lo in range(0, len(keys), 900):  # stay under SQLite's bound-parameter limit
@@ -184,7 +240,10 @@ class SqliteReader(OnlineReader):
                 chunk,
             )
             for key, name, value in cur:
-                by_key.setdefault(bytes(key), {})[name] = value
+                row = by_key.get(key)
+                if row is None:
+                    row = by_key[key] = {}
+                row[name] = value
         return self._frame(view, ids, [by_key.get(k) for k in keys])
 
     async def close(self) -> None:
@@ -217,14 +276,9 @@ class RedisReader(OnlineReader):
             raise RuntimeError("RedisReader.read before start()")
         project = self.project.encode()
         fields = [feature_field(view.name, f.name) for f in view.features]
-        ts_field = f"_ts:{view.name}".encode()
-        async with self._client.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
-            for i in ids:
-                pipe.hmget(
-                    entity_key_bytes(view.join_key, int(i), self.key_version) + project,
-                    fields + [ts_field],
-                )
-            replies = await pipe.execute()
+        fields.append(f"_ts:{view.name}".encode())
+        keys = [k + project for k in self.entity_keys(view.join_key, ids)]
+        replies = await self._hmget_many(keys, fields)
         rows: list[dict[str, bytes | None] | None] = []
         for reply in replies:
             if reply[-1] is None:  # no timestamp: Feast never wrote this entity
@@ -232,6 +286,28 @@ class RedisReader(OnlineReader):
             else:
                 rows.append({f.name: v for f, v in zip(view.features, reply, strict=False)})
         return self._frame(view, ids, rows)
+
+    async def _hmget_many(self, keys: list[bytes], fields: list[bytes]) -> list[list[bytes | None]]:
+        """One pipelined HMGET per key, in one write.
+
+        The RESP encoding of the constant part (command and fields) is built once
+        per call instead of per key by redis-py's pure-Python ``pack_command``;
+        redis-py's connection and reply parser (hiredis when installed) do the rest.
+        """
+        pool = self._client.connection_pool  # type: ignore[union-attr]
+        head = b"*%d\r\n$5\r\nHMGET\r\n" % (len(fields) + 2)  # HMGET, key, fields
+        tail = b"".join(b"$%d\r\n%s\r\n" % (len(f), f) for f in fields)
+        payload = b"".join(b"%s$%d\r\n%s\r\n%s" % (head, len(k), k, tail) for k in keys)
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(payload, check_health=True)
+            return [await conn.read_response() for _ in keys]
+        except BaseException:
+            # A half-read pipeline leaves the connection unusable: drop it.
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
 
     async def close(self) -> None:
         if self._client is not None:

@@ -8,6 +8,7 @@ probability of a positive rating; input standardisation is inside the graph.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,17 +156,22 @@ def export_onnx(model, n_features: int, out_path: Path) -> None:  # type: ignore
     """Export with the dynamo exporter, dynamic batch size, one file (no external data)."""
     import torch
 
+    # torch's exporter warns about torchvision ops we do not use, and about its own
+    # internals; neither says anything about this model.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     example = torch.zeros(4, n_features)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    program = torch.onnx.export(
-        model,
-        (example,),
-        dynamo=True,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_shapes=({0: batch},),
-        verbose=False,
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
     program.save(str(out_path), external_data=False)

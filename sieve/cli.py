@@ -277,9 +277,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from sieve.data import GROUPLENS_URL
 
+    # Our own progress at INFO; libraries (Feast's registry, Faiss's loader, the
+    # ONNX exporter) only when they warn.
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for name in ("sieve", "candidate", "ranker", "features"):
+        logging.getLogger(name).setLevel(logging.INFO)
     p = argparse.ArgumentParser(prog="sieve", description=__doc__)
     p.add_argument("--config", help="sieve.toml (defaults when absent)")
     sub = p.add_subparsers(dest="cmd", required=True)

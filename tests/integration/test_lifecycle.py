@@ -174,7 +174,7 @@ async def test_item_features_reload_after_a_new_materialization(
         await pipeline.close()
 
 
-def test_embedding_cache_skips_unchanged_items(built) -> None:  # type: ignore[no-untyped-def]
+def test_embedding_cache_skips_unchanged_items(built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from candidate.embed import item_texts
     from sieve.data import load_movielens
 
@@ -182,7 +182,8 @@ def test_embedding_cache_skips_unchanged_items(built) -> None:  # type: ignore[n
         Path(json.loads((built.root / "manifest.json").read_text())["source"]["data_dir"])
     )
     texts = item_texts(ml.movies.head(50), ml.tags, top_tags=3)
-    cache = EMBED_CACHE / f"embeddings-{MODEL_ID}.npz"
+    cache = tmp_path / f"embeddings-{MODEL_ID}.npz"  # a copy: the session's cache stays as built
+    shutil.copy(EMBED_CACHE / cache.name, cache)
     first, n_new = embed_texts(texts, cache, show_progress=False)
     assert n_new == 0  # all 50 were embedded by the session's build
     changed = [*texts[:-1], texts[-1] + " A changed description."]

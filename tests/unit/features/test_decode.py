@@ -36,3 +36,33 @@ def test_wrong_list_length_is_an_artifact_error() -> None:
     fl = [Value(float_list_val=FloatList(val=[0.5])).SerializeToString()]
     with pytest.raises(ArtifactError, match="has 1 values, schema says 2"):
         decode_column(fl, FeatureSpec("emb", "float_list", 2))
+
+
+def test_entity_keys_match_feast_serialization() -> None:
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+
+    from features.reader import EntityKeys
+
+    ids = np.array([1, 2, 610, 193609, -7, 2**40 + 1, 2**63 - 1, -(2**63)], dtype=np.int64)
+    ids = np.concatenate([ids, np.random.default_rng(0).integers(-(2**62), 2**62, 500)])
+    got = EntityKeys("item_id", 3)(ids)
+    want = [
+        serialize_entity_key(
+            EntityKey(join_keys=["item_id"], entity_values=[Value(int64_val=int(i))]),
+            entity_key_serialization_version=3,
+        )
+        for i in ids
+    ]
+    assert got == want
+
+
+def test_float_list_fast_path_equals_protobuf() -> None:
+    rng = np.random.default_rng(0)
+    vals = rng.normal(size=(50, 384)).astype(np.float32)
+    vals[3] = [np.float32(-0.0)] * 384
+    raw = [Value(float_list_val=FloatList(val=v.tolist())).SerializeToString() for v in vals]
+    got = decode_column(raw, FeatureSpec("emb", "float_list", 384))
+    slow = np.array([list(Value.FromString(b).float_list_val.val) for b in raw], np.float32)
+    np.testing.assert_array_equal(got, slow)
+    np.testing.assert_array_equal(got, vals)
