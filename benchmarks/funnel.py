@@ -23,8 +23,6 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -40,6 +38,7 @@ from features.reader import open_reader  # noqa: E402
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc  # noqa: E402
 from sieve import artifacts  # noqa: E402
 from sieve.config import CandidateConfig, RankerConfig  # noqa: E402
+from sieve.local_redis import local_redis  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -109,54 +108,19 @@ async def bench_rank(root: Path, requests: int, levels: list[int], seed: int) ->
 
 @contextlib.contextmanager
 def redis_repo(aset: artifacts.ArtifactSet, workdir: Path) -> Iterator[Path]:
-    """A redis-server on a free loopback port with this set's features materialized."""
-    import redis
-
+    """A local redis-server with this set's features applied and materialized."""
     from features.materialize import apply_and_materialize, write_repo
     from sieve.config import RedisStoreConfig
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        client = redis.Redis(port=port)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+    with local_redis() as address:
         src = aset.verified("feature_store").parent
         repo = workdir / "redis_repo"
         shutil.copytree(src / "data", repo / "data")
-        write_repo(
-            repo,
-            aset.manifest["feature_schema"]["project"],
-            RedisStoreConfig(connection_string=f"127.0.0.1:{port}"),
-        )
+        project = aset.manifest["feature_schema"]["project"]
+        write_repo(repo, project, RedisStoreConfig(connection_string=address))
         ts = pd.read_parquet(repo / "data" / "user_features.parquet")["event_timestamp"].iloc[0]
         apply_and_materialize(repo, ts.to_pydatetime())
         yield repo
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 async def bench_features(root: Path, repo: Path, rounds: int, seed: int) -> dict[str, Any]:

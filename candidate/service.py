@@ -18,6 +18,7 @@ from sieve import artifacts
 from sieve.config import CandidateConfig
 from sieve.errors import InvalidRequest, NotFound, NotReady, grpc_errors
 from sieve.grpc_server import Server
+from sieve.validation import id_list
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = sieve_pb2.DESCRIPTOR.services_by_name["CandidateService"].full_name
@@ -42,13 +43,7 @@ def parse_retrieve(req: sieve_pb2.RetrieveRequest, config: CandidateConfig) -> R
         raise InvalidRequest("set either user_vector or user_id")
     if not 1 <= req.k <= config.max_k:
         raise InvalidRequest(f"k must be in 1..{config.max_k}, got {req.k}")
-    if len(req.exclude_item_ids) > config.max_exclude:
-        raise InvalidRequest(
-            f"exclude_item_ids holds {len(req.exclude_item_ids)} ids, at most {config.max_exclude}"
-        )
-    exclude = np.asarray(req.exclude_item_ids, dtype=np.int64)
-    if len(exclude) and exclude.min() <= 0:
-        raise InvalidRequest(f"exclude_item_ids must be positive, got {int(exclude.min())}")
+    exclude = id_list(req.exclude_item_ids, config.max_exclude, "exclude_item_ids")
     if which == "user_id":
         if req.user_id <= 0:
             raise InvalidRequest(f"user_id must be positive, got {req.user_id}")
@@ -135,11 +130,5 @@ async def create_server(
     servicer = CandidateServicer(config, artifacts_root)
     server = Server(SERVICE_NAME, config.host, config.port)
     sieve_pb2_grpc.add_CandidateServiceServicer_to_server(servicer, server.server)
-    await server.start()
-    try:
-        await servicer.start()
-    except BaseException:
-        await server.stop(0)
-        raise
-    await server.ready()
+    await server.start_serving(servicer.start)
     return server, servicer

@@ -31,6 +31,7 @@ from ranker.scorer import OnnxScorer
 from sieve import artifacts
 from sieve.config import RankerConfig
 from sieve.errors import ArtifactError, InvalidRequest, NotReady
+from sieve.validation import id_list
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,7 @@ def parse_rank(req: sieve_pb2.RankRequest, config: RankerConfig) -> RankQuery:
         raise InvalidRequest(
             f"k must be in 1..{config.max_k} (0 for {config.default_k}), got {req.k}"
         )
-    if len(req.exclude_item_ids) > config.max_exclude:
-        raise InvalidRequest(
-            f"exclude_item_ids holds {len(req.exclude_item_ids)} ids, at most {config.max_exclude}"
-        )
-    exclude = np.asarray(req.exclude_item_ids, dtype=np.int64)
-    if len(exclude) and exclude.min() <= 0:
-        raise InvalidRequest(f"exclude_item_ids must be positive, got {int(exclude.min())}")
+    exclude = id_list(req.exclude_item_ids, config.max_exclude, "exclude_item_ids")
     return RankQuery(req.user_id, k, exclude, req.debug)
 
 

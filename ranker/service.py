@@ -99,11 +99,5 @@ async def create_server(
     sieve_pb2_grpc.add_RankerServiceServicer_to_server(
         RankerServicer(config, pipeline), server.server
     )
-    await server.start()
-    try:
-        await pipeline.start()
-    except BaseException:
-        await server.stop(0)
-        raise
-    await server.ready()
+    await server.start_serving(pipeline.start)
     return server, pipeline

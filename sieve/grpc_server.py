@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -35,6 +37,21 @@ class Server:
             await self.health.set(name, NOT_SERVING)
         await self.server.start()
         return self.port
+
+    async def start_serving(self, load: Callable[[], Awaitable[None]]) -> int:
+        """Start NOT_SERVING, run ``load`` (artifacts, warm-up), then SERVING.
+
+        Raises:
+            Whatever ``load`` raised (e.g. ArtifactError); the server is stopped first.
+        """
+        port = await self.start()
+        try:
+            await load()
+        except BaseException:
+            await self.stop(0)
+            raise
+        await self.ready()
+        return port
 
     async def ready(self) -> None:
         for name in ("", self.service_name):

@@ -8,8 +8,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import shutil  # noqa: E402
 import socket  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
 from collections.abc import AsyncIterator, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -19,6 +17,7 @@ import pytest_asyncio  # noqa: E402
 from sieve import artifacts  # noqa: E402
 from sieve.build import BuildReport, build  # noqa: E402
 from sieve.config import BuildConfig, CandidateConfig, RankerConfig  # noqa: E402
+from sieve.local_redis import local_redis  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MOVIELENS = Path(
@@ -72,32 +71,8 @@ def copy_artifacts(artifacts_root: Path, dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[str]:
     """A real redis-server on a free loopback port, no persistence, stopped after."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise FileNotFoundError("redis-server is not installed (make test installs it)")
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=port)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"redis-server did not come up on port {port}") from None
-            time.sleep(0.05)
-    yield f"127.0.0.1:{port}"
-    client.close()
-    proc.terminate()
-    proc.wait(timeout=10)
+    with local_redis() as address:
+        yield address
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

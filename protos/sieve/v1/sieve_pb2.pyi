@@ -173,7 +173,9 @@ class RankedItem(_message.Message):
     model_score: _builtins.float
     """Probability of a positive rating from the ranking model."""
     candidate_rank: _builtins.int
-    """Position in the candidate list (0-based)."""
+    """Position in the candidate list (0-based); -1 for items that did not come
+    from retrieval (the popular-items fallback).
+    """
     def __init__(
         self,
         *,
