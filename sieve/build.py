@@ -22,7 +22,8 @@ import numpy as np
 
 from sieve import artifacts
 from sieve.config import BuildConfig
-from sieve.data import GENRES, load_movielens, temporal_split
+from sieve.data import GENRES, MovieLens, load_movielens, temporal_split
+from sieve.synthetic import synthetic_catalog
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +44,34 @@ class BuildReport:
         print(f"[build] {name} done in {self.stage_seconds[name]:.1f}s", flush=True)
 
 
-def _version(data_dir: Path, config: BuildConfig, now: datetime) -> str:
+def _version(data_dir: Path | None, synthetic: int, config: BuildConfig, now: datetime) -> str:
     h = hashlib.sha256(config.model_dump_json().encode())
+    h.update(f"synthetic={synthetic}".encode())
     for name in ("movies.csv", "ratings.csv", "tags.csv"):
-        p = data_dir / name
-        if p.is_file():
-            h.update(artifacts.sha256_file(p).encode())
+        if data_dir is not None and (data_dir / name).is_file():
+            h.update(artifacts.sha256_file(data_dir / name).encode())
     return f"{now:%Y%m%d%H%M%S}_{h.hexdigest()[:8]}"
 
 
 def build(
-    data_dir: Path, out: Path, config: BuildConfig, cache_dir: Path | None = None
+    data_dir: Path | None,
+    out: Path,
+    config: BuildConfig,
+    cache_dir: Path | None = None,
+    synthetic: int = 0,
 ) -> BuildReport:
-    """Run every offline job on MovieLens-layout CSVs and publish the artifact set.
+    """Run every offline job and publish the artifact set.
+
+    The input is MovieLens-layout CSVs in ``data_dir``, or, with ``synthetic=N``,
+    a seeded synthetic catalog of N items whose embeddings are generated directly
+    (no sentence-transformers pass at that size).
 
     The set is written into ``out/versions/<version>/`` and becomes live only when
     ``out/CURRENT`` is replaced at the very end, so a failed build leaves the last
     good set in place.
     """
+    if (data_dir is None) == (synthetic == 0):
+        raise ValueError("give either data_dir or synthetic=N")
     from candidate.embed import DIM, MODEL_ID, embed_texts, item_texts
     from candidate.index import build_index, write_index
     from features.definitions import FEATURE_SERVICE, VIEWS
@@ -70,10 +81,10 @@ def build(
     from ranker.train import INPUT_NAME, OUTPUT_NAME, train_and_export, training_rows
 
     out = Path(out)
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir) if data_dir is not None else None
     cache_dir = Path(cache_dir) if cache_dir else out / "cache"
     now = datetime.now(UTC).replace(microsecond=0)
-    version = _version(data_dir, config, now)
+    version = _version(data_dir, synthetic, config, now)
     vdir = out / "versions" / version
     if vdir.exists():
         shutil.rmtree(vdir)
@@ -81,8 +92,16 @@ def build(
     report = BuildReport(version=version, root=vdir)
     t_all = time.perf_counter()
 
+    emb: np.ndarray | None = None
     with report.stage("load + temporal split"):
-        ml = load_movielens(data_dir)
+        if data_dir is not None:
+            ml = load_movielens(data_dir)
+            source: dict[str, Any] = {"data_dir": str(data_dir.resolve())}
+        else:
+            cat = synthetic_catalog(synthetic, seed=config.seed)
+            ml = MovieLens(movies=cat.movies, ratings=cat.ratings, tags=cat.tags)
+            emb = cat.embeddings
+            source = {"synthetic": {"n_items": synthetic, "seed": config.seed}}
         train, holdout = temporal_split(ml.ratings, config.holdout_fraction)
         report.stats.update(
             items=len(ml.movies),
@@ -96,12 +115,13 @@ def build(
             vdir / "catalog.parquet", index=False
         )
 
-    with report.stage("embed item texts (all-MiniLM-L6-v2)"):
-        texts = item_texts(ml.movies, ml.tags, config.top_tags)
-        emb, n_new = embed_texts(
-            texts, cache_dir / f"embeddings-{MODEL_ID}.npz", config.embedding_batch_size
-        )
-        report.stats.update(embedded=n_new, embedding_cache_hits=len(texts) - n_new)
+    if emb is None:
+        with report.stage("embed item texts (all-MiniLM-L6-v2)"):
+            texts = item_texts(ml.movies, ml.tags, config.top_tags)
+            emb, n_new = embed_texts(
+                texts, cache_dir / f"embeddings-{MODEL_ID}.npz", config.embedding_batch_size
+            )
+            report.stats.update(embedded=n_new, embedding_cache_hits=len(texts) - n_new)
 
     with report.stage("feature tables + user vectors"):
         items = item_table(ml.movies, train, emb)
@@ -154,7 +174,7 @@ def build(
         "format": artifacts.FORMAT,
         "version": version,
         "created_at": now.isoformat(),
-        "source": {"data_dir": str(data_dir.resolve())},
+        "source": source,
         "files": {role: artifacts.file_entry(vdir, rel) for role, rel in files.items()},
         "index": {
             "factory": config.index_factory,

@@ -36,21 +36,21 @@ def _config(args: argparse.Namespace) -> SieveConfig:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from sieve.build import build
-    from sieve.data import write_synthetic_movielens
 
     cfg = _config(args)
-    data = Path(args.data) if args.data else None
-    if args.synthetic:
-        data = write_synthetic_movielens(
-            Path(args.out) / "synthetic", n_items=args.synthetic, seed=cfg.build.seed
-        )
-    if data is None:
+    if bool(args.data) == bool(args.synthetic):
         print(
-            "sieve build: give --data DIR (ml-latest-small layout) or --synthetic N",
+            "sieve build: give either --data DIR (ml-latest-small layout) or --synthetic N",
             file=sys.stderr,
         )
         return 2
-    report = build(data, Path(args.out), cfg.build, Path(args.cache) if args.cache else None)
+    report = build(
+        Path(args.data) if args.data else None,
+        Path(args.out),
+        cfg.build,
+        Path(args.cache) if args.cache else None,
+        synthetic=args.synthetic or 0,
+    )
     _print_build(report)
     return 0
 
@@ -200,9 +200,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def resolve_data(data: str | None, cache_dir: Path, url: str, seed: int) -> Path:
-    """--data, else MovieLens from GroupLens (cached), else a synthetic catalog."""
-    from sieve.data import fetch_movielens, write_synthetic_movielens
+QUICKSTART_SYNTHETIC_ITEMS = 20_000
+
+
+def resolve_data(data: str | None, cache_dir: Path, url: str) -> Path | None:
+    """--data, else MovieLens from GroupLens (cached); None means: fall back to the
+    seeded synthetic catalog (said in one line)."""
+    from sieve.data import fetch_movielens
 
     if data:
         return Path(data)
@@ -211,10 +215,10 @@ def resolve_data(data: str | None, cache_dir: Path, url: str, seed: int) -> Path
     except Exception as e:  # any failure to fetch means: fall back, say so in one line
         print(
             f"could not download MovieLens from {url} ({type(e).__name__}: {e}); "
-            "using a seeded synthetic catalog instead",
+            f"using a seeded synthetic catalog of {QUICKSTART_SYNTHETIC_ITEMS} items instead",
             flush=True,
         )
-        return write_synthetic_movielens(cache_dir / "synthetic", seed=seed)
+        return None
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -222,8 +226,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     out = Path(args.out)
-    data = resolve_data(args.data, Path(args.cache), args.url, cfg.build.seed)
-    report = build(data, out, cfg.build, Path(args.cache))
+    data = resolve_data(args.data, Path(args.cache), args.url)
+    synthetic = QUICKSTART_SYNTHETIC_ITEMS if data is None else 0
+    report = build(data, out, cfg.build, Path(args.cache), synthetic=synthetic)
     _print_build(report)
 
     cport, rport = _free_port(), _free_port()
