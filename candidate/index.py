@@ -18,11 +18,80 @@ from sieve.errors import ArtifactError, InvalidRequest
 log = logging.getLogger(__name__)
 
 
-def build_index(embeddings: np.ndarray, factory: str, seed: int = 0) -> faiss.Index:
-    """Train (if needed) and fill an inner-product index from ``index_factory``.
+SEARCH_KEYS = ("nprobe", "k_factor", "efSearch")
+"""Search parameters sieve passes per request, in Faiss ParameterSpace syntax."""
+DEFAULT_SEARCH = {"nprobe": 16, "k_factor": 2, "efSearch": 256}
+"""Used when a factory is given without a value for a parameter it takes."""
+AUTO_SMALL = ("Flat", "")
+"""Below AUTO_THRESHOLD items exact search costs a few ms: no approximation."""
+AUTO_LARGE = ("IVF4096,SQ8", "nprobe=128")
+"""The measured CPU default at 1M x 384 (see benchmarks/ann.py and its results)."""
+AUTO_THRESHOLD = 200_000
+
+
+def resolve_auto(n_items: int, factory: str, params: str) -> tuple[str, str]:
+    """Replace ``"auto"`` in the factory or the parameters by the measured defaults."""
+    auto_factory, auto_params = AUTO_SMALL if n_items < AUTO_THRESHOLD else AUTO_LARGE
+    if factory == "auto":
+        return auto_factory, auto_params if params == "auto" else params
+    return factory, "" if params == "auto" else params
+
+
+def parse_search_params(spec: str) -> dict[str, int]:
+    """``"nprobe=128,k_factor=2"`` -> ``{"nprobe": 128, "k_factor": 2}``.
+
+    Raises:
+        ValueError: an unknown key or a value that is not a positive integer.
+    """
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key not in SEARCH_KEYS:
+            raise ValueError(f"search parameter {part!r}: expected one of {SEARCH_KEYS} as key=N")
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"search parameter {key} must be a positive integer, got {value!r}")
+        out[key] = int(value)
+    return out
+
+
+def search_parameters(
+    index: faiss.Index, params: dict[str, int], k: int, sel: faiss.IDSelector | None
+) -> faiss.SearchParameters:
+    """The SearchParameters tree for ``index``: the selector goes to the level
+    that scans (the base of a refine), nprobe/efSearch where they apply."""
+    top = faiss.downcast_index(index)
+    if isinstance(top, faiss.IndexRefine):
+        refine = faiss.IndexRefineSearchParameters()
+        refine.k_factor = float(params.get("k_factor", DEFAULT_SEARCH["k_factor"]))
+        refine.base_index_params = search_parameters(top.base_index, params, k, sel)
+        return refine
+    if faiss.try_extract_index_ivf(top) is not None:
+        p: faiss.SearchParameters = faiss.SearchParametersIVF()
+        p.nprobe = params.get("nprobe", DEFAULT_SEARCH["nprobe"])
+    elif isinstance(top, faiss.IndexHNSW):
+        p = faiss.SearchParametersHNSW()
+        # HNSW returns at most efSearch results: it must be at least k.
+        p.efSearch = max(k, params.get("efSearch", DEFAULT_SEARCH["efSearch"]))
+    else:
+        p = faiss.SearchParameters()
+    if sel is not None:
+        p.sel = sel
+    return p
+
+
+def build_index(
+    embeddings: np.ndarray,
+    factory: str,
+    seed: int = 0,
+    train_size: int = 200_000,
+    progress: bool = False,
+) -> faiss.Index:
+    """Train (on a seeded sample) and fill an inner-product index from ``index_factory``.
 
     Args:
         embeddings: float32 [n, d], L2-normalised, row i is catalog row i.
+        train_size: at most this many rows train the quantizers.
+        progress: show a progress bar while adding.
 
     Raises:
         ValueError: the factory string is not one Faiss understands.
@@ -36,13 +105,33 @@ def build_index(embeddings: np.ndarray, factory: str, seed: int = 0) -> faiss.In
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
             ivf.cp.seed = seed
-        index.train(x)
-    index.add(x)
+        rng = np.random.default_rng(seed)
+        sample = x if len(x) <= train_size else x[np.sort(rng.choice(len(x), train_size, False))]
+        index.train(sample)
+    chunk = 100_000
+    chunks = range(0, len(x), chunk)
+    if progress and len(x) > chunk:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, desc="adding to index", unit="chunk")  # type: ignore[assignment]
+    for lo in chunks:
+        index.add(x[lo : lo + chunk])
     return index
 
 
 def write_index(index: faiss.Index, path: Path) -> None:
     faiss.write_index(index, str(path))
+
+
+def read_index(path: Path, mmap: bool) -> faiss.Index:
+    """Read an index, memory-mapped where its type allows (a fast restart: pages
+    are loaded on first use and shared with the page cache), else into memory."""
+    if mmap:
+        try:
+            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError as e:
+            log.info("index %s cannot be memory-mapped (%s); reading it into memory", path, e)
+    return faiss.read_index(str(path))
 
 
 def gpu_count() -> int:
@@ -66,7 +155,7 @@ class CandidateIndex:
         item_ids: np.ndarray,
         user_ids: np.ndarray,
         user_vectors: np.ndarray,
-        nprobe: int,
+        search_params: dict[str, int],
     ) -> None:
         self.index = index
         self.item_ids = np.asarray(item_ids, np.int64)
@@ -74,8 +163,7 @@ class CandidateIndex:
         self._user_ids = np.asarray(user_ids, np.int64)
         self._user_order = np.argsort(self._user_ids, kind="stable")
         self._user_vectors = np.asarray(user_vectors, np.float32)
-        self._ivf = faiss.try_extract_index_ivf(index)
-        self.nprobe = nprobe
+        self.search_params = dict(search_params)
 
     @property
     def dim(self) -> int:
@@ -83,7 +171,12 @@ class CandidateIndex:
 
     @classmethod
     def load(
-        cls, index_path: Path, item_ids: np.ndarray, users_path: Path, nprobe: int
+        cls,
+        index_path: Path,
+        item_ids: np.ndarray,
+        users_path: Path,
+        search_params: dict[str, int],
+        mmap: bool = True,
     ) -> CandidateIndex:
         """Read the index and user vectors and check they fit the catalog.
 
@@ -91,7 +184,7 @@ class CandidateIndex:
             ArtifactError: naming the file that is unreadable or does not match.
         """
         try:
-            index = faiss.read_index(str(index_path))
+            index = read_index(index_path, mmap)
         except RuntimeError as e:
             raise ArtifactError(
                 f"index file {index_path} is not a readable Faiss index: {e}"
@@ -109,7 +202,7 @@ class CandidateIndex:
             raise ArtifactError(
                 f"user vector file {users_path} has shape {user_vectors.shape}, index dim {index.d}"
             )
-        return cls(index, item_ids, user_ids, user_vectors, nprobe)
+        return cls(index, item_ids, user_ids, user_vectors, search_params)
 
     def warm_up(self, k: int, rounds: int = 3) -> None:
         """Run a few searches so first requests do not pay for lazy initialisation."""
@@ -153,14 +246,7 @@ class CandidateIndex:
         # pointers to them.
         batch = faiss.IDSelectorBatch(rows.astype(np.int64)) if len(rows) else None
         sel = faiss.IDSelectorNot(batch) if batch is not None else None
-        params: faiss.SearchParameters
-        if self._ivf is not None:
-            params = faiss.SearchParametersIVF()
-            params.nprobe = self.nprobe
-        else:
-            params = faiss.SearchParameters()
-        if sel is not None:
-            params.sel = sel
+        params = search_parameters(self.index, self.search_params, k, sel)
         scores, labels = self.index.search(q, k, params=params)
         keep = labels[0] >= 0
         return SearchResult(self.item_ids[labels[0][keep]], scores[0][keep].astype(np.float32))

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pandas as pd
 
-from candidate.index import CandidateIndex, gpu_count
+from candidate.index import CandidateIndex, gpu_count, parse_search_params
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from sieve import artifacts
 from sieve.config import CandidateConfig
@@ -81,7 +81,7 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
             aset.verified("index"),
             catalog["item_id"].to_numpy(np.int64),
             aset.verified("user_vectors"),
-            nprobe=int(aset.manifest["index"].get("nprobe", 1)),
+            search_params=parse_search_params(aset.manifest["index"].get("search_params", "")),
         )
         gpus = gpu_count()
         log.info(

@@ -73,7 +73,7 @@ def build(
     if (data_dir is None) == (synthetic == 0):
         raise ValueError("give either data_dir or synthetic=N")
     from candidate.embed import DIM, MODEL_ID, embed_texts, item_texts
-    from candidate.index import build_index, write_index
+    from candidate.index import build_index, parse_search_params, resolve_auto, write_index
     from features.definitions import FEATURE_SERVICE, VIEWS
     from features.materialize import build_feature_repo
     from features.tables import item_table, user_table
@@ -132,8 +132,10 @@ def build(
             vectors=np.stack(users["user_vector"].to_numpy()).astype(np.float32),
         )
 
-    with report.stage(f"faiss index ({config.index_factory})"):
-        index = build_index(emb, config.index_factory, config.seed)
+    factory, search = resolve_auto(len(emb), config.index_factory, config.search_params)
+    parse_search_params(search)  # refuse a bad setting before the slow part
+    with report.stage(f"faiss index ({factory})"):
+        index = build_index(emb, factory, config.seed, config.train_size, progress=True)
         write_index(index, vdir / "index.faiss")
 
     with report.stage("train ranker + ONNX export"):
@@ -177,11 +179,11 @@ def build(
         "source": source,
         "files": {role: artifacts.file_entry(vdir, rel) for role, rel in files.items()},
         "index": {
-            "factory": config.index_factory,
+            "factory": factory,
+            "search_params": search,
             "metric": "inner_product",
             "dim": DIM,
             "ntotal": int(index.ntotal),
-            "nprobe": config.nprobe,
         },
         "model": {
             "kind": "mlp",

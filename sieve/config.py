@@ -47,10 +47,14 @@ class BuildConfig(_Frozen):
     top_tags: int = Field(3, ge=0, le=20)
     """How many of an item's most frequent tags go into its text."""
     embedding_batch_size: int = Field(64, ge=1, le=4096)
-    index_factory: str = "Flat"
-    """Faiss ``index_factory`` string, inner-product metric (e.g. ``IVF256,SQ8``)."""
-    nprobe: int = Field(16, ge=1)
-    """Inverted lists visited per query for IVF indexes; ignored otherwise."""
+    index_factory: str = "auto"
+    """Faiss ``index_factory`` string, inner-product metric (e.g. ``IVF4096,SQ8``), or
+    ``auto``: exact ``Flat`` below 200k items, the measured IVF default above."""
+    search_params: str = "auto"
+    """Faiss ParameterSpace syntax, e.g. ``nprobe=128`` or ``nprobe=64,k_factor=4``
+    (keys: nprobe, k_factor, efSearch); ``auto`` goes with ``index_factory``."""
+    train_size: int = Field(200_000, ge=1_000)
+    """Rows sampled (seeded) to train the index's quantizers."""
     negatives_per_positive: int = Field(2, ge=1, le=50)
     """Unrated items sampled as negatives per positive training interaction."""
     epochs: int = Field(3, ge=1, le=100)

@@ -37,6 +37,7 @@ def test_manifest_names_what_belongs_together(artifact_set: artifacts.ArtifactSe
     assert m["model"]["onnx_max_abs_diff_vs_torch"] < 1e-5
     assert m["index"]["ntotal"] == 9742 and m["index"]["dim"] == 384
     assert m["feature_schema"]["feature_service"] == "ranker_v1"
+    assert m["index"]["factory"] == "Flat" and m["index"]["search_params"] == ""  # auto, 9.7k items
     assert set(m["build"]["stage_seconds"]) >= {"faiss index (Flat)", "feast apply + materialize"}
     stats = m["build"]["stats"]
     assert stats["train"] + stats["holdout"] == stats["ratings"] == 100_836

@@ -6,7 +6,14 @@ import faiss
 import numpy as np
 import pytest
 
-from candidate.index import CandidateIndex, build_index
+from candidate.index import (
+    CandidateIndex,
+    build_index,
+    parse_search_params,
+    read_index,
+    resolve_auto,
+    write_index,
+)
 from sieve.errors import InvalidRequest
 
 
@@ -25,9 +32,10 @@ def _oracle(x: np.ndarray, q: np.ndarray, k: int, excluded_rows: np.ndarray) -> 
     return labels[0][keep][:k], scores[0][keep][:k]
 
 
-def _index(x: np.ndarray, factory: str, nprobe: int = 8) -> CandidateIndex:
+def _index(x: np.ndarray, factory: str, params: str = "nprobe=8") -> CandidateIndex:
     item_ids = np.arange(1000, 1000 + len(x)) * 3  # ids are not rows
-    return CandidateIndex(build_index(x, factory), item_ids, np.array([7]), x[:1], nprobe)
+    index = build_index(x, factory, train_size=2000)
+    return CandidateIndex(index, item_ids, np.array([7]), x[:1], parse_search_params(params))
 
 
 def test_flat_matches_exact_search_with_exclusions() -> None:
@@ -47,18 +55,56 @@ def test_flat_matches_exact_search_with_exclusions() -> None:
         assert sure <= set(res.item_ids.tolist())
 
 
-def test_ivf_recall_against_exact() -> None:
+@pytest.mark.parametrize(
+    ("factory", "params", "k", "min_recall"),
+    [
+        ("IVF32,SQ8", "nprobe=16", 100, 0.9),
+        ("IVF32,SQ8,RFlat", "nprobe=16,k_factor=2", 100, 0.95),
+        ("IVF32,PQ16x4fs,RFlat", "nprobe=16,k_factor=4", 100, 0.9),
+        ("HNSW16", "efSearch=64", 1000, 0.9),  # efSearch is raised to k
+    ],
+)
+def test_approximate_indexes_against_exact(
+    factory: str, params: str, k: int, min_recall: float
+) -> None:
     x = _data()
-    idx = _index(x, "IVF32,SQ8", nprobe=16)
+    idx = _index(x, factory, params)
     rng = np.random.default_rng(2)
     recalls = []
-    for qi in rng.integers(0, len(x), 20):
+    for qi in rng.integers(0, len(x), 10):
         excluded_rows = rng.choice(len(x), 200, replace=False)
-        res = idx.search(x[qi], 100, idx.item_ids[excluded_rows])
+        res = idx.search(x[qi], k, idx.item_ids[excluded_rows])
+        assert len(res.item_ids) == k and len(set(res.item_ids.tolist())) == k
         assert not np.isin(res.item_ids, idx.item_ids[excluded_rows]).any()
-        want_rows, _ = _oracle(x, x[qi], 100, excluded_rows)
-        recalls.append(len(set(res.item_ids) & set(idx.item_ids[want_rows])) / 100)
-    assert np.mean(recalls) >= 0.9
+        want_rows, _ = _oracle(x, x[qi], k, excluded_rows)
+        recalls.append(len(set(res.item_ids) & set(idx.item_ids[want_rows])) / k)
+    assert np.mean(recalls) >= min_recall, (factory, np.mean(recalls))
+
+
+def test_search_params_parsing_and_auto() -> None:
+    assert parse_search_params("nprobe=128, k_factor=2") == {"nprobe": 128, "k_factor": 2}
+    assert parse_search_params("") == {}
+    with pytest.raises(ValueError, match="'nprob=3'"):
+        parse_search_params("nprob=3")
+    with pytest.raises(ValueError, match="nprobe must be a positive integer"):
+        parse_search_params("nprobe=0")
+    assert resolve_auto(9_742, "auto", "auto") == ("Flat", "")
+    assert resolve_auto(1_000_000, "auto", "auto")[0].startswith("IVF")
+    assert resolve_auto(1_000_000, "HNSW32", "auto") == ("HNSW32", "")
+    assert resolve_auto(5, "auto", "nprobe=3") == ("Flat", "nprobe=3")
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF32,SQ8"])
+def test_mmap_load_answers_like_memory_load(tmp_path, factory: str) -> None:  # type: ignore[no-untyped-def]
+    x = _data()
+    index = build_index(x, factory, train_size=2000)
+    write_index(index, tmp_path / "i.faiss")
+    mapped = read_index(tmp_path / "i.faiss", mmap=True)
+    loaded = read_index(tmp_path / "i.faiss", mmap=False)
+    d1, i1 = mapped.search(x[:5], 50)
+    d2, i2 = loaded.search(x[:5], 50)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(d1, d2)
 
 
 def test_unknown_excluded_ids_are_ignored_and_k_capped() -> None:

@@ -1,0 +1,255 @@
+"""ANN benchmark at scale: recall@k against exact search, single-query latency.
+
+    python -m benchmarks.ann [--n 1000000] [--queries 300] [--k 1000]
+
+On the seeded synthetic catalog (``sieve.synthetic``) with user vectors as
+queries (normalised mean of each user's positively rated items): exact ground
+truth with ``IndexFlatIP`` (cached), exact Flat latency, then every index
+setting below built once (cached under ``--cache``) and searched one query at a
+time on one thread after a warm-up. Recall is tie-tolerant: a returned item
+counts when its exact score reaches the k-th exact score. Writes
+``benchmarks/results/ann.json`` and ``ann.png`` (recall against p50 and p99,
+Flat on the same plot) and prints the table with ratios to Flat.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+
+from candidate.index import (  # noqa: E402
+    build_index,
+    parse_search_params,
+    read_index,
+    search_parameters,
+    write_index,
+)
+from sieve.synthetic import synthetic_catalog  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SETTINGS: list[tuple[str, list[str]]] = [
+    ("IVF4096,SQ8", ["nprobe=64", "nprobe=96", "nprobe=128", "nprobe=192", "nprobe=384"]),
+    (
+        "IVF4096,PQ96x4fs,Refine(SQ8)",
+        [
+            "nprobe=64,k_factor=2",
+            "nprobe=96,k_factor=2",
+            "nprobe=128,k_factor=2",
+            "nprobe=192,k_factor=2",
+            "nprobe=256,k_factor=2",
+            "nprobe=384,k_factor=2",
+        ],
+    ),
+]
+
+
+def data(n: int, n_queries: int, seed: int, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings [n, 384], queries [q, 384]) for the seeded catalog, cached."""
+    path = cache / f"synthetic-{n}-seed{seed}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            if len(z["queries"]) >= n_queries:
+                return z["emb"], z["queries"][:n_queries]
+    cat = synthetic_catalog(n, seed=seed)
+    r = cat.ratings[cat.ratings["rating"] >= 4.0]
+    queries = []
+    for _, group in r.groupby("userId", sort=True):
+        v = cat.embeddings[group["movieId"].to_numpy() - 1].mean(axis=0)
+        queries.append(v / np.linalg.norm(v))
+    q = np.asarray(queries, np.float32)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, emb=cat.embeddings, queries=q)
+    return cat.embeddings, q[:n_queries]
+
+
+def ground_truth(emb: np.ndarray, q: np.ndarray, k: int, cache: Path) -> np.ndarray:
+    """Exact top-k inner-product scores [q, k] (IndexFlatIP), cached by content hash."""
+    h = hashlib.sha256(q.tobytes())
+    h.update(emb[:: max(1, len(emb) // 1000)].tobytes())
+    path = cache / f"gt-{len(emb)}-{k}-{h.hexdigest()[:12]}.npy"
+    if path.is_file():
+        return np.load(path)
+    index = faiss.IndexFlatIP(emb.shape[1])
+    index.add(emb)
+    # Batches of 64 x 384 stay below Faiss's BLAS threshold unless it is lowered.
+    faiss.cvar.distance_compute_blas_threshold = 16
+    scores = np.concatenate([index.search(q[lo : lo + 64], k)[0] for lo in range(0, len(q), 64)])
+    np.save(path, scores)
+    return scores
+
+
+def recall(emb: np.ndarray, q: np.ndarray, ids: np.ndarray, kth: float) -> float:
+    """Tie-tolerant recall@k of one result list."""
+    ids = ids[ids >= 0]
+    exact = emb[ids] @ q
+    return min(len(ids), int((exact >= kth - 1e-5).sum())) / len(ids) if len(ids) else 0.0
+
+
+def time_queries(index: faiss.Index, q: np.ndarray, k: int, params: Any, warmup: int = 20):  # type: ignore[no-untyped-def]
+    """Per-query latencies in ms and result ids, one query at a time."""
+    for i in range(warmup):
+        index.search(q[i % len(q) : i % len(q) + 1], k, params=params)
+    lat, out = [], []
+    for i in range(len(q)):
+        t0 = time.perf_counter()
+        _, ids = index.search(q[i : i + 1], k, params=params)
+        lat.append((time.perf_counter() - t0) * 1e3)
+        out.append(ids[0])
+    return np.asarray(lat), out
+
+
+def summary(lat: np.ndarray) -> dict[str, float]:
+    return {p: float(np.percentile(lat, v)) for p, v in (("p50", 50), ("p95", 95), ("p99", 99))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--flat-queries", type=int, default=30)
+    ap.add_argument("--k", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-size", type=int, default=200_000)
+    ap.add_argument("--cache", default=str(Path(__file__).resolve().parent / ".cache"))
+    ap.add_argument("--name", default="ann")
+    args = ap.parse_args()
+    cache = Path(args.cache)
+    faiss.omp_set_num_threads(1)
+
+    t0 = time.perf_counter()
+    emb, q = data(args.n, args.queries, args.seed, cache)
+    print(f"data: {emb.shape} items, {len(q)} queries ({time.perf_counter() - t0:.1f}s)")
+    faiss.omp_set_num_threads(os.cpu_count() or 1)  # ground truth and builds use all cores
+    t0 = time.perf_counter()
+    gt = ground_truth(emb, q, args.k, cache)
+    kth = gt[:, -1]
+    print(f"ground truth: {time.perf_counter() - t0:.1f}s")
+
+    faiss.omp_set_num_threads(1)
+    flat = faiss.IndexFlatIP(emb.shape[1])
+    flat.add(emb)
+    faiss.cvar.distance_compute_blas_threshold = 128000  # the default: single queries
+    nf = args.flat_queries
+    lat, ids = time_queries(flat, q[:nf], args.k, None, warmup=3)
+    rows: list[dict[str, Any]] = [
+        {
+            "factory": "Flat",
+            "params": "",
+            "recall": float(np.mean([recall(emb, q[i], ids[i], kth[i]) for i in range(nf)])),
+            **summary(lat),
+            "queries": nf,
+        }
+    ]
+    del flat
+    flat_p50 = rows[0]["p50"]
+    builds: dict[str, Any] = {}
+    for factory, param_list in SETTINGS:
+        path = cache / f"index-{args.n}-seed{args.seed}-{factory.replace(',', '_')}.faiss"
+        if not path.is_file():
+            faiss.omp_set_num_threads(os.cpu_count() or 1)
+            t0 = time.perf_counter()
+            index = build_index(emb, factory, args.seed, args.train_size, progress=True)
+            secs = time.perf_counter() - t0
+            write_index(index, path)
+            builds[factory] = {"build_s": secs}
+            del index
+        t0 = time.perf_counter()
+        index = read_index(path, mmap=True)
+        builds.setdefault(factory, {}).update(
+            load_s=time.perf_counter() - t0, bytes=path.stat().st_size
+        )
+        faiss.omp_set_num_threads(1)
+        for spec in param_list:
+            params = search_parameters(index, parse_search_params(spec), args.k, None)
+            lat, ids = time_queries(index, q, args.k, params)
+            r = float(np.mean([recall(emb, q[i], ids[i], kth[i]) for i in range(len(q))]))
+            row = {
+                "factory": factory,
+                "params": spec,
+                "recall": r,
+                **summary(lat),
+                "queries": len(q),
+            }
+            rows.append(row)
+            print(
+                f"{factory:<32} {spec:<22} recall {r:.4f}  p50 {row['p50']:6.2f}  "
+                f"p99 {row['p99']:6.2f} ms  {flat_p50 / row['p50']:5.1f}x Flat"
+            )
+        del index
+    for row in rows:
+        row["speedup_vs_flat_p50"] = flat_p50 / row["p50"]
+    result = {
+        "n": args.n,
+        "k": args.k,
+        "queries": len(q),
+        "threads": 1,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "faiss": faiss.__version__,
+        },
+        "builds": builds,
+        "rows": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, RESULTS / f"{args.name}.png")
+    print(
+        f"Flat: recall {rows[0]['recall']:.3f} p50 {rows[0]['p50']:.1f} p99 {rows[0]['p99']:.1f} ms"
+    )
+    for f, b in builds.items():
+        print(f"build {f}: {json.dumps({k: round(v, 2) for k, v in b.items()})}")
+    print(f"wrote {RESULTS / (args.name + '.json')} and .png")
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, pct in zip(axes, ("p50", "p99"), strict=True):
+        for i, factory in enumerate(dict.fromkeys(r["factory"] for r in result["rows"])):
+            rows = [r for r in result["rows"] if r["factory"] == factory]
+            ax.plot(
+                [r[pct] for r in rows],
+                [r["recall"] for r in rows],
+                "o-",
+                color=f"C{i}",
+                label=factory,
+            )
+            for r in rows:
+                ax.annotate(
+                    r["params"].replace("nprobe=", "np").replace(",k_factor=", " kf"),
+                    (r[pct], r["recall"]),
+                    fontsize=7,
+                    xytext=(3, -9),
+                    textcoords="offset points",
+                )
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{pct} latency per query, ms (1 thread, log)")
+        ax.axhline(0.95, color="grey", lw=0.8, ls="--")
+        ax.axhline(0.99, color="grey", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"recall@{result['k']} vs exact")
+    axes[0].legend(loc="lower right")
+    fig.suptitle(f"{result['n']:,} x 384 synthetic, top-{result['k']}, {result['queries']} queries")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
