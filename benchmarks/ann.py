@@ -40,16 +40,32 @@ from sieve.synthetic import synthetic_catalog  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS: list[tuple[str, list[str]]] = [
-    ("IVF4096,SQ8", ["nprobe=64", "nprobe=96", "nprobe=128", "nprobe=192", "nprobe=384"]),
+    ("IVF4096,SQ8", [f"nprobe={n}" for n in (64, 128, 192, 384, 640)]),
     (
         "IVF4096,PQ96x4fs,Refine(SQ8)",
         [
-            "nprobe=64,k_factor=2",
-            "nprobe=96,k_factor=2",
+            "nprobe=128,k_factor=4",
+            "nprobe=256,k_factor=4",
+            "nprobe=256,k_factor=8",
+            "nprobe=384,k_factor=8",
+        ],
+    ),
+    (
+        "IVF1024,PQ96x4fs,Refine(SQ8)",
+        [
+            "nprobe=32,k_factor=4",
+            "nprobe=64,k_factor=4",
+            "nprobe=64,k_factor=8",
+            "nprobe=96,k_factor=8",
+        ],
+    ),
+    (
+        "IVF4096,PQ192x4fs,Refine(SQ8)",
+        [
             "nprobe=128,k_factor=2",
-            "nprobe=192,k_factor=2",
             "nprobe=256,k_factor=2",
-            "nprobe=384,k_factor=2",
+            "nprobe=256,k_factor=4",
+            "nprobe=384,k_factor=4",
         ],
     ),
 ]

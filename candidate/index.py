@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -65,11 +66,12 @@ def search_parameters(
         refine.k_factor = float(params.get("k_factor", DEFAULT_SEARCH["k_factor"]))
         refine.base_index_params = search_parameters(top.base_index, params, k, sel)
         return refine
+    p: Any
     if faiss.try_extract_index_ivf(top) is not None:
-        p: faiss.SearchParameters = faiss.SearchParametersIVF()
+        p = faiss.SearchParametersIVF()
         p.nprobe = params.get("nprobe", DEFAULT_SEARCH["nprobe"])
     elif isinstance(top, faiss.IndexHNSW):
-        p = faiss.SearchParametersHNSW()
+        p = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from the stubs
         # HNSW returns at most efSearch results: it must be at least k.
         p.efSearch = max(k, params.get("efSearch", DEFAULT_SEARCH["efSearch"]))
     else:
@@ -156,6 +158,7 @@ class CandidateIndex:
         user_ids: np.ndarray,
         user_vectors: np.ndarray,
         search_params: dict[str, int],
+        categories: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.index = index
         self.item_ids = np.asarray(item_ids, np.int64)
@@ -164,6 +167,10 @@ class CandidateIndex:
         self._user_order = np.argsort(self._user_ids, kind="stable")
         self._user_vectors = np.asarray(user_vectors, np.float32)
         self.search_params = dict(search_params)
+        # category -> packed bitmap over rows (little bit order, as IDSelectorBitmap reads)
+        self._category_bits = {
+            name: np.packbits(mask, bitorder="little") for name, mask in (categories or {}).items()
+        }
 
     @property
     def dim(self) -> int:
@@ -177,6 +184,7 @@ class CandidateIndex:
         users_path: Path,
         search_params: dict[str, int],
         mmap: bool = True,
+        categories: dict[str, np.ndarray] | None = None,
     ) -> CandidateIndex:
         """Read the index and user vectors and check they fit the catalog.
 
@@ -202,7 +210,7 @@ class CandidateIndex:
             raise ArtifactError(
                 f"user vector file {users_path} has shape {user_vectors.shape}, index dim {index.d}"
             )
-        return cls(index, item_ids, user_ids, user_vectors, search_params)
+        return cls(index, item_ids, user_ids, user_vectors, search_params, categories)
 
     def warm_up(self, k: int, rounds: int = 3) -> None:
         """Run a few searches so first requests do not pay for lazy initialisation."""
@@ -226,12 +234,30 @@ class CandidateIndex:
         rows = self._sorted[pos]
         return rows[self.item_ids[rows] == ids]
 
-    def search(self, query: np.ndarray, k: int, exclude_item_ids: np.ndarray) -> SearchResult:
-        """Top ``k`` items by inner product with ``query``, excluded ids filtered
-        inside the search (so up to k valid items come back).
+    @property
+    def categories(self) -> list[str]:
+        return sorted(self._category_bits)
+
+    def _allowed(self, categories: list[str]) -> np.ndarray:
+        unknown = [c for c in categories if c not in self._category_bits]
+        if unknown:
+            raise InvalidRequest(f"unknown categories {unknown}; known: {self.categories}")
+        return np.bitwise_or.reduce([self._category_bits[c] for c in categories])
+
+    def search(
+        self,
+        query: np.ndarray,
+        k: int,
+        exclude_item_ids: np.ndarray,
+        allow_categories: list[str] | None = None,
+    ) -> SearchResult:
+        """Top ``k`` items by inner product with ``query``; excluded ids and items
+        outside ``allow_categories`` are filtered inside the search, so up to k
+        valid items come back.
 
         Raises:
-            InvalidRequest: the query has the wrong dimension or a non-finite value.
+            InvalidRequest: the query has the wrong dimension or a non-finite value,
+                or a category is unknown.
         """
         q = np.asarray(query, np.float32).reshape(1, -1)
         if q.shape[1] != self.dim:
@@ -245,7 +271,14 @@ class CandidateIndex:
         # Keep both selectors referenced until the search returns: Faiss holds raw
         # pointers to them.
         batch = faiss.IDSelectorBatch(rows.astype(np.int64)) if len(rows) else None
-        sel = faiss.IDSelectorNot(batch) if batch is not None else None
+        sel: Any = faiss.IDSelectorNot(batch) if batch is not None else None
+        if allow_categories:
+            bits = self._allowed(allow_categories)
+            allowed = faiss.IDSelectorBitmap(int(self.index.ntotal), faiss.swig_ptr(bits))
+            excluded_too = sel
+            sel = (
+                faiss.IDSelectorAnd(allowed, excluded_too) if excluded_too is not None else allowed
+            )
         params = search_parameters(self.index, self.search_params, k, sel)
         scores, labels = self.index.search(q, k, params=params)
         keep = labels[0] >= 0

@@ -16,7 +16,7 @@ from candidate.index import CandidateIndex, gpu_count, parse_search_params
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from sieve import artifacts
 from sieve.config import CandidateConfig
-from sieve.errors import InvalidRequest, NotFound, NotReady, grpc_errors
+from sieve.errors import ArtifactError, InvalidRequest, NotFound, NotReady, grpc_errors
 from sieve.grpc_server import Server
 from sieve.validation import id_list
 
@@ -30,6 +30,7 @@ class RetrieveQuery:
     user_id: int
     k: int
     exclude: np.ndarray  # int64
+    allow: list[str]  # categories; empty: all
 
 
 def parse_retrieve(req: sieve_pb2.RetrieveRequest, config: CandidateConfig) -> RetrieveQuery:
@@ -47,19 +48,39 @@ def parse_retrieve(req: sieve_pb2.RetrieveRequest, config: CandidateConfig) -> R
     if which == "user_id":
         if req.user_id <= 0:
             raise InvalidRequest(f"user_id must be positive, got {req.user_id}")
-        return RetrieveQuery(None, req.user_id, req.k, exclude)
+        return RetrieveQuery(None, req.user_id, req.k, exclude, list(req.allow_categories))
     vector = np.asarray(req.user_vector.values, dtype=np.float32)
     if len(vector) == 0:
         raise InvalidRequest("user_vector is empty")
-    return RetrieveQuery(vector, 0, req.k, exclude)
+    return RetrieveQuery(vector, 0, req.k, exclude, list(req.allow_categories))
+
+
+@dataclass(frozen=True)
+class _Live:
+    """The artifact set being served; replaced as one reference, never mutated, so a
+    request that took it keeps a consistent index and version through a swap."""
+
+    index: CandidateIndex
+    version: str
+
+
+def category_masks(genres: pd.Series) -> dict[str, np.ndarray]:
+    """Catalog genre strings ("A|B") -> {genre: bool mask over catalog rows}."""
+    split = genres.fillna("").astype(str).str.split("|")
+    names = sorted({g for gs in split for g in gs if g})
+    return {name: split.map(lambda gs, n=name: n in gs).to_numpy(bool) for name in names}
 
 
 class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
     def __init__(self, config: CandidateConfig, artifacts_root: Path) -> None:
         self.config = config
         self.artifacts_root = Path(artifacts_root)
-        self.index: CandidateIndex | None = None
-        self.version = ""
+        self._live: _Live | None = None
+        self._refused = ""  # a version that failed to load, skipped until CURRENT moves on
+
+    @property
+    def version(self) -> str:
+        return self._live.version if self._live else ""
 
     async def start(self) -> None:
         """Load the live artifact set and warm the index up.
@@ -67,21 +88,50 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         Raises:
             ArtifactError: naming the missing or corrupt file.
         """
+        self._live = await self._load_live()
+
+    async def _load_live(self) -> _Live:
         index, version = await asyncio.to_thread(self._load)
-        index.warm_up(min(1000, self.config.max_k))
-        self.index, self.version = index, version
+        await asyncio.to_thread(index.warm_up, min(1000, self.config.max_k))
+        return _Live(index, version)
+
+    async def reload(self) -> bool:
+        """Swap to the set ``CURRENT`` names if it is new. In-flight searches finish
+        on the old index; a set that fails to load is refused (logged, once) and the
+        last good one keeps serving.
+
+        Returns:
+            Whether a new set went live.
+        """
+        try:
+            target = artifacts.current_version(self.artifacts_root)
+        except ArtifactError as e:
+            log.error("artifact reload: %s; still serving %s", e, self.version)
+            return False
+        if target in (self.version, self._refused):
+            return False
+        try:
+            live = await self._load_live()
+        except ArtifactError as e:
+            self._refused = target
+            log.error("refused artifact set %s: %s; still serving %s", target, e, self.version)
+            return False
+        old, self._live = self.version, live
+        log.info("candidate index swapped: %s -> %s", old, live.version)
+        return True
 
     def _load(self) -> tuple[CandidateIndex, str]:
         import faiss
 
         faiss.omp_set_num_threads(self.config.omp_threads)
         aset = artifacts.load(self.artifacts_root)
-        catalog = pd.read_parquet(aset.verified("catalog"), columns=["item_id"])
+        catalog = pd.read_parquet(aset.verified("catalog"), columns=["item_id", "genres"])
         index = CandidateIndex.load(
             aset.verified("index"),
             catalog["item_id"].to_numpy(np.int64),
             aset.verified("user_vectors"),
             search_params=parse_search_params(aset.manifest["index"].get("search_params", "")),
+            categories=category_masks(catalog["genres"]),
         )
         gpus = gpu_count()
         log.info(
@@ -98,9 +148,10 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
     async def Retrieve(
         self, request: sieve_pb2.RetrieveRequest, context: grpc.aio.ServicerContext
     ) -> sieve_pb2.RetrieveResponse:
-        index = self.index
-        if index is None:
+        live = self._live
+        if live is None:
             raise NotReady("candidate index is not loaded yet")
+        index = live.index
         q = parse_retrieve(request, self.config)
         vector = q.vector
         if vector is None:
@@ -109,12 +160,12 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
                 raise NotFound(f"user_id {q.user_id} has no stored vector; send user_vector")
         t0 = time.perf_counter()
         # Faiss releases the GIL: searching in a worker thread lets requests overlap.
-        result = await asyncio.to_thread(index.search, vector, q.k, q.exclude)
+        result = await asyncio.to_thread(index.search, vector, q.k, q.exclude, q.allow)
         search_us = int((time.perf_counter() - t0) * 1e6)
         return sieve_pb2.RetrieveResponse(
             item_ids=result.item_ids.tolist(),
             scores=result.scores.tolist(),
-            artifact_version=self.version,
+            artifact_version=live.version,
             search_us=search_us,
         )
 
@@ -129,6 +180,7 @@ async def create_server(
     """
     servicer = CandidateServicer(config, artifacts_root)
     server = Server(SERVICE_NAME, config.host, config.port)
+    server.every(config.reload_check_s, servicer.reload, "artifact reload")
     sieve_pb2_grpc.add_CandidateServiceServicer_to_server(servicer, server.server)
     await server.start_serving(servicer.start)
     return server, servicer

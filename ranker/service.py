@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from pathlib import Path
 
@@ -53,49 +51,16 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
         )
 
 
-async def _refresh_loop(pipeline: RankPipeline, every_s: float) -> None:
-    while True:
-        await asyncio.sleep(every_s)
-        try:
-            if await pipeline.refresh_item_features():
-                log.info("item features reloaded after a new materialization")
-        except Exception:
-            log.exception("item feature reload failed; keeping the previous table")
-
-
-class RankerServer(Server):
-    """The ranker's server, which also owns the pipeline's lifetime."""
-
-    def __init__(self, config: RankerConfig, pipeline: RankPipeline) -> None:
-        super().__init__(SERVICE_NAME, config.host, config.port)
-        self.pipeline = pipeline
-        self._refresh: asyncio.Task[None] | None = None
-        self._refresh_s = config.item_refresh_s
-
-    async def ready(self) -> None:
-        await super().ready()
-        if self._refresh_s > 0:
-            self._refresh = asyncio.create_task(_refresh_loop(self.pipeline, self._refresh_s))
-
-    async def stop(self, grace_s: float) -> None:
-        if self._refresh is not None:
-            self._refresh.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresh
-        await super().stop(grace_s)
-        await self.pipeline.close()
-
-
-async def create_server(
-    config: RankerConfig, artifacts_root: Path
-) -> tuple[RankerServer, RankPipeline]:
+async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[Server, RankPipeline]:
     """Start the ranker server (NOT_SERVING), load and warm up, then SERVING.
 
     Raises:
         ArtifactError: artifacts missing or corrupt; the server is stopped first.
     """
     pipeline = RankPipeline(config, artifacts_root)
-    server = RankerServer(config, pipeline)
+    server = Server(SERVICE_NAME, config.host, config.port)
+    server.every(config.item_refresh_s, pipeline.refresh_item_features, "item feature refresh")
+    server.on_stop(pipeline.close)
     sieve_pb2_grpc.add_RankerServiceServicer_to_server(
         RankerServicer(config, pipeline), server.server
     )

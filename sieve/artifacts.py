@@ -105,6 +105,12 @@ def resolve(root: Path) -> Path:
     return folder
 
 
+def current_version(root: Path) -> str:
+    """The version the live set under ``root`` has (what ``CURRENT`` names)."""
+    folder = resolve(root)
+    return folder.name if folder != Path(root) else load(root).version
+
+
 def load(root: Path) -> ArtifactSet:
     """Read and sanity-check the manifest of the live artifact set under ``root``.
 

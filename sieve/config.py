@@ -75,6 +75,8 @@ class CandidateConfig(_Frozen):
     """Largest k a request may ask for (Faiss GPU caps k at 2048)."""
     max_exclude: int = Field(20_000, ge=0)
     """Most excluded ids one request may carry (seen items plus caller's own)."""
+    reload_check_s: float = Field(5.0, ge=0.0)
+    """How often to look for a new artifact set in ``CURRENT`` (0: never)."""
     omp_threads: int = Field(1, ge=1)
     """Faiss OpenMP threads; concurrency across requests is the better use of cores."""
     grace_s: float = Field(5.0, ge=0.0)

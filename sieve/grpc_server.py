@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -24,6 +28,27 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._address = f"{host}:{port}"
         self.port = 0
+        self._jobs: list[tuple[float, Callable[[], Awaitable[object]], str]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._on_stop: list[Callable[[], Awaitable[None]]] = []
+
+    def every(self, seconds: float, job: Callable[[], Awaitable[object]], what: str) -> None:
+        """Run ``job`` every ``seconds`` while SERVING; a failure is logged, not fatal."""
+        if seconds > 0:
+            self._jobs.append((seconds, job, what))
+
+    def on_stop(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``hook`` after the server has stopped (close clients, release files)."""
+        self._on_stop.append(hook)
+
+    @staticmethod
+    async def _periodic(seconds: float, job: Callable[[], Awaitable[object]], what: str) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except Exception:
+                log.exception("%s failed; keeping the current state", what)
 
     async def start(self) -> int:
         """Bind, start, and report NOT_SERVING; returns the bound port."""
@@ -56,8 +81,15 @@ class Server:
     async def ready(self) -> None:
         for name in ("", self.service_name):
             await self.health.set(name, SERVING)
+        self._tasks = [asyncio.create_task(self._periodic(*job)) for job in self._jobs]
 
     async def stop(self, grace_s: float) -> None:
-        """Report NOT_SERVING to health checks, then let in-flight RPCs finish."""
+        """Stop periodic jobs, report NOT_SERVING, let in-flight RPCs finish, run hooks."""
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        for hook in self._on_stop:
+            await hook()

@@ -171,3 +171,14 @@ async def test_health_and_reflection(servers) -> None:  # type: ignore[no-untype
             )
             names = [s.name async for r in replies for s in r.list_services_response.service]
             assert service in names and "grpc.health.v1.Health" in names
+
+
+async def test_retrieve_allow_categories(servers, catalog) -> None:  # type: ignore[no-untyped-def]
+    resp = await _retrieve(servers, user_id=42, k=300, allow_categories=["Film-Noir", "Western"])
+    assert len(resp.item_ids) == 300
+    genres = catalog.set_index("item_id")["genres"].loc[list(resp.item_ids)]
+    assert genres.str.contains("Film-Noir|Western").all()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _retrieve(servers, user_id=42, k=5, allow_categories=["Noir"])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown categories ['Noir']" in err.value.details()

@@ -53,6 +53,7 @@ class RetrieveRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     K_FIELD_NUMBER: _builtins.int
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _builtins.int
+    ALLOW_CATEGORIES_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
     """Look the vector up in the artifact set the service has loaded."""
     k: _builtins.int
@@ -67,6 +68,12 @@ class RetrieveRequest(_message.Message):
         own exclusions), at most 20,000.
         """
 
+    @_builtins.property
+    def allow_categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only items of at least one of these categories (the catalog's genres);
+        empty means every category. Applied inside the search, like exclusions.
+        """
+
     def __init__(
         self,
         *,
@@ -74,10 +81,11 @@ class RetrieveRequest(_message.Message):
         user_id: _builtins.int = ...,
         k: _builtins.int = ...,
         exclude_item_ids: _abc.Iterable[_builtins.int] | None = ...,
+        allow_categories: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["query", b"query", "user_id", b"user_id", "user_vector", b"user_vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exclude_item_ids", b"exclude_item_ids", "k", b"k", "query", b"query", "user_id", b"user_id", "user_vector", b"user_vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_categories", b"allow_categories", "exclude_item_ids", b"exclude_item_ids", "k", b"k", "query", b"query", "user_id", b"user_id", "user_vector", b"user_vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["user_vector", "user_id"]  # noqa: Y015
     _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015

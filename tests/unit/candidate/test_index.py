@@ -130,3 +130,22 @@ def test_user_vector_lookup() -> None:
     idx = _index(x, "Flat")
     np.testing.assert_array_equal(idx.user_vector(7), x[0])
     assert idx.user_vector(8) is None
+
+
+def test_category_allow_list_inside_the_search() -> None:
+    x = _data()
+    rng = np.random.default_rng(3)
+    cats = {"a": rng.random(len(x)) < 0.1, "b": rng.random(len(x)) < 0.05}
+    item_ids = np.arange(len(x), dtype=np.int64) + 1
+    idx = CandidateIndex(build_index(x, "Flat"), item_ids, np.array([7]), x[:1], {}, cats)
+    allowed = cats["a"] | cats["b"]
+    excluded = item_ids[allowed][:20]
+    res = idx.search(x[0], 100, excluded, ["a", "b"])
+    assert len(res.item_ids) == 100
+    assert allowed[res.item_ids - 1].all() and not np.isin(res.item_ids, excluded).any()
+    # the oracle: exact search restricted to allowed, non-excluded rows
+    ok = np.flatnonzero(allowed & ~np.isin(item_ids, excluded))
+    want = ok[np.argsort(-(x[ok] @ x[0]), kind="stable")[:100]]
+    np.testing.assert_allclose(res.scores, x[want] @ x[0], atol=1e-5)
+    with pytest.raises(InvalidRequest, match=r"unknown categories \['c'\]; known: \['a', 'b'\]"):
+        idx.search(x[0], 10, np.empty(0, np.int64), ["c"])
