@@ -25,8 +25,11 @@ DEFAULT_SEARCH = {"nprobe": 16, "k_factor": 2, "efSearch": 256}
 """Used when a factory is given without a value for a parameter it takes."""
 AUTO_SMALL = ("Flat", "")
 """Below AUTO_THRESHOLD items exact search costs a few ms: no approximation."""
-AUTO_LARGE = ("IVF4096,SQ8", "nprobe=128")
-"""The measured CPU default at 1M x 384 (see benchmarks/ann.py and its results)."""
+AUTO_LARGE = ("IVF4096,PQ192x4fs,Refine(SQ8)", "nprobe=320,k_factor=4")
+"""The measured CPU default at 1M x 384 (benchmarks/results/ann.json): recall@1000
+0.954, 4.2 / 5.4 ms p50 / p99 on one thread, 26x faster than exact Flat, 500 MB,
+built in 55 s. 4-bit fast-scan PQ shortlists 4k candidates cheaply; SQ8 codes
+re-rank them. IVF4096,SQ8 needs 8.0 / 9.5 ms for recall 0.94."""
 AUTO_THRESHOLD = 200_000
 
 
@@ -123,6 +126,14 @@ def build_index(
 
 def write_index(index: faiss.Index, path: Path) -> None:
     faiss.write_index(index, str(path))
+
+
+def prefetch(path: Path, chunk: int = 16 << 20) -> None:
+    """Read a file once so its pages are in the page cache: a memory-mapped index
+    then serves its first queries without page faults (cold pages cost tens of ms)."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(chunk):
+            pass
 
 
 def read_index(path: Path, mmap: bool) -> faiss.Index:

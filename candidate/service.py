@@ -126,8 +126,9 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         faiss.omp_set_num_threads(self.config.omp_threads)
         aset = artifacts.load(self.artifacts_root)
         catalog = pd.read_parquet(aset.verified("catalog"), columns=["item_id", "genres"])
+        index_path = aset.verified("index")  # reading it for the checksum warms the cache too
         index = CandidateIndex.load(
-            aset.verified("index"),
+            index_path,
             catalog["item_id"].to_numpy(np.int64),
             aset.verified("user_vectors"),
             search_params=parse_search_params(aset.manifest["index"].get("search_params", "")),
