@@ -154,6 +154,14 @@ def gpu_count() -> int:
 
 
 @dataclass(frozen=True)
+class SearchRequest:
+    query: np.ndarray  # float32 [d], checked with CandidateIndex.check_query
+    k: int
+    exclude: np.ndarray  # int64 item ids
+    allow: list[str] | None = None
+
+
+@dataclass(frozen=True)
 class SearchResult:
     item_ids: np.ndarray  # int64 [m], m <= k, best first
     scores: np.ndarray  # float32 [m]
@@ -245,6 +253,53 @@ class CandidateIndex:
         rows = self._sorted[pos]
         return rows[self.item_ids[rows] == ids]
 
+    def check_query(self, query: np.ndarray) -> np.ndarray:
+        """``query`` as float32 [d].
+
+        Raises:
+            InvalidRequest: wrong dimension, or a NaN or infinity in it.
+        """
+        q = np.asarray(query, np.float32).reshape(-1)
+        if len(q) != self.dim:
+            raise InvalidRequest(f"user vector has {len(q)} values, the index expects {self.dim}")
+        if not np.isfinite(q).all():
+            raise InvalidRequest("user vector holds NaN or infinity")
+        return q
+
+    def search_many(
+        self, reqs: list[SearchRequest], exclude_slack: int = 512
+    ) -> list[SearchResult]:
+        """Answer several requests, in one Faiss call where that gives the same answer.
+
+        Faiss takes one selector per call, so requests with at most ``exclude_slack``
+        excluded ids and no category filter are searched together for
+        ``k + len(excluded)`` items and filtered afterwards: the top ``k + e`` less at
+        most ``e`` excluded items still hold the top ``k`` of the rest. Other
+        requests, and any that come back short, are searched one by one with their
+        selectors inside the search.
+        """
+        out: list[SearchResult | None] = [None] * len(reqs)
+        ntotal = int(self.index.ntotal)
+        group = [i for i, r in enumerate(reqs) if not r.allow and len(r.exclude) <= exclude_slack]
+        if len(group) > 1:
+            queries = np.stack([self.check_query(reqs[i].query) for i in group])
+            kk = min(ntotal, max(reqs[i].k + len(reqs[i].exclude) for i in group))
+            params = search_parameters(self.index, self.search_params, kk, None)
+            scores, labels = self.index.search(queries, kk, params=params)
+            for row, i in enumerate(group):
+                excluded = self.rows_of(reqs[i].exclude)
+                keep = (labels[row] >= 0) & ~np.isin(labels[row], excluded)
+                want = min(reqs[i].k, ntotal - len(excluded))
+                got = labels[row][keep][: reqs[i].k]
+                if len(got) >= want:
+                    out[i] = SearchResult(
+                        self.item_ids[got], scores[row][keep][: reqs[i].k].astype(np.float32)
+                    )
+        return [
+            res if res is not None else self.search(r.query, r.k, r.exclude, r.allow)
+            for r, res in zip(reqs, out, strict=True)
+        ]
+
     @property
     def categories(self) -> list[str]:
         return sorted(self._category_bits)
@@ -270,13 +325,7 @@ class CandidateIndex:
             InvalidRequest: the query has the wrong dimension or a non-finite value,
                 or a category is unknown.
         """
-        q = np.asarray(query, np.float32).reshape(1, -1)
-        if q.shape[1] != self.dim:
-            raise InvalidRequest(
-                f"user vector has {q.shape[1]} values, the index expects {self.dim}"
-            )
-        if not np.isfinite(q).all():
-            raise InvalidRequest("user vector holds NaN or infinity")
+        q = self.check_query(query).reshape(1, -1)
         k = min(k, int(self.index.ntotal))
         rows = self.rows_of(exclude_item_ids)
         # Keep both selectors referenced until the search returns: Faiss holds raw

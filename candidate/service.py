@@ -12,7 +12,14 @@ import grpc
 import numpy as np
 import pandas as pd
 
-from candidate.index import CandidateIndex, gpu_count, parse_search_params
+from candidate.batcher import MicroBatcher
+from candidate.index import (
+    CandidateIndex,
+    SearchRequest,
+    SearchResult,
+    gpu_count,
+    parse_search_params,
+)
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from sieve import artifacts
 from sieve.config import CandidateConfig
@@ -77,6 +84,28 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         self.artifacts_root = Path(artifacts_root)
         self._live: _Live | None = None
         self._refused = ""  # a version that failed to load, skipped until CURRENT moves on
+        on = config.batching == "on" or (config.batching == "auto" and gpu_count() > 0)
+        self.batcher: MicroBatcher[SearchRequest, tuple[SearchResult, str]] | None = (
+            MicroBatcher(
+                self._search_batch,
+                config.batch_max_size,
+                config.batch_max_wait_us,
+                config.batch_max_queue,
+            )
+            if on
+            else None
+        )
+
+    def _search_batch(self, reqs: list[SearchRequest]) -> list[tuple[SearchResult, str]]:
+        live = self._live
+        if live is None:
+            raise NotReady("candidate index is not loaded yet")
+        results = live.index.search_many(reqs, self.config.batch_exclude_slack)
+        return [(r, live.version) for r in results]
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.stop()
 
     @property
     def version(self) -> str:
@@ -89,6 +118,8 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
             ArtifactError: naming the missing or corrupt file.
         """
         self._live = await self._load_live()
+        if self.batcher is not None:
+            self.batcher.start()
 
     async def _load_live(self) -> _Live:
         index, version = await asyncio.to_thread(self._load)
@@ -160,13 +191,19 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
             if vector is None:
                 raise NotFound(f"user_id {q.user_id} has no stored vector; send user_vector")
         t0 = time.perf_counter()
-        # Faiss releases the GIL: searching in a worker thread lets requests overlap.
-        result = await asyncio.to_thread(index.search, vector, q.k, q.exclude, q.allow)
+        version = live.version
+        if self.batcher is not None:
+            # Checked here, so one bad vector cannot fail the batch it would join.
+            req = SearchRequest(index.check_query(vector), q.k, q.exclude, q.allow)
+            result, version = await self.batcher.submit(req)
+        else:
+            # Faiss releases the GIL: searching in a worker thread lets requests overlap.
+            result = await asyncio.to_thread(index.search, vector, q.k, q.exclude, q.allow)
         search_us = int((time.perf_counter() - t0) * 1e6)
         return sieve_pb2.RetrieveResponse(
             item_ids=result.item_ids.tolist(),
             scores=result.scores.tolist(),
-            artifact_version=live.version,
+            artifact_version=version,
             search_us=search_us,
         )
 
@@ -182,6 +219,7 @@ async def create_server(
     servicer = CandidateServicer(config, artifacts_root)
     server = Server(SERVICE_NAME, config.host, config.port)
     server.every(config.reload_check_s, servicer.reload, "artifact reload")
+    server.on_stop(servicer.close)
     sieve_pb2_grpc.add_CandidateServiceServicer_to_server(servicer, server.server)
     await server.start_serving(servicer.start)
     return server, servicer

@@ -75,6 +75,17 @@ class CandidateConfig(_Frozen):
     """Largest k a request may ask for (Faiss GPU caps k at 2048)."""
     max_exclude: int = Field(20_000, ge=0)
     """Most excluded ids one request may carry (seen items plus caller's own)."""
+    batching: Literal["auto", "on", "off"] = "auto"
+    """Micro-batch concurrent Retrieve calls into one search: ``auto`` is on with a
+    GPU and off on a CPU, where concurrency across requests already uses the
+    cores (see benchmarks/results/retrieve_batching.json)."""
+    batch_max_size: int = Field(32, ge=1, le=1024)
+    batch_max_wait_us: int = Field(300, ge=0, le=100_000)
+    """Longest wait for a batch to fill after its first request."""
+    batch_max_queue: int = Field(4096, ge=1)
+    """Requests that may wait for a batch; past it Retrieve answers RESOURCE_EXHAUSTED."""
+    batch_exclude_slack: int = Field(512, ge=0)
+    """Requests with more excluded ids than this are searched alone (selector inside)."""
     reload_check_s: float = Field(5.0, ge=0.0)
     """How often to look for a new artifact set in ``CURRENT`` (0: never)."""
     omp_threads: int = Field(1, ge=1)

@@ -36,6 +36,12 @@ class NotReady(SieveError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Overloaded(SieveError):
+    """Too much work is queued; the caller should back off and retry."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class UpstreamError(SieveError):
     """A service we depend on failed."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import faiss
 import grpc
 import numpy as np
@@ -188,3 +190,33 @@ async def test_retrieve_allow_categories(servers, catalog) -> None:  # type: ign
         await _retrieve(servers, user_id=42, k=5, allow_categories=["Noir"])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown categories ['Noir']" in err.value.details()
+
+
+async def test_batched_server_answers_like_the_unbatched_one(
+    servers, artifacts_root, users
+) -> None:  # type: ignore[no-untyped-def]
+    from candidate.service import create_server as create_candidate
+    from sieve.config import CandidateConfig
+
+    server, servicer = await create_candidate(
+        CandidateConfig(port=0, batching="on", batch_max_wait_us=2000, reload_check_s=0),
+        artifacts_root,
+    )
+    try:
+        user_ids = [int(u) for u in users.index[:24]]
+
+        async def ask(address: str, user: int) -> sieve_pb2.RetrieveResponse:
+            seen = users.loc[user, "seen_item_ids"]
+            async with grpc.aio.insecure_channel(address) as ch:
+                stub = sieve_pb2_grpc.CandidateServiceStub(ch)
+                req = sieve_pb2.RetrieveRequest(user_id=user, k=500, exclude_item_ids=seen)
+                return await stub.Retrieve(req, timeout=30)
+
+        batched = await asyncio.gather(*(ask(f"127.0.0.1:{server.port}", u) for u in user_ids))
+        plain = await asyncio.gather(*(ask(servers["candidate"], u) for u in user_ids))
+        for b, p in zip(batched, plain, strict=True):
+            assert list(b.item_ids) == list(p.item_ids)
+            np.testing.assert_allclose(b.scores, p.scores, atol=1e-5)
+        assert servicer.batcher is not None and max(servicer.batcher.batch_sizes) > 1
+    finally:
+        await server.stop(0)

@@ -1,0 +1,137 @@
+"""A dynamic micro-batcher: concurrent calls go through one function call.
+
+The shape follows Ray Serve's ``serve/batching.py``: a private queue behind one
+public entry point (``submit``); knobs validated when created; a batch failure
+is passed to every waiting caller; the output count is checked against the
+input count; ``stop()`` ends it explicitly and fails whatever still waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from sieve.errors import NotReady, Overloaded
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+class MicroBatcher(Generic[In, Out]):
+    """Collect up to ``max_batch`` inputs, waiting at most ``max_wait_us`` after the
+    first, and run ``fn(inputs) -> outputs`` on them in a worker thread.
+
+    Args:
+        fn: takes a list of inputs and returns one output per input, in order.
+        max_batch: most inputs per call (>= 1).
+        max_wait_us: longest wait for a batch to fill after its first input (>= 0).
+        max_queue: inputs that may wait; past it ``submit`` raises ``Overloaded``.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[list[In]], list[Out]],
+        max_batch: int,
+        max_wait_us: int,
+        max_queue: int,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_wait_us < 0:
+            raise ValueError(f"max_wait_us must be >= 0, got {max_wait_us}")
+        if max_queue < max_batch:
+            raise ValueError(f"max_queue ({max_queue}) must be >= max_batch ({max_batch})")
+        self._fn = fn
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_us / 1e6
+        self._queue: asyncio.Queue[tuple[In, asyncio.Future[Out]]] = asyncio.Queue(max_queue)
+        self._task: asyncio.Task[None] | None = None
+        # The batch being collected or computed: stop() must answer these callers too.
+        self._current: list[tuple[In, asyncio.Future[Out]]] = []
+        self.batch_sizes: list[int] = []  # for measurement; bounded below
+        self.max_recorded = 100_000
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def submit(self, item: In) -> Out:
+        """The output for ``item``, computed in some batch.
+
+        Raises:
+            Overloaded: the queue is full.
+            NotReady: the batcher is not running.
+            Whatever ``fn`` raised for the batch ``item`` was in.
+        """
+        if self._task is None or self._task.done():
+            raise NotReady("the batcher is not running")
+        fut: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait((item, fut))
+        except asyncio.QueueFull:
+            raise Overloaded(
+                f"{self._queue.maxsize} requests already wait for a batch; retry later"
+            ) from None
+        return await fut
+
+    async def _next_batch(self) -> list[tuple[In, asyncio.Future[Out]]]:
+        batch = self._current = [await self._queue.get()]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), left))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            live = [(item, fut) for item, fut in batch if not fut.done()]  # drop cancelled
+            if not live:
+                continue
+            if len(self.batch_sizes) < self.max_recorded:
+                self.batch_sizes.append(len(live))
+            inputs = [item for item, _ in live]
+            try:
+                outputs = await asyncio.to_thread(self._fn, inputs)
+                if len(outputs) != len(inputs):
+                    raise RuntimeError(
+                        f"batch function returned {len(outputs)} outputs for {len(inputs)} inputs"
+                    )
+            except Exception as e:  # every waiting caller gets the batch's failure
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(e)
+                self._current = []
+                continue
+            for (_, fut), out in zip(live, outputs, strict=True):
+                if not fut.done():
+                    fut.set_result(out)
+            self._current = []
+
+    async def stop(self) -> None:
+        """Stop batching; callers still waiting get ``NotReady``."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        waiting = self._current
+        self._current = []
+        while not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        for _, fut in waiting:
+            if not fut.done():
+                fut.set_exception(NotReady("the service is shutting down"))

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+
+import numpy as np
+import pytest
+
+from candidate.batcher import MicroBatcher
+from candidate.index import CandidateIndex, SearchRequest, build_index
+from sieve.errors import NotReady, Overloaded
+
+
+async def test_concurrent_calls_share_batches_and_get_their_own_answers() -> None:
+    b: MicroBatcher[int, int] = MicroBatcher(lambda xs: [x * 10 for x in xs], 8, 20_000, 64)
+    b.start()
+    got = await asyncio.gather(*(b.submit(i) for i in range(20)))
+    await b.stop()
+    assert got == [i * 10 for i in range(20)]
+    assert max(b.batch_sizes) > 1 and sum(b.batch_sizes) == 20
+    assert max(b.batch_sizes) <= 8
+
+
+async def test_a_batch_failure_reaches_every_caller() -> None:
+    def boom(xs: list[int]) -> list[int]:
+        raise ValueError("model exploded")
+
+    b: MicroBatcher[int, int] = MicroBatcher(boom, 4, 20_000, 16)
+    b.start()
+    results = await asyncio.gather(*(b.submit(i) for i in range(4)), return_exceptions=True)
+    await b.stop()
+    assert all(isinstance(r, ValueError) and "exploded" in str(r) for r in results)
+
+
+async def test_output_count_is_checked() -> None:
+    b: MicroBatcher[int, int] = MicroBatcher(lambda xs: xs[:-1], 4, 20_000, 16)
+    b.start()
+    results = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
+    await b.stop()
+    assert all(isinstance(r, RuntimeError) and "outputs for" in str(r) for r in results)
+
+
+async def test_full_queue_is_refused_and_stop_fails_waiters() -> None:
+    gate = threading.Event()
+
+    def slow(xs: list[int]) -> list[int]:
+        gate.wait(10)
+        return xs
+
+    b: MicroBatcher[int, int] = MicroBatcher(slow, 1, 0, 2)
+    b.start()
+    first = asyncio.create_task(b.submit(0))  # taken into the (blocked) batch
+    while not b.batch_sizes:
+        await asyncio.sleep(0)
+    waiting = [asyncio.create_task(b.submit(i)) for i in (1, 2)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded, match="2 requests already wait"):
+        await b.submit(3)
+    gate.set()
+    assert await asyncio.wait_for(first, 10) == 0
+    await b.stop()
+    # every caller gets an answer: a result, or NotReady for the ones stop() cut off
+    for t in waiting:
+        with contextlib.suppress(NotReady):
+            assert await asyncio.wait_for(t, 10) in (1, 2)
+
+
+async def test_stop_answers_callers_of_the_batch_in_flight() -> None:
+    gate = threading.Event()
+
+    def slow(xs: list[int]) -> list[int]:
+        gate.wait(10)
+        return xs
+
+    b: MicroBatcher[int, int] = MicroBatcher(slow, 4, 0, 8)
+    b.start()
+    caller = asyncio.create_task(b.submit(1))
+    while not b.batch_sizes:  # the call is inside a batch, blocked in fn
+        await asyncio.sleep(0)
+    await b.stop()
+    with pytest.raises(NotReady, match="shutting down"):
+        await asyncio.wait_for(caller, 10)
+    gate.set()
+
+
+def test_knobs_are_validated() -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        MicroBatcher(lambda xs: xs, 0, 10, 10)
+    with pytest.raises(ValueError, match="max_wait_us"):
+        MicroBatcher(lambda xs: xs, 1, -1, 10)
+    with pytest.raises(ValueError, match="max_queue"):
+        MicroBatcher(lambda xs: xs, 8, 10, 4)
+
+
+def test_search_many_equals_one_by_one() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(5000, dtype=np.int64) + 1
+    cats = {"a": rng.random(5000) < 0.2}
+    idx = CandidateIndex(build_index(x, "Flat"), ids, np.array([1]), x[:1], {}, cats)
+    reqs = [
+        SearchRequest(x[1], 50, np.empty(0, np.int64)),
+        SearchRequest(x[2], 100, rng.choice(ids, 40, replace=False)),
+        SearchRequest(x[3], 20, rng.choice(ids, 2000, replace=False)),  # over the slack: alone
+        SearchRequest(x[4], 30, np.empty(0, np.int64), ["a"]),  # filtered: alone
+        SearchRequest(x[5], 4990, ids[:20]),  # short after filtering: retried alone
+    ]
+    many = idx.search_many(reqs, exclude_slack=512)
+    for r, got in zip(reqs, many, strict=True):
+        want = idx.search(r.query, r.k, r.exclude, r.allow)
+        np.testing.assert_array_equal(got.item_ids, want.item_ids)
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
