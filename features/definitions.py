@@ -59,8 +59,10 @@ ITEM_VIEW = ViewSpec(
     name="item_features",
     entity="item",
     join_key="item_id",
+    # Item embeddings are not online features: they live in the index and in the
+    # artifact set's item_embeddings.npy (memory-mapped). Materializing 1M x 384
+    # floats through Feast needed over 24 GB and would copy 1.5 GB into Redis.
     features=(
-        FeatureSpec("embedding", "float_list", EMBEDDING_DIM),
         FeatureSpec("genres", "float_list", N_GENRES),
         FeatureSpec("primary_genre", "int64"),
         FeatureSpec("log_popularity", "float"),

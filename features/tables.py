@@ -16,12 +16,8 @@ RATING_PRIOR_WEIGHT = 5.0
 """Item rating means shrink toward the global mean as if from this many ratings."""
 
 
-def item_table(movies: pd.DataFrame, train: pd.DataFrame, embeddings: np.ndarray) -> pd.DataFrame:
-    """One row per movie (in ``movies`` order) with the ``ITEM_VIEW`` features.
-
-    Args:
-        embeddings: float32 [len(movies), 384], row i for ``movies.iloc[i]``.
-    """
+def item_table(movies: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
+    """One row per movie (in ``movies`` order) with the ``ITEM_VIEW`` features."""
     stats = train.groupby("movieId")["rating"].agg(["size", "sum"])
     count = movies["movieId"].map(stats["size"]).fillna(0).to_numpy(np.float64)
     total = movies["movieId"].map(stats["sum"]).fillna(0).to_numpy(np.float64)
@@ -33,7 +29,6 @@ def item_table(movies: pd.DataFrame, train: pd.DataFrame, embeddings: np.ndarray
     frame = pd.DataFrame(
         {
             ITEM_VIEW.join_key: movies["movieId"].to_numpy(np.int64),
-            "embedding": list(embeddings.astype(np.float32)),
             "genres": list(genres),
             "primary_genre": primary.to_numpy(np.int64),
             "log_popularity": np.log1p(count).astype(np.float32),

@@ -37,6 +37,7 @@ def training_rows(
     train: pd.DataFrame,
     users: pd.DataFrame,
     items: pd.DataFrame,
+    item_embeddings: np.ndarray,
     positive_rating: float,
     negatives_per_positive: int,
     seed: int,
@@ -63,7 +64,7 @@ def training_rows(
     y = np.concatenate([y, np.zeros(int(keep.sum()), np.float32)])
 
     user_vec = np.stack(users["user_vector"].to_numpy())
-    item_emb = np.stack(items["embedding"].to_numpy())
+    item_emb = item_embeddings  # row i is items.iloc[i]
     x = assemble(
         ann_score=np.einsum("ij,ij->i", user_vec[u], item_emb[i]),
         user_genre_affinity=np.stack(users["genre_affinity"].to_numpy())[u],

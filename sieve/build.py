@@ -124,7 +124,8 @@ def build(
             report.stats.update(embedded=n_new, embedding_cache_hits=len(texts) - n_new)
 
     with report.stage("feature tables + user vectors"):
-        items = item_table(ml.movies, train, emb)
+        items = item_table(ml.movies, train)
+        np.save(vdir / "item_embeddings.npy", emb.astype(np.float32))
         users = user_table(train, ml.movies, emb, config.positive_rating)
         np.savez(
             vdir / "user_vectors.npz",
@@ -140,7 +141,13 @@ def build(
 
     with report.stage("train ranker + ONNX export"):
         x, y = training_rows(
-            train, users, items, config.positive_rating, config.negatives_per_positive, config.seed
+            train,
+            users,
+            items,
+            emb,
+            config.positive_rating,
+            config.negatives_per_positive,
+            config.seed,
         )
         result = train_and_export(
             x, y, vdir / "ranker.onnx", config.hidden, config.epochs, config.seed
@@ -167,6 +174,7 @@ def build(
         "model": "ranker.onnx",
         "catalog": "catalog.parquet",
         "user_vectors": "user_vectors.npz",
+        "item_embeddings": "item_embeddings.npy",
         "holdout": "holdout.parquet",
         "feature_store": "feature_repo/feature_store.yaml",
         "user_features": "feature_repo/data/user_features.parquet",

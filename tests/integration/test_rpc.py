@@ -76,7 +76,7 @@ async def test_candidate_scores_are_the_exact_inner_products(servers, users, art
         k=1000,
         exclude_item_ids=user["seen_item_ids"],
     )
-    emb = np.stack(pd.read_parquet(artifact_set.verified("item_features"))["embedding"].to_numpy())
+    emb = np.load(artifact_set.verified("item_embeddings"))
     ids = pd.read_parquet(artifact_set.verified("item_features"))["item_id"].to_numpy()
     exact = faiss.IndexFlatIP(emb.shape[1])
     exact.add(emb.astype(np.float32))

@@ -13,7 +13,7 @@ from sieve.errors import ArtifactError
 
 
 def test_feature_field_matches_feast() -> None:
-    for view, feat in [("item_features", "embedding"), ("user_features", "rating_mean")]:
+    for view, feat in [("item_features", "genres"), ("user_features", "rating_mean")]:
         assert feature_field(view, feat) == _mmh3(f"{view}:{feat}")
 
 
