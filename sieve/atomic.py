@@ -23,6 +23,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are read by other users' services
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

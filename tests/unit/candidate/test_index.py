@@ -149,3 +149,14 @@ def test_category_allow_list_inside_the_search() -> None:
     np.testing.assert_allclose(res.scores, x[want] @ x[0], atol=1e-5)
     with pytest.raises(InvalidRequest, match=r"unknown categories \['c'\]; known: \['a', 'b'\]"):
         idx.search(x[0], 10, np.empty(0, np.int64), ["c"])
+
+
+def test_category_masks_from_genre_strings() -> None:
+    import pandas as pd
+
+    from candidate.service import category_masks
+
+    m = category_masks(pd.Series(["Drama|War", "Comedy", None, "Drama", "(no genres listed)"]))
+    assert sorted(m) == ["(no genres listed)", "Comedy", "Drama", "War"]
+    assert m["Drama"].tolist() == [True, False, False, True, False]
+    assert m["War"].tolist() == [True, False, False, False, False]
