@@ -70,9 +70,15 @@ def search_parameters(
         refine.base_index_params = search_parameters(top.base_index, params, k, sel)
         return refine
     p: Any
-    if faiss.try_extract_index_ivf(top) is not None:
+    ivf = faiss.try_extract_index_ivf(top)
+    if ivf is not None:
         p = faiss.SearchParametersIVF()
         p.nprobe = params.get("nprobe", DEFAULT_SEARCH["nprobe"])
+        if isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
+            # An HNSW coarse quantizer finds at most efSearch good lists: give it 2x nprobe.
+            qp = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
+            qp.efSearch = 2 * p.nprobe
+            p.quantizer_params = qp
     elif isinstance(top, faiss.IndexHNSW):
         p = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from the stubs
         # HNSW returns at most efSearch results: it must be at least k.
