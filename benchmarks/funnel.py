@@ -109,17 +109,17 @@ async def bench_rank(root: Path, requests: int, levels: list[int], seed: int) ->
 @contextlib.contextmanager
 def redis_repo(aset: artifacts.ArtifactSet, workdir: Path) -> Iterator[Path]:
     """A local redis-server with this set's features applied and materialized."""
-    from features.materialize import apply_and_materialize, write_repo
+    from features.materialize import materialize_into
     from sieve.config import RedisStoreConfig
 
     with local_redis() as address:
-        src = aset.verified("feature_store").parent
         repo = workdir / "redis_repo"
-        shutil.copytree(src / "data", repo / "data")
-        project = aset.manifest["feature_schema"]["project"]
-        write_repo(repo, project, RedisStoreConfig(connection_string=address))
-        ts = pd.read_parquet(repo / "data" / "user_features.parquet")["event_timestamp"].iloc[0]
-        apply_and_materialize(repo, ts.to_pydatetime())
+        materialize_into(
+            aset.verified("feature_store").parent,
+            repo,
+            aset.manifest["feature_schema"]["project"],
+            RedisStoreConfig(connection_string=address),
+        )
         yield repo
 
 

@@ -86,6 +86,24 @@ def apply_and_materialize(repo_dir: Path, event_time: datetime) -> None:
     store.materialize(start_date=end - timedelta(days=3650), end_date=end)
 
 
+def materialize_into(
+    src_repo: Path, dest_repo: Path, project: str, online: OnlineStoreConfig
+) -> None:
+    """Apply and materialize an existing repo's feature tables into another online
+    store (e.g. promote a set built on SQLite to Redis), under the same project.
+
+    The tables keep their event time, so both stores hold the same values.
+    """
+    import shutil
+
+    shutil.copytree(Path(src_repo) / "data", Path(dest_repo) / "data")
+    write_repo(Path(dest_repo), project, online)
+    stamps = pd.read_parquet(
+        Path(dest_repo) / "data" / f"{VIEWS[0].name}.parquet", columns=[TIMESTAMP_FIELD]
+    )
+    apply_and_materialize(Path(dest_repo), stamps[TIMESTAMP_FIELD].max().to_pydatetime())
+
+
 def build_feature_repo(
     repo_dir: Path,
     project: str,

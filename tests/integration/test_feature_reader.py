@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import pytest_asyncio
 
 from features.definitions import FEATURE_SERVICE, ITEM_VIEW, USER_VIEW, ViewSpec
-from features.materialize import apply_and_materialize, write_repo
+from features.materialize import materialize_into
 from features.reader import OnlineReader, RedisReader, SqliteReader, open_reader
 from sieve import artifacts
 from sieve.config import RedisStoreConfig
@@ -27,13 +26,13 @@ def redis_repo(
     artifact_set: artifacts.ArtifactSet, redis_server: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """The same feature tables, applied and materialized into the real Redis."""
-    src = artifact_set.verified("feature_store").parent
-    repo = tmp_path_factory.mktemp("redis_repo")
-    shutil.copytree(src / "data", repo / "data")
-    project = artifact_set.manifest["feature_schema"]["project"]
-    write_repo(repo, project, RedisStoreConfig(connection_string=redis_server))
-    event_time = pd.read_parquet(repo / "data" / "user_features.parquet")["event_timestamp"].iloc[0]
-    apply_and_materialize(repo, event_time.to_pydatetime())
+    repo = tmp_path_factory.mktemp("redis") / "repo"
+    materialize_into(
+        artifact_set.verified("feature_store").parent,
+        repo,
+        artifact_set.manifest["feature_schema"]["project"],
+        RedisStoreConfig(connection_string=redis_server),
+    )
     return repo
 
 
