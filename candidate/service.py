@@ -12,7 +12,6 @@ import grpc
 import numpy as np
 import pandas as pd
 
-from candidate.batcher import MicroBatcher
 from candidate.index import (
     CandidateIndex,
     SearchRequest,
@@ -22,6 +21,7 @@ from candidate.index import (
 )
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from sieve import artifacts
+from sieve.batcher import MicroBatcher
 from sieve.config import CandidateConfig
 from sieve.errors import ArtifactError, InvalidRequest, NotFound, NotReady, grpc_errors
 from sieve.grpc_server import Server

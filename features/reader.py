@@ -41,7 +41,9 @@ class FeatureFrame:
         found: bool [n], False where the store holds no row for the id.
         columns: feature name -> values. ``float``: float32 [n]; ``int64``: int64 [n];
             ``float_list``: float32 [n, dim]; ``int64_list``: a list of n int64 arrays.
-            Rows of entities not found are zero (or empty).
+            A missing float value (entity not found, or a null Feast stored, as it
+            does for NaN) is NaN, so the scorer's default applies to it; missing
+            ints are 0 and missing lists empty.
     """
 
     ids: np.ndarray
@@ -81,7 +83,7 @@ def _float_list_header(dim: int) -> bytes:
 
 
 def _float_lists(raw: Sequence[bytes | None], dim: int, name: str) -> np.ndarray:
-    out = np.zeros((len(raw), dim), dtype=np.float32)
+    out = np.full((len(raw), dim), np.nan, dtype=np.float32)
     header = _float_list_header(dim)
     size = len(header) + 4 * dim
     for i, b in enumerate(raw):
@@ -103,7 +105,8 @@ def _float_lists(raw: Sequence[bytes | None], dim: int, name: str) -> np.ndarray
 def decode_column(raw: Sequence[bytes | None], spec: FeatureSpec) -> np.ndarray | list[np.ndarray]:
     """Serialized ``ValueProto``s of one feature -> a numpy column (see FeatureFrame).
 
-    A missing value (None, or a proto with no field set) decodes to zero/empty.
+    A missing value (None, or a proto with no field set) decodes to NaN for float
+    kinds, 0 for int64 and an empty array for int64 lists.
 
     Raises:
         ArtifactError: a fixed-size list has the wrong length.
@@ -122,13 +125,19 @@ def decode_column(raw: Sequence[bytes | None], spec: FeatureSpec) -> np.ndarray 
         return out_lists
     if spec.kind == "float_list":
         return _float_lists(raw, spec.dim, spec.name)
-    dtype = np.float32 if spec.kind == "float" else np.int64
-    scalar = np.zeros(n, dtype=dtype)
-    attr = "float_val" if spec.kind == "float" else "int64_val"
+    if spec.kind == "float":
+        floats = np.full(n, np.nan, dtype=np.float32)
+        for i, b in enumerate(raw):
+            if b:
+                v = value_cls.FromString(b)
+                if v.WhichOneof("val") == "float_val":
+                    floats[i] = v.float_val
+        return floats
+    ints = np.zeros(n, dtype=np.int64)
     for i, b in enumerate(raw):
         if b:
-            scalar[i] = getattr(value_cls.FromString(b), attr)
-    return scalar
+            ints[i] = value_cls.FromString(b).int64_val
+    return ints
 
 
 class EntityKeys:

@@ -12,6 +12,7 @@ Each stage is timed; what the request had to give up is listed as a degradation.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,8 +28,9 @@ from features.reader import OnlineReader, open_reader
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from ranker.features import MODEL_FEATURES, assemble
 from ranker.rerank import genre_cap
-from ranker.scorer import OnnxScorer
+from ranker.scorer import OnnxScorer, providers, replace_nonfinite
 from sieve import artifacts
+from sieve.batcher import MicroBatcher
 from sieve.config import RankerConfig
 from sieve.errors import ArtifactError, InvalidRequest, NotReady
 from sieve.validation import id_list
@@ -73,6 +75,25 @@ class RankResult:
     degradations: list[str] = field(default_factory=list)
 
 
+def score_batch(items: list[tuple[OnnxScorer, np.ndarray]]) -> list[np.ndarray]:
+    """Score the rows of several requests with one model call per scorer.
+
+    Rows are grouped by scorer, so requests that started before a model swap are
+    never scored by the new model (or the reverse).
+    """
+    out: list[np.ndarray | None] = [None] * len(items)
+    groups: dict[int, list[int]] = {}
+    for i, (scorer, _) in enumerate(items):
+        groups.setdefault(id(scorer), []).append(i)
+    for idx in groups.values():
+        scorer = items[idx[0]][0]
+        scores = scorer.score(np.concatenate([items[i][1] for i in idx]))
+        bounds = np.cumsum([len(items[i][1]) for i in idx])[:-1]
+        for i, part in zip(idx, np.split(scores, bounds), strict=True):
+            out[i] = part
+    return [s for s in out if s is not None]
+
+
 class _Clock:
     def __init__(self) -> None:
         self.start = self.last = time.perf_counter()
@@ -96,6 +117,7 @@ class _Loaded:
     items: ItemTable
     scorer: OnnxScorer
     popular: np.ndarray  # item table rows, most popular first
+    feature_defaults: np.ndarray  # float32 [F]: what a non-finite feature value becomes
     registry_mtime: float
     registry_path: Path
 
@@ -104,6 +126,19 @@ class RankPipeline:
     def __init__(self, config: RankerConfig, artifacts_root: Path) -> None:
         self.config = config
         self.artifacts_root = Path(artifacts_root)
+        self.nonfinite_feature_values = 0  # replaced by defaults since start (a metric)
+        cuda = "CUDAExecutionProvider" in providers()
+        on = config.score_batching == "on" or (config.score_batching == "auto" and cuda)
+        self.score_batcher: MicroBatcher[tuple[OnnxScorer, np.ndarray], np.ndarray] | None = (
+            MicroBatcher(
+                score_batch,
+                config.score_batch_max_requests,
+                config.score_batch_max_wait_us,
+                config.score_batch_max_queue,
+            )
+            if on
+            else None
+        )
         self._state: _Loaded | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: sieve_pb2_grpc.CandidateServiceStub | None = None
@@ -125,6 +160,8 @@ class RankPipeline:
         x = np.zeros((self.config.num_candidates, len(MODEL_FEATURES)), np.float32)
         for _ in range(3):
             state.scorer.score(x)
+        if self.score_batcher is not None:
+            self.score_batcher.start()
 
     async def _load(self) -> _Loaded:
         aset = artifacts.load(self.artifacts_root)
@@ -153,7 +190,10 @@ class RankPipeline:
         registry = repo / "registry.db"
         mtime = registry.stat().st_mtime if registry.exists() else 0.0
         log.info("ranker loaded %s: %d items, model %s", aset.version, len(items), scorer.path)
-        return _Loaded(aset.version, reader, items, scorer, popular, mtime, registry)
+        defaults = np.asarray(
+            model.get("feature_defaults", [0.0] * len(MODEL_FEATURES)), np.float32
+        )
+        return _Loaded(aset.version, reader, items, scorer, popular, defaults, mtime, registry)
 
     async def refresh_item_features(self, force: bool = False) -> bool:
         """Reload the in-process item table when Feast's registry changed (a new
@@ -166,12 +206,12 @@ class RankPipeline:
             return False
         items = await load_item_table(state.reader, state.items.ids)
         popular = np.argsort(-items.columns["log_popularity"], kind="stable")
-        self._state = _Loaded(
-            state.version, state.reader, items, state.scorer, popular, mtime, state.registry_path
-        )
+        self._state = dataclasses.replace(state, items=items, popular=popular, registry_mtime=mtime)
         return True
 
     async def close(self) -> None:
+        if self.score_batcher is not None:
+            await self.score_batcher.stop()
         if self._channel is not None:
             await self._channel.close()
         if self._state is not None:
@@ -235,7 +275,14 @@ class RankPipeline:
         )
         clock.mark("item_features")
 
-        model_scores = state.scorer.score(x)
+        n_bad = replace_nonfinite(x, state.feature_defaults)
+        if n_bad:
+            self.nonfinite_feature_values += n_bad
+            degradations.append(f"nonfinite_features: {n_bad} values scored with defaults")
+        if self.score_batcher is not None:
+            model_scores = await self.score_batcher.submit((state.scorer, x))
+        else:
+            model_scores = state.scorer.score(x)
         clock.mark("score")
 
         chosen, relaxed = genre_cap(

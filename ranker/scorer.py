@@ -7,6 +7,27 @@ import numpy as np
 from sieve.errors import ArtifactError
 
 
+def providers() -> list[str]:
+    """CUDA first when this ONNX Runtime build has it (onnxruntime-gpu), else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def replace_nonfinite(x: np.ndarray, defaults: np.ndarray) -> int:
+    """Replace NaN and infinity in rows ``x`` [n, F] by the column's default, in place.
+
+    Returns:
+        How many values were replaced.
+    """
+    bad = ~np.isfinite(x)
+    n = int(bad.sum())
+    if n:
+        x[bad] = np.broadcast_to(defaults, x.shape)[bad]
+    return n
+
+
 class OnnxScorer:
     """One ONNX Runtime session; ``score`` takes [n, F] float32 and returns [n].
 
@@ -44,7 +65,7 @@ class OnnxScorer:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
-            session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(self.path, opts, providers=providers())
         except Exception as e:  # ORT raises its own untyped errors for bad files
             raise ArtifactError(f"model file {self.path} is not a loadable ONNX model: {e}") from e
         inputs = session.get_inputs()

@@ -200,6 +200,8 @@ def build(
             "output_name": OUTPUT_NAME,
             "features": list(MODEL_FEATURES),
             "onnx_max_abs_diff_vs_torch": result.onnx_max_abs_diff,
+            # a non-finite feature value at serving time is scored as the training mean
+            "feature_defaults": [round(float(v), 6) for v in x.mean(axis=0)],
         },
         "feature_schema": {
             "project": project,

@@ -108,6 +108,16 @@ class RankerConfig(_Frozen):
     """Re-rank rule: at most this many items of one primary genre in the final k."""
     intra_op_threads: int = Field(1, ge=1)
     """ONNX Runtime threads per call (1 is right under concurrency on a CPU)."""
+    score_batching: Literal["auto", "on", "off"] = "auto"
+    """Score the rows of concurrent Rank calls in one ONNX Runtime call: ``auto`` is
+    on when ONNX Runtime has the CUDA provider and off on a CPU, where one
+    4000-row call costs about four 1000-row calls
+    (benchmarks/results/score_batching.json)."""
+    score_batch_max_requests: int = Field(32, ge=1, le=1024)
+    """Most Rank calls (of ~1000 rows each) scored in one call."""
+    score_batch_max_wait_us: int = Field(200, ge=0, le=100_000)
+    score_batch_max_queue: int = Field(1024, ge=1)
+    """Rank calls that may wait for scoring; past it Rank answers RESOURCE_EXHAUSTED."""
     retrieve_timeout_s: float = Field(1.0, gt=0.0)
     """Deadline of the Retrieve call; past it the answer degrades to popular items."""
     item_refresh_s: float = Field(30.0, ge=0.0)

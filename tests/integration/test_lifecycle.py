@@ -221,3 +221,38 @@ def test_quickstart_end_to_end(movielens_dir: Path, tmp_path: Path) -> None:
         assert len(table) == 50
     assert "stage times (ms): validate" in out and "degradations: none" in out
     assert "Batches:" not in out  # the progress bar shows only when texts are embedded
+
+
+async def test_nonfinite_item_features_are_scored_with_defaults(
+    artifacts_root: Path, servers, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A bad materialization (NaN rating means) degrades the answer, never the scores."""
+    root = copy_artifacts(artifacts_root, tmp_path)
+    repo = artifacts.load(root).path("feature_store").parent
+    items = pd.read_parquet(repo / "data" / "item_features.parquet")
+    event_time = items["event_timestamp"].iloc[0].to_pydatetime() + timedelta(hours=1)
+    # Feast stores NaN as a null value (read back as NaN), infinity as it is
+    items["rating_mean"] = np.where(
+        np.arange(len(items)) % 2, np.float32(np.nan), np.float32(np.inf)
+    )
+    write_offline(
+        repo / "data",
+        {
+            "item_features": items.drop(columns="event_timestamp"),
+            "user_features": pd.read_parquet(repo / "data" / "user_features.parquet"),
+        },
+        event_time,
+    )
+    apply_and_materialize(repo, event_time)
+    cfg = RankerConfig(port=0, item_refresh_s=0, candidate_address=servers["candidate"])
+    pipeline = RankPipeline(cfg, root)
+    await pipeline.start()
+    try:
+        from ranker.pipeline import RankQuery
+
+        result = await pipeline.rank(RankQuery(42, 50, np.empty(0, np.int64), False))
+    finally:
+        await pipeline.close()
+    assert len(result.item_ids) == 50 and np.isfinite(result.model_scores).all()
+    bad = [d for d in result.degradations if d.startswith("nonfinite_features")]
+    assert bad and pipeline.nonfinite_feature_values >= 1000 * 2  # rating_mean and rating_gap

@@ -220,3 +220,28 @@ async def test_batched_server_answers_like_the_unbatched_one(
         assert servicer.batcher is not None and max(servicer.batcher.batch_sizes) > 1
     finally:
         await server.stop(0)
+
+
+async def test_score_batching_gives_the_same_rankings(servers, artifacts_root) -> None:  # type: ignore[no-untyped-def]
+    from ranker.pipeline import RankPipeline, RankQuery
+    from sieve.config import RankerConfig
+
+    cfg = RankerConfig(
+        port=0,
+        item_refresh_s=0,
+        candidate_address=servers["candidate"],
+        score_batching="on",
+        score_batch_max_wait_us=5000,
+    )
+    batched = RankPipeline(cfg, artifacts_root)
+    await batched.start()
+    try:
+        queries = [RankQuery(u, 50, np.empty(0, np.int64), False) for u in range(1, 25)]
+        got = await asyncio.gather(*(batched.rank(q) for q in queries))
+        want = [await servers["pipeline"].rank(q) for q in queries]
+        assert batched.score_batcher is not None and max(batched.score_batcher.batch_sizes) > 1
+    finally:
+        await batched.close()
+    for g, w in zip(got, want, strict=True):
+        assert g.item_ids.tolist() == w.item_ids.tolist()
+        np.testing.assert_allclose(g.model_scores, w.model_scores, atol=1e-6)

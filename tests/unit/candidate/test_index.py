@@ -8,6 +8,7 @@ import pytest
 
 from candidate.index import (
     CandidateIndex,
+    SearchRequest,
     build_index,
     parse_search_params,
     read_index,
@@ -184,3 +185,24 @@ def test_hnsw_coarse_quantizer_is_searched_wide_enough() -> None:
         return float(np.mean([len(set(got[i]) & set(gt[i])) / 500 for i in range(len(q))]))
 
     assert recall(ours) >= 0.95 and recall(ours) > recall(plain) + 0.05
+
+
+def test_search_many_equals_one_by_one() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(5000, dtype=np.int64) + 1
+    cats = {"a": rng.random(5000) < 0.2}
+    idx = CandidateIndex(build_index(x, "Flat"), ids, np.array([1]), x[:1], {}, cats)
+    reqs = [
+        SearchRequest(x[1], 50, np.empty(0, np.int64)),
+        SearchRequest(x[2], 100, rng.choice(ids, 40, replace=False)),
+        SearchRequest(x[3], 20, rng.choice(ids, 2000, replace=False)),  # over the slack: alone
+        SearchRequest(x[4], 30, np.empty(0, np.int64), ["a"]),  # filtered: alone
+        SearchRequest(x[5], 4990, ids[:20]),  # short after filtering: retried alone
+    ]
+    many = idx.search_many(reqs, exclude_slack=512)
+    for r, got in zip(reqs, many, strict=True):
+        want = idx.search(r.query, r.k, r.exclude, r.allow)
+        np.testing.assert_array_equal(got.item_ids, want.item_ids)
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)

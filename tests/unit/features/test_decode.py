@@ -19,13 +19,16 @@ def test_feature_field_matches_feast() -> None:
 
 def test_decode_scalars_lists_and_missing() -> None:
     f = [Value(float_val=1.5).SerializeToString(), None, Value().SerializeToString()]
-    np.testing.assert_array_equal(decode_column(f, FeatureSpec("x", "float")), [1.5, 0, 0])
+    # missing floats are unknown, not zero: the scorer's default applies to them
+    np.testing.assert_array_equal(
+        decode_column(f, FeatureSpec("x", "float")), [1.5, np.nan, np.nan]
+    )
     i = [Value(int64_val=2**40).SerializeToString(), None]
     out = decode_column(i, FeatureSpec("x", "int64"))
     assert out.dtype == np.int64 and out.tolist() == [2**40, 0]
     fl = [Value(float_list_val=FloatList(val=[0.5, 0.25])).SerializeToString(), None]
     np.testing.assert_array_equal(
-        decode_column(fl, FeatureSpec("x", "float_list", 2)), [[0.5, 0.25], [0, 0]]
+        decode_column(fl, FeatureSpec("x", "float_list", 2)), [[0.5, 0.25], [np.nan, np.nan]]
     )
     il = [Value(int64_list_val=Int64List(val=[3, 1])).SerializeToString(), None]
     got = decode_column(il, FeatureSpec("x", "int64_list"))

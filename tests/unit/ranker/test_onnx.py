@@ -68,3 +68,37 @@ def test_garbage_model_file_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"not a model")
     with pytest.raises(ArtifactError, match="bad.onnx is not a loadable ONNX model"):
         OnnxScorer(str(path), INPUT_NAME, OUTPUT_NAME, list(MODEL_FEATURES), 1).load()
+
+
+def test_replace_nonfinite_uses_column_defaults() -> None:
+    from ranker.scorer import replace_nonfinite
+
+    x = np.array([[1.0, np.nan, 3.0], [np.inf, 5.0, -np.inf]], np.float32)
+    n = replace_nonfinite(x, np.array([10.0, 20.0, 30.0], np.float32))
+    assert n == 3
+    np.testing.assert_array_equal(x, [[1.0, 20.0, 3.0], [10.0, 5.0, 30.0]])
+    assert replace_nonfinite(x, np.zeros(3, np.float32)) == 0
+
+
+def test_score_batch_splits_per_request_and_never_mixes_models(tmp_path: Path) -> None:
+    from ranker.pipeline import score_batch
+
+    n = len(MODEL_FEATURES)
+    scorers = []
+    for i, seed_model in enumerate(
+        (_model(n), _mlp(n, (4,), np.zeros(n, np.float32), np.ones(n, np.float32)))
+    ):
+        path = tmp_path / f"m{i}.onnx"
+        export_onnx(seed_model, n, path)
+        s = OnnxScorer(str(path), INPUT_NAME, OUTPUT_NAME, list(MODEL_FEATURES), 1)
+        s.load()
+        scorers.append(s)
+    rng = np.random.default_rng(0)
+    items = [
+        (scorers[i % 2], rng.normal(size=(int(rng.integers(1, 50)), n)).astype(np.float32))
+        for i in range(7)
+    ]
+    got = score_batch(items)
+    assert len(got) == len(items)
+    for (scorer, x), scores in zip(items, got, strict=True):
+        np.testing.assert_allclose(scores, scorer.score(x), atol=1e-6)
