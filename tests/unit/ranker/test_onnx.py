@@ -85,9 +85,8 @@ def test_score_batch_splits_per_request_and_never_mixes_models(tmp_path: Path) -
 
     n = len(MODEL_FEATURES)
     scorers = []
-    for i, seed_model in enumerate(
-        (_model(n), _mlp(n, (4,), np.zeros(n, np.float32), np.ones(n, np.float32)))
-    ):
+    other = _mlp(n, (4,), np.zeros(n, np.float32), np.ones(n, np.float32)).eval()
+    for i, seed_model in enumerate((_model(n), other)):
         path = tmp_path / f"m{i}.onnx"
         export_onnx(seed_model, n, path)
         s = OnnxScorer(str(path), INPUT_NAME, OUTPUT_NAME, list(MODEL_FEATURES), 1)
