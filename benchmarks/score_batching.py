@@ -79,11 +79,12 @@ async def run(scorer: OnnxScorer, n: int, levels: list[int], wait_us: int) -> di
                 row[name]["mean_batch"] = float(np.mean(batcher.batch_sizes))
         row["rps_ratio_on_off"] = row["on"]["rps"] / row["off"]["rps"]
         out[f"concurrency_{level}"] = row
+        off_, on_ = row["off"], row["on"]
         print(
-            f"concurrency {level:>3}: off {row['off']['rps']:6.0f} req/s p50 "
-            f"{row['off']['p50']:6.3f} p99 {row['off']['p99']:6.3f} ms | on {row['on']['rps']:6.0f} req/s p50 "
-            f"{row['on']['p50']:6.3f} p99 {row['on']['p99']:6.3f} ms, mean batch "
-            f"{row['on']['mean_batch']:.1f} | on/off {row['rps_ratio_on_off']:.2f}x"
+            f"concurrency {level:>3}: "
+            f"off {off_['rps']:6.0f} req/s p50 {off_['p50']:6.3f} p99 {off_['p99']:6.3f} ms | "
+            f"on {on_['rps']:6.0f} req/s p50 {on_['p50']:6.3f} p99 {on_['p99']:6.3f} ms, "
+            f"mean batch {on_['mean_batch']:.1f} | on/off {row['rps_ratio_on_off']:.2f}x"
         )
     await batcher.stop()
     return out
