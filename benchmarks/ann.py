@@ -29,6 +29,7 @@ from typing import Any  # noqa: E402
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.common import percentiles  # noqa: E402
 from candidate.index import (  # noqa: E402
     build_index,
     parse_search_params,
@@ -112,10 +113,6 @@ def time_queries(index: faiss.Index, q: np.ndarray, k: int, params: Any, warmup:
     return np.asarray(lat), out
 
 
-def summary(lat: np.ndarray) -> dict[str, float]:
-    return {p: float(np.percentile(lat, v)) for p, v in (("p50", 50), ("p95", 95), ("p99", 99))}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -150,7 +147,7 @@ def main() -> None:
             "factory": "Flat",
             "params": "",
             "recall": float(np.mean([recall(emb, q[i], ids[i], kth[i]) for i in range(nf)])),
-            **summary(lat),
+            **percentiles(lat),
             "queries": nf,
         }
     ]
@@ -184,7 +181,7 @@ def main() -> None:
                 "factory": factory,
                 "params": spec,
                 "recall": r,
-                **summary(lat),
+                **percentiles(lat),
                 "queries": len(q),
             }
             rows.append(row)

@@ -33,6 +33,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from benchmarks.common import percentiles  # noqa: E402
 from features.definitions import ITEM_VIEW, USER_VIEW  # noqa: E402
 from features.reader import open_reader  # noqa: E402
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc  # noqa: E402
@@ -41,16 +42,6 @@ from sieve.config import CandidateConfig, RankerConfig  # noqa: E402
 from sieve.local_redis import local_redis  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def pct(values: list[float]) -> dict[str, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return {
-        "p50": float(np.percentile(a, 50)),
-        "p95": float(np.percentile(a, 95)),
-        "p99": float(np.percentile(a, 99)),
-        "n": len(a),
-    }
 
 
 async def _worker(
@@ -96,8 +87,8 @@ async def bench_rank(root: Path, requests: int, levels: list[int], seed: int) ->
                 await asyncio.gather(*(_worker(stub, todo, stages, client) for _ in range(level)))
                 wall = time.perf_counter() - t0
                 out[f"concurrency_{level}"] = {
-                    "stages_ms": {s: pct(v) for s, v in stages.items()},
-                    "client_round_trip_ms": pct(client),
+                    "stages_ms": {s: percentiles(v) for s, v in stages.items()},
+                    "client_round_trip_ms": percentiles(client),
                     "throughput_rps": requests / wall,
                 }
     finally:
@@ -157,7 +148,7 @@ async def bench_features(root: Path, repo: Path, rounds: int, seed: int) -> dict
                 feast.append((t2 - t1) * 1e3)
     finally:
         await reader.close()
-    o, f = pct(ours), pct(feast)
+    o, f = percentiles(ours), percentiles(feast)
     return {
         "store": type(reader).__name__,
         "what": "1 user + 1000 items, all features",

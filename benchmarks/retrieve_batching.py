@@ -29,6 +29,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from benchmarks.common import plot_on_off  # noqa: E402
 from candidate.service import create_server  # noqa: E402
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc  # noqa: E402
 from sieve import artifacts  # noqa: E402
@@ -100,31 +101,6 @@ async def run(root: Path, n: int, levels: list[int], threads: int, seed: int) ->
     return out
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    levels = [int(k.split("_")[1]) for k in result["rows"]]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for mode, color in (("off", "C0"), ("on", "C1")):
-        rows = [result["rows"][f"concurrency_{lv}"][mode] for lv in levels]
-        axes[0].plot(levels, [r["rps"] for r in rows], "o-", color=color, label=f"batching {mode}")
-        axes[1].plot(levels, [r["p99"] for r in rows], "o-", color=color, label=f"{mode} p99")
-        axes[1].plot(levels, [r["p50"] for r in rows], "o--", color=color, label=f"{mode} p50")
-    axes[0].set_ylabel("Retrieve calls / s")
-    axes[1].set_ylabel("client latency, ms")
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent callers")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"Retrieve k=1000, {result['index']} ({result['ntotal']:,} items), CPU")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--artifacts", default="artifacts")
@@ -149,7 +125,12 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, RESULTS / f"{args.name}.png")
+    plot_on_off(
+        rows,
+        RESULTS / f"{args.name}.png",
+        "Retrieve calls / s",
+        f"Retrieve k=1000, {result['index']} ({result['ntotal']:,} items), CPU",
+    )
     print(f"wrote {RESULTS / (args.name + '.json')} and .png")
 
 

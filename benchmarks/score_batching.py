@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import percentiles, plot_on_off
 from ranker.features import MODEL_FEATURES
 from ranker.pipeline import score_batch
 from ranker.scorer import OnnxScorer, providers
@@ -30,11 +31,6 @@ from sieve import artifacts
 from sieve.batcher import MicroBatcher
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def pct(a: list[float]) -> dict[str, float]:
-    x = np.asarray(a)
-    return {p: float(np.percentile(x, v)) for p, v in (("p50", 50), ("p95", 95), ("p99", 99))}
 
 
 async def drive(score, blocks: list[np.ndarray], level: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
@@ -50,7 +46,7 @@ async def drive(score, blocks: list[np.ndarray], level: int) -> dict[str, Any]: 
 
     t0 = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(level)))
-    return {"rps": len(blocks) / (time.perf_counter() - t0), **pct(lat)}
+    return {"rps": len(blocks) / (time.perf_counter() - t0), **percentiles(lat)}
 
 
 async def run(scorer: OnnxScorer, n: int, levels: list[int], wait_us: int) -> dict[str, Any]:
@@ -138,32 +134,13 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "score_batching.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, RESULTS / "score_batching.png")
+    plot_on_off(
+        rows,
+        RESULTS / "score_batching.png",
+        "1000-row requests scored / s",
+        f"Scoring, {result['providers'][0]}, {args.threads} intra-op thread",
+    )
     print(f"wrote {RESULTS / 'score_batching.json'} and .png")
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    levels = [int(k.split("_")[1]) for k in result["rows"]]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for mode, color in (("off", "C0"), ("on", "C1")):
-        rows = [result["rows"][f"concurrency_{lv}"][mode] for lv in levels]
-        axes[0].plot(levels, [r["rps"] for r in rows], "o-", color=color, label=f"batching {mode}")
-        axes[1].plot(levels, [r["p99"] for r in rows], "o-", color=color, label=f"{mode} p99")
-    axes[0].set_ylabel("1000-row requests scored / s")
-    axes[1].set_ylabel("latency per request, ms")
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent requests")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"Scoring, {result['providers'][0]}, {result['intra_op_threads']} intra-op thread")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
