@@ -13,7 +13,6 @@ import asyncio  # noqa: E402
 import gc  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -22,6 +21,7 @@ from pathlib import Path  # noqa: E402
 
 from sieve.config import SieveConfig, load_config  # noqa: E402
 from sieve.errors import SieveError  # noqa: E402
+from sieve.local_redis import free_port  # noqa: E402
 
 log = logging.getLogger("sieve")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sieve"
@@ -194,12 +194,6 @@ def cmd_rank(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------- quickstart --
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 QUICKSTART_SYNTHETIC_ITEMS = 20_000
 
 
@@ -231,7 +225,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     report = build(data, out, cfg.build, Path(args.cache), synthetic=synthetic)
     _print_build(report)
 
-    cport, rport = _free_port(), _free_port()
+    cport, rport = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
         ready = Path(tmp) / "ready"
         cmd = [

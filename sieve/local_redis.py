@@ -1,4 +1,4 @@
-"""A throwaway redis-server on a free loopback port (tests, benchmarks, demos)."""
+"""Local plumbing: a free loopback port, a throwaway redis-server (tests, demos)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+
+def free_port() -> int:
+    """A loopback port free at the time of asking."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -23,9 +30,7 @@ def local_redis(start_timeout_s: float = 20.0) -> Iterator[str]:
     exe = shutil.which("redis-server")
     if exe is None:
         raise FileNotFoundError("redis-server is not installed (`make redis` installs it)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,

@@ -7,7 +7,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import shutil  # noqa: E402
-import socket  # noqa: E402
 from collections.abc import AsyncIterator, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -25,12 +24,6 @@ MOVIELENS = Path(
 )
 # Embeddings survive between local runs here; CI starts from a clean clone.
 EMBED_CACHE = Path(os.environ.get("SIEVE_TEST_CACHE", ROOT / ".pytest_cache" / "sieve"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

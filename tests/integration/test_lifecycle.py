@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -27,7 +27,17 @@ from sieve import artifacts
 from sieve.config import CandidateConfig, RankerConfig
 from sieve.errors import ArtifactError
 from sieve.grpc_server import Server
-from tests.conftest import EMBED_CACHE, ROOT, copy_artifacts, free_port
+from sieve.local_redis import free_port
+from tests.conftest import EMBED_CACHE, ROOT, copy_artifacts
+
+
+def rematerialize_items(repo: Path, items: pd.DataFrame, event_time: datetime) -> None:
+    """Write a changed item table into the repo and materialize it as of ``event_time``
+    (a later materialization job, as production would run it)."""
+    users = pd.read_parquet(repo / "data" / "user_features.parquet")
+    tables = {"item_features": items.drop(columns="event_timestamp"), "user_features": users}
+    write_offline(repo / "data", tables, event_time)
+    apply_and_materialize(repo, event_time)
 
 
 def test_manifest_names_what_belongs_together(artifact_set: artifacts.ArtifactSet) -> None:
@@ -158,15 +168,7 @@ async def test_item_features_reload_after_a_new_materialization(
         before = float(pipeline._state.items.columns["rating_mean"][rows[0]])  # type: ignore[union-attr]
         items.loc[5, "rating_mean"] = np.float32(before + 0.75)
         later = event_time + timedelta(hours=1)
-        write_offline(
-            repo / "data",
-            {
-                "item_features": items.drop(columns="event_timestamp"),
-                "user_features": pd.read_parquet(repo / "data" / "user_features.parquet"),
-            },
-            later,
-        )
-        apply_and_materialize(repo, later)
+        rematerialize_items(repo, items, later)
         assert await pipeline.refresh_item_features()
         rows, _ = pipeline._state.items.rows(np.array([target]))  # type: ignore[union-attr]
         after = float(pipeline._state.items.columns["rating_mean"][rows[0]])  # type: ignore[union-attr]
@@ -235,15 +237,7 @@ async def test_nonfinite_item_features_are_scored_with_defaults(
     items["rating_mean"] = np.where(
         np.arange(len(items)) % 2, np.float32(np.nan), np.float32(np.inf)
     )
-    write_offline(
-        repo / "data",
-        {
-            "item_features": items.drop(columns="event_timestamp"),
-            "user_features": pd.read_parquet(repo / "data" / "user_features.parquet"),
-        },
-        event_time,
-    )
-    apply_and_materialize(repo, event_time)
+    rematerialize_items(repo, items, event_time)
     cfg = RankerConfig(port=0, item_refresh_s=0, candidate_address=servers["candidate"])
     pipeline = RankPipeline(cfg, root)
     await pipeline.start()
