@@ -153,10 +153,59 @@ def read_index(path: Path, mmap: bool) -> faiss.Index:
     return faiss.read_index(str(path))
 
 
+GPU_MAX_K = 2048
+"""Faiss GPU indexes return at most 2048 results per query."""
+
+
 def gpu_count() -> int:
     """GPUs Faiss can use here (0 with faiss-cpu)."""
     get = getattr(faiss, "get_num_gpus", None)
     return int(get()) if get is not None else 0
+
+
+@dataclass(frozen=True)
+class Accelerated:
+    """An index that cannot filter inside the search (Faiss GPU indexes ignore ID
+    selectors), searched for extra results that are filtered afterwards."""
+
+    index: faiss.Index
+    max_k: int  # the most results one search may return
+    keep_alive: Any = None  # GPU resources the index points into
+
+
+def to_gpu(cpu_index: faiss.Index, embeddings: np.ndarray | None, device: int = 0) -> Accelerated:
+    """The serving index on GPU ``device``.
+
+    With ``embeddings`` (float32 [n, d], row i is catalog row i) the GPU holds an
+    exact ``GpuIndexFlatIP``: at a million items brute force on a GPU is both
+    exact and fast. Without, ``cpu_index`` is cloned (IVF-Flat/SQ/PQ clone; fast-scan
+    PQ and refine indexes do not).
+
+    Raises:
+        ArtifactError: Faiss cannot put this index on the GPU.
+    """
+    res = faiss.StandardGpuResources()
+    gpu: Any
+    try:
+        if embeddings is not None:
+            cfg = faiss.GpuIndexFlatConfig()
+            cfg.device = device
+            gpu = faiss.GpuIndexFlatIP(res, embeddings.shape[1], cfg)
+            gpu.add(np.ascontiguousarray(embeddings, np.float32))
+        else:
+            gpu = faiss.index_cpu_to_gpu(res, device, cpu_index)
+    except RuntimeError as e:
+        raise ArtifactError(f"Faiss cannot serve this index on GPU {device}: {e}") from e
+    return Accelerated(gpu, GPU_MAX_K, res)
+
+
+def set_gpu_params(index: faiss.Index, params: dict[str, int]) -> None:
+    """Set search parameters on a cloned GPU index once (GPU indexes take no
+    per-call SearchParameters tree like ``search_parameters`` builds)."""
+    space = faiss.GpuParameterSpace()
+    for key in ("nprobe",):
+        if key in params:
+            space.set_index_parameter(index, key, params[key])
 
 
 @dataclass(frozen=True)
@@ -184,8 +233,10 @@ class CandidateIndex:
         user_vectors: np.ndarray,
         search_params: dict[str, int],
         categories: dict[str, np.ndarray] | None = None,
+        accelerated: Accelerated | None = None,
     ) -> None:
         self.index = index
+        self.accelerated = accelerated
         self.item_ids = np.asarray(item_ids, np.int64)
         self._sorted = np.argsort(self.item_ids, kind="stable")
         self._user_ids = np.asarray(user_ids, np.int64)
@@ -277,34 +328,69 @@ class CandidateIndex:
     ) -> list[SearchResult]:
         """Answer several requests, in one Faiss call where that gives the same answer.
 
-        Faiss takes one selector per call, so requests with at most ``exclude_slack``
-        excluded ids and no category filter are searched together for
-        ``k + len(excluded)`` items and filtered afterwards: the top ``k + e`` less at
-        most ``e`` excluded items still hold the top ``k`` of the rest. Other
-        requests, and any that come back short, are searched one by one with their
-        selectors inside the search.
+        Faiss takes one selector per call (and a GPU index none), so requests are
+        searched together for ``k + len(excluded)`` items and filtered afterwards
+        (``_post_filtered``). On the CPU that is done for requests with at most
+        ``exclude_slack`` excluded ids and no category filter; other requests, and
+        any that come back short, are searched one by one with their selectors
+        inside the search.
         """
-        out: list[SearchResult | None] = [None] * len(reqs)
-        ntotal = int(self.index.ntotal)
-        group = [i for i, r in enumerate(reqs) if not r.allow and len(r.exclude) <= exclude_slack]
-        if len(group) > 1:
-            queries = np.stack([self.check_query(reqs[i].query) for i in group])
-            kk = min(ntotal, max(reqs[i].k + len(reqs[i].exclude) for i in group))
-            params = search_parameters(self.index, self.search_params, kk, None)
-            scores, labels = self.index.search(queries, kk, params=params)
-            for row, i in enumerate(group):
-                excluded = self.rows_of(reqs[i].exclude)
-                keep = (labels[row] >= 0) & ~np.isin(labels[row], excluded)
-                want = min(reqs[i].k, ntotal - len(excluded))
-                got = labels[row][keep][: reqs[i].k]
-                if len(got) >= want:
-                    out[i] = SearchResult(
-                        self.item_ids[got], scores[row][keep][: reqs[i].k].astype(np.float32)
-                    )
+        acc = self.accelerated
+        if acc is not None:
+            out = self._post_filtered(acc.index, acc.max_k, reqs, with_params=False)
+        else:
+            out = [None] * len(reqs)
+            group = [
+                i for i, r in enumerate(reqs) if not r.allow and len(r.exclude) <= exclude_slack
+            ]
+            if len(group) > 1:
+                found = self._post_filtered(
+                    self.index, int(self.index.ntotal), [reqs[i] for i in group], with_params=True
+                )
+                for i, res in zip(group, found, strict=True):
+                    out[i] = res
         return [
-            res if res is not None else self.search(r.query, r.k, r.exclude, r.allow)
+            res if res is not None else self._search_selected(r.query, r.k, r.exclude, r.allow)
             for r, res in zip(reqs, out, strict=True)
         ]
+
+    def _post_filtered(
+        self, index: faiss.Index, max_k: int, reqs: list[SearchRequest], with_params: bool
+    ) -> list[SearchResult | None]:
+        """Search ``reqs`` in one call for ``k + len(excluded)`` results each (at most
+        ``max_k``), then drop excluded rows and rows outside the allowed categories.
+
+        What survives of a ranked list are the best valid items, in order; so a
+        request with ``k`` survivors (or all the valid items there are) is answered
+        exactly as a search with the filter inside would answer it. The others come
+        back None, for a search with the selector inside.
+        """
+        ntotal = int(self.index.ntotal)
+        queries = np.stack([self.check_query(r.query) for r in reqs])
+        excluded = [self.rows_of(r.exclude) for r in reqs]
+        kk = min(max_k, ntotal, max(r.k + len(e) for r, e in zip(reqs, excluded, strict=True)))
+        if with_params:
+            params = search_parameters(index, self.search_params, kk, None)
+            scores, labels = index.search(queries, kk, params=params)
+        else:
+            scores, labels = index.search(queries, kk)
+        out: list[SearchResult | None] = []
+        for row, (r, ex) in enumerate(zip(reqs, excluded, strict=True)):
+            lab = labels[row]
+            keep = (lab >= 0) & ~np.isin(lab, ex)
+            want = min(r.k, ntotal - len(ex))
+            if r.allow:
+                bits = self._allowed(r.allow)
+                safe = np.where(keep, lab, 0)
+                keep &= ((bits[safe >> 3] >> (safe & 7)) & 1).astype(bool)
+                want = r.k  # how many allowed items exist is not known here
+            got = lab[keep][: r.k]
+            out.append(
+                SearchResult(self.item_ids[got], scores[row][keep][: r.k].astype(np.float32))
+                if len(got) >= want
+                else None
+            )
+        return out
 
     @property
     def categories(self) -> list[str]:
@@ -324,13 +410,26 @@ class CandidateIndex:
         allow_categories: list[str] | None = None,
     ) -> SearchResult:
         """Top ``k`` items by inner product with ``query``; excluded ids and items
-        outside ``allow_categories`` are filtered inside the search, so up to k
-        valid items come back.
+        outside ``allow_categories`` are filtered inside the search (or, on a GPU,
+        right after it), so up to k valid items come back.
 
         Raises:
             InvalidRequest: the query has the wrong dimension or a non-finite value,
                 or a category is unknown.
         """
+        if self.accelerated is None:
+            return self._search_selected(query, k, exclude_item_ids, allow_categories)
+        req = SearchRequest(query, k, np.asarray(exclude_item_ids, np.int64), allow_categories)
+        return self.search_many([req])[0]
+
+    def _search_selected(
+        self,
+        query: np.ndarray,
+        k: int,
+        exclude_item_ids: np.ndarray,
+        allow_categories: list[str] | None = None,
+    ) -> SearchResult:
+        """``search`` on the CPU index with the filters as Faiss ID selectors."""
         q = self.check_query(query).reshape(1, -1)
         k = min(k, int(self.index.ntotal))
         rows = self.rows_of(exclude_item_ids)

@@ -18,12 +18,22 @@ from candidate.index import (
     SearchResult,
     gpu_count,
     parse_search_params,
+    set_gpu_params,
+    to_gpu,
 )
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from sieve import artifacts
 from sieve.batcher import MicroBatcher
 from sieve.config import CandidateConfig
-from sieve.errors import ArtifactError, InvalidRequest, NotFound, NotReady, grpc_errors
+from sieve.errors import (
+    ArtifactError,
+    ConfigError,
+    InvalidRequest,
+    NotFound,
+    NotReady,
+    VersionNotLoaded,
+    grpc_errors,
+)
 from sieve.grpc_server import Server
 from sieve.validation import id_list
 
@@ -38,6 +48,7 @@ class RetrieveQuery:
     k: int
     exclude: np.ndarray  # int64
     allow: list[str]  # categories; empty: all
+    version: str  # artifact version to serve from; empty: the newest loaded
 
 
 def parse_retrieve(req: sieve_pb2.RetrieveRequest, config: CandidateConfig) -> RetrieveQuery:
@@ -50,25 +61,55 @@ def parse_retrieve(req: sieve_pb2.RetrieveRequest, config: CandidateConfig) -> R
     if which is None:
         raise InvalidRequest("set either user_vector or user_id")
     if not 1 <= req.k <= config.max_k:
-        raise InvalidRequest(f"k must be in 1..{config.max_k}, got {req.k}")
+        raise InvalidRequest(
+            f"k must be in 1..{config.max_k} (candidate.max_k; Faiss on a GPU returns at "
+            f"most 2048), got {req.k}"
+        )
     exclude = id_list(req.exclude_item_ids, config.max_exclude, "exclude_item_ids")
     if which == "user_id":
         if req.user_id <= 0:
             raise InvalidRequest(f"user_id must be positive, got {req.user_id}")
-        return RetrieveQuery(None, req.user_id, req.k, exclude, list(req.allow_categories))
+        return RetrieveQuery(
+            None, req.user_id, req.k, exclude, list(req.allow_categories), req.artifact_version
+        )
     vector = np.asarray(req.user_vector.values, dtype=np.float32)
     if len(vector) == 0:
         raise InvalidRequest("user_vector is empty")
-    return RetrieveQuery(vector, 0, req.k, exclude, list(req.allow_categories))
+    return RetrieveQuery(
+        vector, 0, req.k, exclude, list(req.allow_categories), req.artifact_version
+    )
 
 
 @dataclass(frozen=True)
 class _Live:
-    """The artifact set being served; replaced as one reference, never mutated, so a
-    request that took it keeps a consistent index and version through a swap."""
+    """One loaded artifact set; never mutated, so a request that took it keeps a
+    consistent index and version through a swap."""
 
     index: CandidateIndex
     version: str
+
+
+def pick(loaded: tuple[_Live, ...], version: str) -> _Live:
+    """The set a request is served from: ``version``, or the newest when it is empty.
+
+    Args:
+        loaded: the held sets, newest first.
+
+    Raises:
+        NotReady: nothing is loaded yet.
+        VersionNotLoaded: ``version`` is not among ``loaded``; names the held ones.
+    """
+    if not loaded:
+        raise NotReady("candidate index is not loaded yet")
+    if not version:
+        return loaded[0]
+    for live in loaded:
+        if live.version == version:
+            return live
+    held = ", ".join(live.version for live in loaded)
+    raise VersionNotLoaded(
+        f"artifact version {version!r} is not loaded here; loaded: {held} (newest first)"
+    )
 
 
 def category_masks(genres: pd.Series) -> dict[str, np.ndarray]:
@@ -83,14 +124,34 @@ def category_masks(genres: pd.Series) -> dict[str, np.ndarray]:
     return {name: np.array([name in p for p in parts], bool)[codes] for name in names}
 
 
+def use_gpu(config: CandidateConfig) -> bool:
+    """Whether to search on a GPU, decided once at start-up.
+
+    Raises:
+        ConfigError: ``device`` is ``gpu`` and Faiss sees none.
+    """
+    gpus = gpu_count()
+    if config.device == "gpu" and gpus == 0:
+        raise ConfigError(
+            "candidate.device is 'gpu' but Faiss sees no GPU (faiss-cpu installed? "
+            "install the gpu extra, or set device to 'auto' or 'cpu')"
+        )
+    if config.device != "cpu" and gpus > 0 and config.gpu_id >= gpus:
+        raise ConfigError(f"candidate.gpu_id is {config.gpu_id}, Faiss sees {gpus} GPU(s)")
+    return config.device != "cpu" and gpus > 0
+
+
 class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
     def __init__(self, config: CandidateConfig, artifacts_root: Path) -> None:
         self.config = config
         self.artifacts_root = Path(artifacts_root)
-        self._live: _Live | None = None
+        # Held sets, newest (live) first, at most config.keep_versions; replaced as one
+        # tuple, never mutated, so a request sees either the old tuple or the new one.
+        self._loaded: tuple[_Live, ...] = ()
         self._refused = ""  # a version that failed to load, skipped until CURRENT moves on
-        on = config.batching == "on" or (config.batching == "auto" and gpu_count() > 0)
-        self.batcher: MicroBatcher[SearchRequest, tuple[SearchResult, str]] | None = (
+        self.on_gpu = use_gpu(config)
+        on = config.batching == "on" or (config.batching == "auto" and self.on_gpu)
+        self.batcher: MicroBatcher[tuple[_Live, SearchRequest], tuple[SearchResult, str]] | None = (
             MicroBatcher(
                 self._search_batch,
                 config.batch_max_size,
@@ -101,12 +162,24 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
             else None
         )
 
-    def _search_batch(self, reqs: list[SearchRequest]) -> list[tuple[SearchResult, str]]:
-        live = self._live
-        if live is None:
-            raise NotReady("candidate index is not loaded yet")
-        results = live.index.search_many(reqs, self.config.batch_exclude_slack)
-        return [(r, live.version) for r in results]
+    def _search_batch(
+        self, reqs: list[tuple[_Live, SearchRequest]]
+    ) -> list[tuple[SearchResult, str]]:
+        """Search each request on the set it took when it arrived (its pinned version
+        or the newest then): one ``search_many`` per set, so a batch that spans a swap
+        or several pinned versions never answers a request from another set's index."""
+        out: list[tuple[SearchResult, str] | None] = [None] * len(reqs)
+        groups: dict[int, list[int]] = {}
+        for i, (live, _) in enumerate(reqs):
+            groups.setdefault(id(live), []).append(i)
+        for idx in groups.values():
+            live = reqs[idx[0]][0]
+            found = live.index.search_many(
+                [reqs[i][1] for i in idx], self.config.batch_exclude_slack
+            )
+            for i, res in zip(idx, found, strict=True):
+                out[i] = (res, live.version)
+        return [o for o in out if o is not None]
 
     async def close(self) -> None:
         if self.batcher is not None:
@@ -114,7 +187,13 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
 
     @property
     def version(self) -> str:
-        return self._live.version if self._live else ""
+        """The newest loaded version (what unpinned requests get); empty before start."""
+        return self._loaded[0].version if self._loaded else ""
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        """Every held version, newest first."""
+        return tuple(live.version for live in self._loaded)
 
     async def start(self) -> None:
         """Load the live artifact set and warm the index up.
@@ -122,22 +201,25 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         Raises:
             ArtifactError: naming the missing or corrupt file.
         """
-        self._live = await self._load_live()
+        self._loaded = (await self._load_live(artifacts.current_version(self.artifacts_root)),)
         if self.batcher is not None:
             self.batcher.start()
 
-    async def _load_live(self) -> _Live:
-        index, version = await asyncio.to_thread(self._load)
+    async def _load_live(self, version: str) -> _Live:
+        index, version = await asyncio.to_thread(self._load, version)
         await asyncio.to_thread(index.warm_up, min(1000, self.config.max_k))
         return _Live(index, version)
 
     async def reload(self) -> bool:
-        """Swap to the set ``CURRENT`` names if it is new. In-flight searches finish
-        on the old index; a set that fails to load is refused (logged, once) and the
-        last good one keeps serving.
+        """Make the set ``CURRENT`` names the newest if it is not. A new set is loaded
+        beside the held ones; the previous sets stay (``keep_versions`` in all) for
+        requests pinned to them, and in-flight searches finish on the set they took.
+        A version already held (a rollback) is moved to the front without loading. A
+        set that fails to load is refused (logged, once) and the held ones keep
+        serving.
 
         Returns:
-            Whether a new set went live.
+            Whether the newest set changed.
         """
         try:
             target = artifacts.current_version(self.artifacts_root)
@@ -146,21 +228,32 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
             return False
         if target in (self.version, self._refused):
             return False
-        try:
-            live = await self._load_live()
-        except ArtifactError as e:
-            self._refused = target
-            log.error("refused artifact set %s: %s; still serving %s", target, e, self.version)
-            return False
-        old, self._live = self.version, live
-        log.info("candidate index swapped: %s -> %s", old, live.version)
+        held = [live for live in self._loaded if live.version == target]
+        if held:
+            live = held[0]
+        else:
+            try:
+                live = await self._load_live(target)
+            except ArtifactError as e:
+                self._refused = target
+                log.error("refused artifact set %s: %s; still serving %s", target, e, self.version)
+                return False
+        old = self.version
+        rest = tuple(s for s in self._loaded if s is not live)
+        self._loaded = (live, *rest)[: self.config.keep_versions]
+        log.info(
+            "candidate index swapped: %s -> %s (held: %s)",
+            old,
+            live.version,
+            ", ".join(self.versions),
+        )
         return True
 
-    def _load(self) -> tuple[CandidateIndex, str]:
+    def _load(self, version: str) -> tuple[CandidateIndex, str]:
         import faiss
 
         faiss.omp_set_num_threads(self.config.omp_threads)
-        aset = artifacts.load(self.artifacts_root)
+        aset = artifacts.load(self.artifacts_root, version)
         catalog = pd.read_parquet(aset.verified("catalog"), columns=["item_id", "genres"])
         index_path = aset.verified("index")  # reading it for the checksum warms the cache too
         index = CandidateIndex.load(
@@ -170,14 +263,27 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
             search_params=parse_search_params(aset.manifest["index"].get("search_params", "")),
             categories=category_masks(catalog["genres"]),
         )
-        gpus = gpu_count()
+        where = "CPU"
+        if self.on_gpu:
+            embeddings = None
+            if self.config.gpu_index == "flat":
+                embeddings = np.load(aset.verified("item_embeddings"), mmap_mode="r")
+                if embeddings.shape != (index.index.ntotal, index.dim):
+                    raise ArtifactError(
+                        f"item embeddings {aset.path('item_embeddings')} have shape "
+                        f"{embeddings.shape}, the index {(index.index.ntotal, index.dim)}"
+                    )
+            index.accelerated = to_gpu(index.index, embeddings, self.config.gpu_id)
+            if embeddings is None:
+                set_gpu_params(index.accelerated.index, index.search_params)
+            where = f"GPU {self.config.gpu_id} ({self.config.gpu_index})"
         log.info(
-            "candidate index %s: %d items, dim %d, %s (GPUs seen: %d, serving on CPU)",
+            "candidate index %s: %d items, dim %d, %s, searched on %s",
             aset.version,
             index.index.ntotal,
             index.dim,
             aset.manifest["index"]["factory"],
-            gpus,
+            where,
         )
         return index, aset.version
 
@@ -185,11 +291,9 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
     async def Retrieve(
         self, request: sieve_pb2.RetrieveRequest, context: grpc.aio.ServicerContext
     ) -> sieve_pb2.RetrieveResponse:
-        live = self._live
-        if live is None:
-            raise NotReady("candidate index is not loaded yet")
-        index = live.index
         q = parse_retrieve(request, self.config)
+        live = pick(self._loaded, q.version)
+        index = live.index
         vector = q.vector
         if vector is None:
             vector = index.user_vector(q.user_id)
@@ -200,7 +304,7 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         if self.batcher is not None:
             # Checked here, so one bad vector cannot fail the batch it would join.
             req = SearchRequest(index.check_query(vector), q.k, q.exclude, q.allow)
-            result, version = await self.batcher.submit(req)
+            result, version = await self.batcher.submit((live, req))
         else:
             # Faiss releases the GIL: searching in a worker thread lets requests overlap.
             result = await asyncio.to_thread(index.search, vector, q.k, q.exclude, q.allow)

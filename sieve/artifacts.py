@@ -111,13 +111,22 @@ def current_version(root: Path) -> str:
     return folder.name if folder != Path(root) else load(root).version
 
 
-def load(root: Path) -> ArtifactSet:
-    """Read and sanity-check the manifest of the live artifact set under ``root``.
+def load(root: Path, version: str | None = None) -> ArtifactSet:
+    """Read and sanity-check the manifest of an artifact set under ``root``: the live
+    one (what ``CURRENT`` names), or ``versions/<version>`` when ``version`` is given
+    (a reload names the version it read from ``CURRENT``, so a publish in between
+    cannot switch sets under it).
 
     Raises:
-        ArtifactError: missing or unreadable manifest, or a manifest of another format.
+        ArtifactError: missing or unreadable manifest, a manifest of another format,
+            or one whose version is not the folder's.
     """
-    folder = resolve(root)
+    if version is None or (Path(root) / MANIFEST).is_file():
+        folder = resolve(root)
+    elif not _VERSION_RE.match(version):
+        raise ArtifactError(f"{version!r} is not a version name")
+    else:
+        folder = Path(root) / "versions" / version
     path = folder / MANIFEST
     try:
         manifest = json.loads(path.read_text())
@@ -128,4 +137,6 @@ def load(root: Path) -> ArtifactSet:
     for key in ("version", "files", "index", "model", "feature_schema"):
         if key not in manifest:
             raise ArtifactError(f"{path} lacks {key!r}")
+    if version is not None and manifest["version"] != version:
+        raise ArtifactError(f"{path} is of version {manifest['version']!r}, not {version!r}")
     return ArtifactSet(root=folder, manifest=manifest)

@@ -75,6 +75,14 @@ class CandidateConfig(_Frozen):
     """Largest k a request may ask for (Faiss GPU caps k at 2048)."""
     max_exclude: int = Field(20_000, ge=0)
     """Most excluded ids one request may carry (seen items plus caller's own)."""
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where the index is searched: ``auto`` takes a GPU when Faiss sees one (the
+    ``gpu`` extra), ``gpu`` refuses to start without one."""
+    gpu_index: Literal["flat", "clone"] = "flat"
+    """On a GPU: ``flat`` serves exact search over the set's item embeddings (the
+    right answer at a million items), ``clone`` copies the set's own index (IVF,
+    for catalogs too large for brute force; fast-scan PQ does not clone)."""
+    gpu_id: int = Field(0, ge=0)
     batching: Literal["auto", "on", "off"] = "auto"
     """Micro-batch concurrent Retrieve calls into one search: ``auto`` is on with a
     GPU and off on a CPU, where concurrency across requests already uses the
@@ -88,6 +96,12 @@ class CandidateConfig(_Frozen):
     """Requests with more excluded ids than this are searched alone (selector inside)."""
     reload_check_s: float = Field(5.0, ge=0.0)
     """How often to look for a new artifact set in ``CURRENT`` (0: never)."""
+    keep_versions: int = Field(2, ge=1, le=4)
+    """Artifact sets held in memory: the live one and the ones before it, newest
+    first. Requests pinned to a held version (the ranker pins the one it serves
+    with) are answered from it, so a ranker still on the previous set keeps
+    working while it loads the new one. 1 drops the old set at the swap: a ranker
+    still on it answers popular items (``retrieve_failed``) until it swaps too."""
     omp_threads: int = Field(1, ge=1)
     """Faiss OpenMP threads; concurrency across requests is the better use of cores."""
     grace_s: float = Field(5.0, ge=0.0)

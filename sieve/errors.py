@@ -54,6 +54,19 @@ class ArtifactError(SieveError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class VersionNotLoaded(SieveError):
+    """The caller pinned an artifact version this service does not hold (not loaded
+    yet, or already dropped); the message names the versions it holds."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ConfigError(SieveError):
+    """The configuration cannot work on this machine; the message names the key."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 

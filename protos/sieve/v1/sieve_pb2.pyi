@@ -54,10 +54,16 @@ class RetrieveRequest(_message.Message):
     K_FIELD_NUMBER: _builtins.int
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _builtins.int
     ALLOW_CATEGORIES_FIELD_NUMBER: _builtins.int
+    ARTIFACT_VERSION_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
     """Look the vector up in the artifact set the service has loaded."""
     k: _builtins.int
     """Number of candidates, 1..2048."""
+    artifact_version: _builtins.str
+    """Serve from this artifact version; empty: the newest loaded. A version the
+    service does not hold answers FAILED_PRECONDITION naming the ones it holds
+    (the ranker pins the version its own features and model come from).
+    """
     @_builtins.property
     def user_vector(self) -> Global___UserVector:
         """The caller already holds the user's vector (the ranker does)."""
@@ -82,10 +88,11 @@ class RetrieveRequest(_message.Message):
         k: _builtins.int = ...,
         exclude_item_ids: _abc.Iterable[_builtins.int] | None = ...,
         allow_categories: _abc.Iterable[_builtins.str] | None = ...,
+        artifact_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["query", b"query", "user_id", b"user_id", "user_vector", b"user_vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_categories", b"allow_categories", "exclude_item_ids", b"exclude_item_ids", "k", b"k", "query", b"query", "user_id", b"user_id", "user_vector", b"user_vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_categories", b"allow_categories", "artifact_version", b"artifact_version", "exclude_item_ids", b"exclude_item_ids", "k", b"k", "query", b"query", "user_id", b"user_id", "user_vector", b"user_vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["user_vector", "user_id"]  # noqa: Y015
     _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
@@ -177,12 +184,15 @@ class RankedItem(_message.Message):
     final_score: _builtins.float
     """Score after the re-rank rules; the list is ordered by it."""
     candidate_score: _builtins.float
-    """ANN score from the candidate stage (0 for cold-start fallbacks)."""
+    """User vector . item embedding: the ANN score for retrieved items, computed
+    by the ranker for popular candidates (0 for cold-start fallbacks).
+    """
     model_score: _builtins.float
     """Probability of a positive rating from the ranking model."""
     candidate_rank: _builtins.int
-    """Position in the candidate list (0-based); -1 for items that did not come
-    from retrieval (the popular-items fallback).
+    """Position in the ANN candidate list (0-based); -1 for items that did not
+    come from the ANN search (the popular candidate source, or the
+    popular-items fallback).
     """
     def __init__(
         self,

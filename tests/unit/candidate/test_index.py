@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 
 from candidate.index import (
+    Accelerated,
     CandidateIndex,
     SearchRequest,
     build_index,
+    gpu_count,
     parse_search_params,
     read_index,
     resolve_auto,
     search_parameters,
+    to_gpu,
     write_index,
 )
 from sieve.errors import InvalidRequest
@@ -206,3 +209,86 @@ def test_search_many_equals_one_by_one() -> None:
         want = idx.search(r.query, r.k, r.exclude, r.allow)
         np.testing.assert_array_equal(got.item_ids, want.item_ids)
         np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
+
+
+def _accelerated_pair(max_k: int) -> tuple[CandidateIndex, CandidateIndex, np.ndarray]:
+    """The same catalog served plainly (selectors inside the search) and through an
+    index that cannot filter, capped at ``max_k`` results (what a Faiss GPU index
+    is). The stand-in is a CPU IndexFlatIP, so this runs without a GPU: what is
+    tested is the post-filtering and the fallback, not CUDA."""
+    rng = np.random.default_rng(5)
+    x = _data(n=6000, seed=5)
+    ids = np.arange(6000, dtype=np.int64) * 7 + 3
+    cats = {"a": rng.random(6000) < 0.15, "b": rng.random(6000) < 0.05}
+    plain = CandidateIndex(build_index(x, "Flat"), ids, np.array([1]), x[:1], {}, cats)
+    gpu_like = faiss.IndexFlatIP(x.shape[1])
+    gpu_like.add(x)
+    fast = CandidateIndex(
+        build_index(x, "Flat"),
+        ids,
+        np.array([1]),
+        x[:1],
+        {},
+        cats,
+        accelerated=Accelerated(gpu_like, max_k),
+    )
+    return plain, fast, x
+
+
+def test_post_filtered_search_equals_selector_search() -> None:
+    plain, fast, x = _accelerated_pair(max_k=2048)
+    rng = np.random.default_rng(6)
+    ids = plain.item_ids
+    # the best rows of query 0, excluded: a post-filter must reach past them
+    _, top = plain.index.search(x[:1], 300)
+    reqs = [
+        SearchRequest(x[0], 1000, ids[top[0]]),
+        SearchRequest(x[1], 100, rng.choice(ids, 5000, replace=False)),  # k+e > cap
+        SearchRequest(x[2], 50, ids[:10], ["a", "b"]),
+        SearchRequest(x[3], 200, np.empty(0, np.int64), ["b"]),  # 5% allowed: falls back
+        SearchRequest(x[4], 2048, np.empty(0, np.int64)),
+    ]
+    for r in reqs:
+        want = plain.search(r.query, r.k, r.exclude, r.allow)
+        one = fast.search(r.query, r.k, r.exclude, r.allow)
+        np.testing.assert_allclose(one.scores, want.scores, atol=1e-5)
+        assert len(one.item_ids) == len(want.item_ids) == min(r.k, len(ids))
+        assert not np.isin(one.item_ids, r.exclude).any()
+    for r, got in zip(reqs, fast.search_many(reqs), strict=True):
+        want = plain.search(r.query, r.k, r.exclude, r.allow)
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
+
+
+def test_post_filter_never_returns_more_than_the_cap_allows() -> None:
+    """A cap below k + excluded still answers exactly, through the fallback."""
+    plain, fast, x = _accelerated_pair(max_k=120)
+    _, top = plain.index.search(x[:1], 50)
+    excluded = plain.item_ids[top[0]]
+    got = fast.search(x[0], 100, excluded)
+    want = plain.search(x[0], 100, excluded)
+    np.testing.assert_array_equal(np.sort(got.item_ids), np.sort(want.item_ids))
+
+
+@pytest.mark.skipif(gpu_count() > 0, reason="this machine has a GPU")
+def test_device_gpu_without_a_gpu_is_refused_at_start() -> None:
+    from candidate.service import use_gpu
+    from sieve.config import CandidateConfig
+    from sieve.errors import ConfigError
+
+    assert use_gpu(CandidateConfig()) is False  # auto: CPU here
+    with pytest.raises(ConfigError, match="candidate.device is 'gpu' but Faiss sees no GPU"):
+        use_gpu(CandidateConfig(device="gpu"))
+
+
+@pytest.mark.skipif(gpu_count() == 0, reason="needs faiss-gpu and a GPU (unverified in CI)")
+def test_gpu_flat_is_exact() -> None:
+    plain, _, x = _accelerated_pair(max_k=2048)
+    on_gpu = to_gpu(plain.index, x)
+    fast = CandidateIndex(
+        plain.index, plain.item_ids, np.array([1]), x[:1], {}, None, accelerated=on_gpu
+    )
+    excluded = plain.item_ids[:500]
+    for qi in range(5):
+        got = fast.search(x[qi], 1000, excluded)
+        want = plain.search(x[qi], 1000, excluded)
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-4)
