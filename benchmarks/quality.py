@@ -3,9 +3,12 @@
     python -m benchmarks.quality --artifacts artifacts
 
 For every user with a relevant held-out item (rating >= the build's positive
-threshold): retrieve 1000 candidates as the service does (seen items excluded
-inside the search), then rank them by popularity, by ANN order, and by the
-artifact set's model (ONNX Runtime, the serving features). Reports NDCG@10,
+threshold): retrieve candidates as the ranker does (1000 from the ANN search with
+seen items excluded inside it, plus the most popular unseen items it missed), then
+rank them by popularity (over the whole catalog), by ANN order (the ANN
+candidates alone), and by each of the set's models: the DCN-v2 teacher, the
+distilled student in FP32 and in INT8 (ONNX Runtime, the serving features).
+Reports NDCG@10,
 NDCG@50, recall@50 (relevant items the funnel missed count as misses) and AUC over
 the candidates, each with a 95% bootstrap interval; writes
 ``benchmarks/results/quality.{json,png}``.
@@ -22,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from candidate.index import CandidateIndex, parse_search_params
-from ranker.evaluate import auc, bootstrap_ci, ndcg_at_k, recall_at_k
-from ranker.features import assemble
+from ranker.evaluate import auc, bootstrap_ci, ndcg_at_k, paired_ratio_ci, recall_at_k
+from ranker.features import ITEM_INPUTS, assemble, with_popular
 from ranker.scorer import OnnxScorer
 from sieve import artifacts
 
@@ -31,10 +34,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("ndcg@10", "ndcg@50", "recall@50", "auc")
 
 
+MODELS = {"teacher": "teacher", "student_fp32": "model", "student_int8": "model_int8"}
+"""Ranker variants in the report -> their artifact roles."""
+
+
 def evaluate(root: Path, n_candidates: int = 1000) -> dict[str, Any]:
     aset = artifacts.load(root)
     m = aset.manifest
     positive = float(m["build"]["config"]["positive_rating"])
+    n_popular = int(m["model"].get("popular_candidates", 0))
     catalog_ids = pd.read_parquet(aset.verified("catalog"), columns=["item_id"])["item_id"]
     index = CandidateIndex.load(
         aset.verified("index"),
@@ -42,57 +50,76 @@ def evaluate(root: Path, n_candidates: int = 1000) -> dict[str, Any]:
         aset.verified("user_vectors"),
         parse_search_params(m["index"].get("search_params", "")),
     )
+    embeddings = np.load(aset.verified("item_embeddings"), mmap_mode="r")
     users = pd.read_parquet(aset.verified("user_features")).set_index("user_id")
     items = pd.read_parquet(aset.verified("item_features")).set_index("item_id")
-    genres = np.stack(items["genres"].to_numpy())
-    pop = items["log_popularity"].to_numpy(np.float32)
-    rmean = items["rating_mean"].to_numpy(np.float32)
+    item_cols = {
+        c: np.stack(items[c].to_numpy()) if c == "genres" else items[c].to_numpy()
+        for c in ITEM_INPUTS
+    }
+    pop = item_cols["log_popularity"].astype(np.float32)
     row_of = pd.Series(np.arange(len(items)), index=items.index)
+    emb_row = pd.Series(np.arange(len(catalog_ids)), index=catalog_ids.to_numpy())
     by_pop = items.index.to_numpy()[np.argsort(-pop, kind="stable")]
-    scorer = OnnxScorer(
-        str(aset.verified("model")),
-        m["model"]["input_name"],
-        m["model"]["output_name"],
-        m["model"]["features"],
-        1,
-    )
-    scorer.load()
+    scorers = {}
+    for name, role in MODELS.items():
+        if role not in m["files"]:
+            continue
+        scorers[name] = OnnxScorer(
+            str(aset.verified(role)),
+            m["model"]["input_name"],
+            m["model"]["output_name"],
+            m["model"]["features"],
+            1,
+        )
+        scorers[name].load()
     hold = pd.read_parquet(aset.verified("holdout"))
     hold = hold[hold["rating"] >= positive]
     per: dict[str, dict[str, list[float]]] = {
-        k: {mt: [] for mt in METRICS} for k in ("popularity", "ann", "model")
+        k: {mt: [] for mt in METRICS} for k in ("popularity", "ann", *scorers)
     }
+    recall_funnel: list[float] = []
     for user_id, group in hold.groupby("userId"):
         if user_id not in users.index:
             continue
         relevant = set(group["movieId"].astype(int))
         u = users.loc[user_id]
         seen = np.asarray(u["seen_item_ids"], np.int64)
-        res = index.search(np.asarray(u["user_vector"], np.float32), n_candidates, seen)
-        cand, cand_scores = res.item_ids, res.scores
-        rows = row_of.loc[cand].to_numpy()
-        x = assemble(
-            ann_score=cand_scores,
-            user_genre_affinity=np.asarray(u["genre_affinity"], np.float32)[None],
-            item_genres=genres[rows],
-            item_log_popularity=pop[rows],
-            item_rating_mean=rmean[rows],
-            user_rating_count=np.array([u["rating_count"]]),
-            user_rating_mean=np.array([u["rating_mean"]], np.float32),
+        vector = np.asarray(u["user_vector"], np.float32)
+        res = index.search(vector, n_candidates, seen)
+        head = by_pop[: n_popular + len(seen)]
+        cand, cand_scores, ranks = with_popular(
+            res.item_ids,
+            res.scores,
+            head[~np.isin(head, seen)],
+            n_popular,
+            vector,
+            lambda ids: np.asarray(embeddings[emb_row.loc[ids].to_numpy()]),
         )
-        model_scores = scorer.score(x)
-        labels = np.isin(cand, list(relevant))
-        pop_list = by_pop[~np.isin(by_pop, seen)][:50]
-        ranked = {
-            "popularity": (pop_list, pop[rows]),
-            "ann": (cand, cand_scores),
-            "model": (cand[np.argsort(-model_scores, kind="stable")], model_scores),
+        rows = row_of.loc[cand].to_numpy()
+        user = {
+            "genre_affinity": np.asarray(u["genre_affinity"], np.float32)[None],
+            "rating_count": np.array([u["rating_count"]]),
+            "rating_mean": np.array([u["rating_mean"]], np.float32),
+            "rating_std": np.array([u["rating_std"]], np.float32),
         }
-        for name, (order, cand_score) in ranked.items():
+        x = assemble(cand_scores, ranks, user, {c: v[rows] for c, v in item_cols.items()})
+        labels = np.isin(cand, list(relevant))
+        recall_funnel.append(float(labels.sum()) / len(relevant))
+        pop_list = by_pop[~np.isin(by_pop, seen)][:50]
+        ann = ranks >= 0
+        ranked = {
+            "popularity": (pop_list, pop[rows], labels),
+            "ann": (cand[ann], cand_scores[ann], labels[ann]),
+        }
+        for name, scorer in scorers.items():
+            s = scorer.score(x)
+            ranked[name] = (cand[np.argsort(-s, kind="stable")], s, labels)
+        for name, (order, cand_score, lab) in ranked.items():
             per[name]["ndcg@10"].append(ndcg_at_k(order, relevant, 10))
             per[name]["ndcg@50"].append(ndcg_at_k(order, relevant, 50))
             per[name]["recall@50"].append(recall_at_k(order, relevant, 50))
-            per[name]["auc"].append(auc(cand_score, labels))
+            per[name]["auc"].append(auc(cand_score, lab))
     summary = {
         name: {
             mt: dict(zip(("mean", "low", "high"), bootstrap_ci(np.array(v)), strict=True))
@@ -100,13 +127,22 @@ def evaluate(root: Path, n_candidates: int = 1000) -> dict[str, Any]:
         }
         for name, metrics in per.items()
     }
+    ratios = {}
+    for num, den in (("student_fp32", "teacher"), ("student_int8", "student_fp32")):
+        if num in per and den in per:
+            r, low, high = paired_ratio_ci(
+                np.array(per[num]["ndcg@10"]), np.array(per[den]["ndcg@10"])
+            )
+            ratios[f"{num}/{den} ndcg@10"] = {"ratio": r, "low": low, "high": high}
     return {
         "artifact_version": aset.version,
-        "users": len(per["model"]["ndcg@10"]),
+        "users": len(per["ann"]["ndcg@10"]),
         "positive_rating": positive,
-        "candidates": n_candidates,
+        "candidates": {"ann": n_candidates, "popular": n_popular},
+        "funnel_recall": float(np.mean(recall_funnel)),
         "bootstrap": {"resamples": 1000, "level": 0.95, "over": "users"},
         "results": summary,
+        "ratios": ratios,
     }
 
 
@@ -121,7 +157,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for ax, mt in zip(axes, METRICS, strict=True):
         r = [result["results"][n][mt] for n in names]
         err = [[x["mean"] - x["low"] for x in r], [x["high"] - x["mean"] for x in r]]
-        ax.bar(names, [x["mean"] for x in r], yerr=err, capsize=4, color=["C7", "C0", "C1"])
+        ax.bar(
+            names,
+            [x["mean"] for x in r],
+            yerr=err,
+            capsize=4,
+            color=[f"C{i}" for i in range(len(names))],
+        )
         ax.set_title(mt)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"MovieLens holdout, {result['users']} users, 95% bootstrap intervals")
@@ -143,7 +185,13 @@ def main() -> None:
         cells = "  ".join(
             f"{mt} {v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]" for mt, v in metrics.items()
         )
-        print(f"{name:<11} {cells}")
+        print(f"{name:<13} {cells}")
+    for name, v in result["ratios"].items():
+        print(f"{name}: {v['ratio']:.3f} [{v['low']:.3f}, {v['high']:.3f}] (paired bootstrap)")
+    print(
+        f"funnel recall (relevant held-out items among the candidates): "
+        f"{result['funnel_recall']:.3f}"
+    )
     print(f"wrote {RESULTS / (args.name + '.json')} and .png")
 
 

@@ -1,13 +1,15 @@
-"""Scoring 1000-row requests with cross-request batching off and on, side by side.
+"""Scoring 1000-row requests: teacher vs student vs INT8, batching off and on.
 
     python -m benchmarks.score_batching --artifacts artifacts [--requests 2000]
 
-Loads the artifact set's ranking model in ONNX Runtime (the service's thread
-settings) and, for 1, 8 and 32 concurrent callers, scores ``--requests`` blocks
-of 1000 rows either directly (what the ranker does with batching off) or through
-the MicroBatcher (on). Also times one model call on 1000 x m rows against m calls
-of 1000 rows. Reports throughput and p50/p95/p99 per request; writes
-``benchmarks/results/score_batching.{json,png}``.
+Loads the artifact set's models in ONNX Runtime (the service's thread settings).
+First the cost of one 1000-row call for the DCN-v2 teacher, the served student
+(FP32) and its INT8 twin, side by side (median, p99 and the ratios). Then, for
+the student in FP32 and INT8 and for 1, 8 and 32 concurrent callers, scores
+``--requests`` blocks of 1000 rows either directly (what the ranker does with
+batching off) or through the MicroBatcher (on), and one model call on 1000 x m
+rows against m calls of 1000 rows. Reports throughput and p50/p95/p99 per
+request; writes ``benchmarks/results/score_batching.{json,png}``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ async def run(scorer: OnnxScorer, n: int, levels: list[int], wait_us: int) -> di
     batcher.start()
 
     async def off(x: np.ndarray) -> np.ndarray:
+        # The ranker scores on its event loop: a request waits for the loop, then
+        # scores. Yielding first lets concurrent callers queue as they would there
+        # (without it one caller would run every block back to back).
+        await asyncio.sleep(0)
         return scorer.score(x)
 
     async def on(x: np.ndarray) -> np.ndarray:
@@ -105,6 +111,33 @@ def call_sizes(scorer: OnnxScorer, sizes: list[int], repeats: int = 50) -> dict[
     return out
 
 
+VARIANTS = {"teacher": "teacher", "student_fp32": "model", "student_int8": "model_int8"}
+
+
+def model_costs(scorers: dict[str, OnnxScorer], repeats: int = 300) -> dict[str, Any]:
+    """One 1000-row call per model, interleaved round by round so that noise on a
+    shared machine hits every model alike; ms percentiles and ratios."""
+    x = np.random.default_rng(2).normal(size=(1000, len(MODEL_FEATURES))).astype(np.float32)
+    times: dict[str, list[float]] = {name: [] for name in scorers}
+    for _ in range(20):
+        for s in scorers.values():
+            s.score(x)
+    for _ in range(repeats):
+        for name, s in scorers.items():
+            t0 = time.perf_counter()
+            s.score(x)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out: dict[str, Any] = {name: percentiles(t) for name, t in times.items()}
+    base = out["teacher"]["p50"]
+    for name in scorers:
+        out[name]["teacher_over_this_p50"] = base / out[name]["p50"]
+        print(
+            f"1000 rows, {name:<13} p50 {out[name]['p50']:6.3f} ms  p99 {out[name]['p99']:6.3f} ms"
+            f"  teacher / this: {out[name]['teacher_over_this_p50']:5.1f}x"
+        )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--artifacts", default="artifacts")
@@ -115,13 +148,20 @@ def main() -> None:
     args = ap.parse_args()
     aset = artifacts.load(Path(args.artifacts))
     m = aset.manifest["model"]
-    scorer = OnnxScorer(
-        str(aset.verified("model")), m["input_name"], m["output_name"], m["features"], args.threads
-    )
-    scorer.load()
-    sizes = call_sizes(scorer, [1, 4, 8, 32])
+    scorers = {}
+    for name, role in VARIANTS.items():
+        scorers[name] = OnnxScorer(
+            str(aset.verified(role)), m["input_name"], m["output_name"], m["features"], args.threads
+        )
+        scorers[name].load()
+    costs = model_costs(scorers)
     levels = [int(x) for x in args.concurrency.split(",")]
-    rows = asyncio.run(run(scorer, args.requests, levels, args.max_wait_us))
+    by_variant: dict[str, Any] = {}
+    for name in ("student_fp32", "student_int8"):
+        print(f"-- {name}")
+        sizes = call_sizes(scorers[name], [1, 4, 8, 32])
+        rows = asyncio.run(run(scorers[name], args.requests, levels, args.max_wait_us))
+        by_variant[name] = {"call_sizes": sizes, "rows": rows}
     result = {
         "artifact_version": aset.version,
         "model": m.get("kind"),
@@ -129,8 +169,9 @@ def main() -> None:
         "intra_op_threads": args.threads,
         "max_wait_us": args.max_wait_us,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "call_sizes": sizes,
-        "rows": rows,
+        "model_costs_1000_rows": costs,
+        "batching": by_variant,
+        "rows": by_variant["student_fp32"]["rows"],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "score_batching.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -138,7 +179,7 @@ def main() -> None:
         rows,
         RESULTS / "score_batching.png",
         "1000-row requests scored / s",
-        f"Scoring, {result['providers'][0]}, {args.threads} intra-op thread",
+        f"Scoring the student (FP32), {result['providers'][0]}, {args.threads} intra-op thread",
     )
     print(f"wrote {RESULTS / 'score_batching.json'} and .png")
 

@@ -52,6 +52,7 @@ USER_VIEW = ViewSpec(
         FeatureSpec("genre_affinity", "float_list", N_GENRES),
         FeatureSpec("rating_count", "int64"),
         FeatureSpec("rating_mean", "float"),
+        FeatureSpec("rating_std", "float"),
         FeatureSpec("seen_item_ids", "int64_list"),
     ),
 )
@@ -67,6 +68,7 @@ ITEM_VIEW = ViewSpec(
         FeatureSpec("primary_genre", "int64"),
         FeatureSpec("log_popularity", "float"),
         FeatureSpec("rating_mean", "float"),
+        FeatureSpec("age_years", "float"),
     ),
 )
 VIEWS = (USER_VIEW, ITEM_VIEW)

@@ -12,17 +12,24 @@ import pandas as pd
 from features.definitions import ITEM_VIEW, USER_VIEW
 from sieve.data import GENRE_INDEX, genre_multi_hot
 
+SECONDS_PER_YEAR = 365.25 * 86400
 RATING_PRIOR_WEIGHT = 5.0
 """Item rating means shrink toward the global mean as if from this many ratings."""
 
 
 def item_table(movies: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
     """One row per movie (in ``movies`` order) with the ``ITEM_VIEW`` features."""
-    stats = train.groupby("movieId")["rating"].agg(["size", "sum"])
+    stats = train.groupby("movieId").agg(
+        size=("rating", "size"), sum=("rating", "sum"), first=("timestamp", "min")
+    )
     count = movies["movieId"].map(stats["size"]).fillna(0).to_numpy(np.float64)
     total = movies["movieId"].map(stats["sum"]).fillna(0).to_numpy(np.float64)
     global_mean = float(train["rating"].mean()) if len(train) else 3.5
     shrunk = (total + RATING_PRIOR_WEIGHT * global_mean) / (count + RATING_PRIOR_WEIGHT)
+    cutoff = float(train["timestamp"].max()) if len(train) else 0.0
+    first_rated = movies["movieId"].map(stats["first"]).to_numpy(np.float64)
+    # years on the platform at the cut-off; an item nobody rated yet is new (0)
+    age = np.nan_to_num((cutoff - first_rated) / SECONDS_PER_YEAR, nan=0.0)
     genres = genre_multi_hot(movies["genres"])
     first = movies["genres"].fillna("").str.split("|").str[0]
     primary = first.map(GENRE_INDEX).fillna(GENRE_INDEX["(no genres listed)"])
@@ -33,6 +40,7 @@ def item_table(movies: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
             "primary_genre": primary.to_numpy(np.int64),
             "log_popularity": np.log1p(count).astype(np.float32),
             "rating_mean": shrunk.astype(np.float32),
+            "age_years": age.astype(np.float32),
         }
     )
     return frame
@@ -52,7 +60,7 @@ def user_table(
     """
     row_of = pd.Series(np.arange(len(movies)), index=movies["movieId"].to_numpy())
     genres = genre_multi_hot(movies["genres"])
-    users, vectors, affinities, counts, means, seen = [], [], [], [], [], []
+    users, vectors, affinities, counts, means, stds, seen = [], [], [], [], [], [], []
     for user_id, group in train.groupby("userId", sort=True):
         rows = row_of.loc[group["movieId"].to_numpy()].to_numpy()
         liked = rows[group["rating"].to_numpy() >= positive_rating]
@@ -64,6 +72,7 @@ def user_table(
         users.append(int(user_id))
         counts.append(len(group))
         means.append(float(group["rating"].mean()))
+        stds.append(float(group["rating"].std(ddof=0)))
         seen.append(np.sort(group["movieId"].to_numpy(np.int64)))
     return pd.DataFrame(
         {
@@ -72,6 +81,7 @@ def user_table(
             "genre_affinity": affinities,
             "rating_count": np.asarray(counts, np.int64),
             "rating_mean": np.asarray(means, np.float32),
+            "rating_std": np.asarray(stds, np.float32),
             "seen_item_ids": seen,
         }
     )

@@ -59,3 +59,17 @@ def bootstrap_ci(
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     return float(v.mean()), float(low), float(high)
+
+
+def paired_ratio_ci(
+    a: np.ndarray, b: np.ndarray, n_resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """(ratio, low, high) of mean(a) / mean(b), resampling the same users for both,
+    so the interval reflects the models' difference, not the users' spread."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(a), (n_resamples, len(a)))
+    ratios = a[pick].mean(axis=1) / np.maximum(b[pick].mean(axis=1), 1e-12)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(ratios, [alpha, 1.0 - alpha])
+    return float(a.mean() / max(b.mean(), 1e-12)), float(low), float(high)

@@ -1,55 +1,127 @@
 """The ranking model's input row, assembled from user, item and candidate features.
 
-Pure numpy, used both by training (many users at once) and by serving (one user,
-1000 candidates), so the model sees the same features in both places.
+Pure numpy, used by training (many users at once), serving (one user, ~1200
+candidates) and the quality report, so the model sees the same features in all
+three places. The column list is versioned with the model in the manifest.
+
+Candidates come from two sources: the ANN search (rank 0..n-1, score = inner
+product of user vector and item embedding) and the most popular unseen items the
+search missed (``NOT_RETRIEVED`` rank, score computed here from the embeddings),
+since a content-based search alone misses most of what users rate next.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import numpy as np
 
-MODEL_FEATURES: tuple[str, ...] = (
-    "ann_score",  # inner product of user vector and item embedding
+from sieve.data import GENRES
+
+NOT_RETRIEVED = -1
+"""Candidate rank of an item that came from the popular source, not the ANN search."""
+_RANK_OF_MISSING = 2048.0  # past any ANN rank (k <= 2048)
+
+CROSS = (
+    "ann_score",  # user vector . item embedding
+    "log_candidate_rank",  # log1p of the ANN rank; log1p(2048) when not retrieved
+    "from_ann",  # 1 if the ANN search returned the item
     "genre_match",  # user's genre affinity . item's genre multi-hot
-    "item_log_popularity",
-    "item_rating_mean",
-    "user_log_rating_count",
-    "user_rating_mean",
+    "genre_cosine",  # the same, as a cosine
     "rating_gap",  # item_rating_mean - user_rating_mean
 )
+ITEM = (
+    "item_log_popularity",
+    "item_rating_mean",
+    "item_age_years",  # time since the item's first rating, at the training cut-off
+    *(f"item_genre={g}" for g in GENRES),
+)
+USER = (
+    "user_log_rating_count",
+    "user_rating_mean",
+    "user_rating_std",
+    *(f"user_genre={g}" for g in GENRES),
+)
+MODEL_FEATURES: tuple[str, ...] = (*CROSS, *ITEM, *USER)
 """Column order of the model's ``features`` input; versioned in the manifest."""
+USER_INPUTS = ("genre_affinity", "rating_count", "rating_mean", "rating_std")
+ITEM_INPUTS = ("genres", "log_popularity", "rating_mean", "age_years")
+"""The online features ``assemble`` reads (names of the Feast views' fields)."""
 
 
 def assemble(
     ann_score: np.ndarray,
-    user_genre_affinity: np.ndarray,
-    item_genres: np.ndarray,
-    item_log_popularity: np.ndarray,
-    item_rating_mean: np.ndarray,
-    user_rating_count: np.ndarray,
-    user_rating_mean: np.ndarray,
+    candidate_rank: np.ndarray,
+    user: Mapping[str, np.ndarray],
+    item: Mapping[str, np.ndarray],
 ) -> np.ndarray:
     """Model input rows, float32 [n, len(MODEL_FEATURES)].
 
-    Item arguments have n rows; user arguments have n rows or one (broadcast).
-
     Args:
-        ann_score: [n] candidate scores.
-        user_genre_affinity: [n or 1, G]; item_genres: [n, G].
-        item_log_popularity, item_rating_mean: [n].
-        user_rating_count, user_rating_mean: [n] or [1].
+        ann_score: [n] user vector . item embedding.
+        candidate_rank: [n] ANN rank, or ``NOT_RETRIEVED``.
+        user: ``USER_INPUTS`` arrays with n rows or one (broadcast); list
+            features are [n or 1, G].
+        item: ``ITEM_INPUTS`` arrays with n rows.
     """
-    item_rating_mean = np.asarray(item_rating_mean, np.float32)
-    user_rating_mean = np.asarray(user_rating_mean, np.float32)
     n = len(ann_score)
     out = np.empty((n, len(MODEL_FEATURES)), dtype=np.float32)
+    g = len(GENRES)
+    affinity = np.broadcast_to(np.asarray(user["genre_affinity"], np.float32), (n, g))
+    genres = np.asarray(item["genres"], np.float32)
+    rank = np.asarray(candidate_rank)
+    retrieved = rank >= 0
+    item_mean = np.asarray(item["rating_mean"], np.float32)
+    user_mean = np.broadcast_to(np.asarray(user["rating_mean"], np.float32), (n,))
+    match = np.einsum("ij,ij->i", affinity, genres)
+    norms = np.linalg.norm(affinity, axis=1) * np.linalg.norm(genres, axis=1)
     out[:, 0] = ann_score
-    out[:, 1] = np.einsum(
-        "ij,ij->i", np.broadcast_to(user_genre_affinity, item_genres.shape), item_genres
-    )
-    out[:, 2] = item_log_popularity
-    out[:, 3] = item_rating_mean
-    out[:, 4] = np.log1p(np.asarray(user_rating_count, np.float32))
-    out[:, 5] = user_rating_mean
-    out[:, 6] = item_rating_mean - user_rating_mean
+    out[:, 1] = np.log1p(np.where(retrieved, rank, _RANK_OF_MISSING))
+    out[:, 2] = retrieved
+    out[:, 3] = match
+    out[:, 4] = match / np.maximum(norms, 1e-6)
+    out[:, 5] = item_mean - user_mean
+    c = len(CROSS)
+    out[:, c] = item["log_popularity"]
+    out[:, c + 1] = item_mean
+    out[:, c + 2] = item["age_years"]
+    out[:, c + 3 : c + 3 + g] = genres
+    u = len(CROSS) + len(ITEM)
+    out[:, u] = np.log1p(np.asarray(user["rating_count"], np.float32))
+    out[:, u + 1] = user_mean
+    out[:, u + 2] = user["rating_std"]
+    out[:, u + 3 : u + 3 + g] = affinity
     return out
+
+
+def with_popular(
+    ann_ids: np.ndarray,
+    ann_scores: np.ndarray,
+    popular_ids: np.ndarray,
+    n_popular: int,
+    user_vector: np.ndarray,
+    embeddings_of: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ANN candidates plus up to ``n_popular`` of ``popular_ids`` they lack.
+
+    Args:
+        popular_ids: most popular first, already without excluded items.
+        embeddings_of: item ids -> float32 [m, d] embeddings.
+
+    Returns:
+        (ids int64, scores float32, ranks int32): ANN candidates first, in ANN
+        order with their ANN rank; then the added popular items, ``NOT_RETRIEVED``.
+    """
+    ann_ids = np.asarray(ann_ids, np.int64)
+    ranks = np.arange(len(ann_ids), dtype=np.int32)
+    if n_popular <= 0 or len(popular_ids) == 0:
+        return ann_ids, np.asarray(ann_scores, np.float32), ranks
+    # the ANN list holds at most len(ann_ids) of them: that many extra suffice
+    head = np.asarray(popular_ids[: n_popular + len(ann_ids)], np.int64)
+    extra = head[~np.isin(head, ann_ids)][:n_popular]
+    extra_scores = embeddings_of(extra) @ np.asarray(user_vector, np.float32)
+    return (
+        np.concatenate([ann_ids, extra]),
+        np.concatenate([np.asarray(ann_scores, np.float32), extra_scores.astype(np.float32)]),
+        np.concatenate([ranks, np.full(len(extra), NOT_RETRIEVED, np.int32)]),
+    )

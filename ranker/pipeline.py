@@ -2,11 +2,17 @@
 
     Rank(user) -> user features (online store)
                -> Retrieve over gRPC: 1,000 candidates, seen items excluded in the search
-               -> item features (in-process table)
+               -> + the most popular unseen items the search missed (200)
+               -> item features (in-process table), cross features
                -> score (ONNX Runtime)
                -> re-rank (genre cap) -> k items
 
 Each stage is timed; what the request had to give up is listed as a degradation.
+
+A request takes one loaded artifact set (``_Loaded``) when it starts and uses only
+it: its features, item table and model, and a Retrieve pinned to its version. A new
+set goes live (``reload``) only once the candidate service holds it too, so index,
+model and features change as one unit and no request mixes versions.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from features.definitions import USER_VIEW
 from features.item_table import ItemTable, load_item_table
 from features.reader import OnlineReader, open_reader
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
-from ranker.features import MODEL_FEATURES, assemble
+from ranker.features import ITEM_INPUTS, MODEL_FEATURES, USER_INPUTS, assemble, with_popular
 from ranker.rerank import genre_cap
 from ranker.scorer import OnnxScorer, providers, replace_nonfinite
 from sieve import artifacts
@@ -118,8 +124,25 @@ class _Loaded:
     scorer: OnnxScorer
     popular: np.ndarray  # item table rows, most popular first
     feature_defaults: np.ndarray  # float32 [F]: what a non-finite feature value becomes
+    embeddings: np.ndarray  # float32 [n, d], catalog order, memory-mapped
+    catalog_ids: np.ndarray  # int64 [n]: row i of ``embeddings``
+    catalog_sorter: np.ndarray
+    n_popular: int  # popular unseen items added to the ANN candidates
     registry_mtime: float
     registry_path: Path
+
+
+def _embeddings_of(state: _Loaded, item_ids: np.ndarray) -> np.ndarray:
+    """Embeddings of catalog items (ids the catalog lacks get zeros)."""
+    ids = np.asarray(item_ids, np.int64)
+    pos = np.minimum(
+        np.searchsorted(state.catalog_ids, ids, sorter=state.catalog_sorter),
+        len(state.catalog_ids) - 1,
+    )
+    rows = state.catalog_sorter[pos]
+    out = np.asarray(state.embeddings[rows], np.float32)
+    out[state.catalog_ids[rows] != ids] = 0.0
+    return out
 
 
 class RankPipeline:
@@ -140,6 +163,14 @@ class RankPipeline:
             else None
         )
         self._state: _Loaded | None = None
+        # A new set loaded by reload(), waiting for the candidate service to hold it.
+        self._pending: _Loaded | None = None
+        self._refused = ""  # a version that failed to load, skipped until CURRENT moves on
+        self._reload_lock = asyncio.Lock()
+        # Requests running per reader (id), so a retired set's reader is closed only
+        # after its last request; _idle wakes the retiring reload when one drains.
+        self._in_flight: dict[int, int] = {}
+        self._idle: dict[int, asyncio.Event] = {}
         self._channel: grpc.aio.Channel | None = None
         self._stub: sieve_pb2_grpc.CandidateServiceStub | None = None
 
@@ -153,26 +184,126 @@ class RankPipeline:
         Raises:
             ArtifactError: naming the missing or corrupt file.
         """
-        self._state = await self._load()
+        self._state = await self._load(artifacts.load(self.artifacts_root))
         self._channel = grpc.aio.insecure_channel(self.config.candidate_address)
         self._stub = sieve_pb2_grpc.CandidateServiceStub(self._channel)
-        state = self._state
-        x = np.zeros((self.config.num_candidates, len(MODEL_FEATURES)), np.float32)
-        for _ in range(3):
-            state.scorer.score(x)
+        self._warm_up(self._state)
         if self.score_batcher is not None:
             self.score_batcher.start()
 
-    async def _load(self) -> _Loaded:
-        aset = artifacts.load(self.artifacts_root)
+    def _warm_up(self, state: _Loaded) -> None:
+        x = np.zeros((self.config.num_candidates, len(MODEL_FEATURES)), np.float32)
+        for _ in range(3):
+            state.scorer.score(x)
+
+    async def reload(self) -> bool:
+        """Go live with the set ``CURRENT`` names, if it is new, as one unit.
+
+        The new set is loaded beside the live one (once: it waits in ``_pending``
+        across calls), then goes live only when the candidate service answers a
+        Retrieve pinned to its version; until then this returns False and the next
+        call probes again. The swap is one assignment; the old set's reader is
+        closed after the requests that took it have finished. A set that fails to
+        load is refused (logged, once) and the live one keeps serving.
+
+        Returns:
+            Whether a new set went live.
+        """
+        async with self._reload_lock:
+            state = self._state
+            if state is None:
+                return False
+            try:
+                target = artifacts.current_version(self.artifacts_root)
+            except ArtifactError as e:
+                log.error("artifact reload: %s; still serving %s", e, state.version)
+                return False
+            pending = self._pending
+            if pending is not None and pending.version != target:
+                # CURRENT moved on before the candidate service caught up: drop it
+                # (no request ever took it).
+                log.info("dropped %s (never live): CURRENT names %s", pending.version, target)
+                self._pending = None
+                await pending.reader.close()
+                pending = None
+            if target in (state.version, self._refused):
+                return False
+            if pending is None:
+                try:
+                    pending = await self._load(artifacts.load(self.artifacts_root, target))
+                except ArtifactError as e:
+                    self._refused = target
+                    log.error(
+                        "refused artifact set %s: %s; still serving %s", target, e, state.version
+                    )
+                    return False
+                await asyncio.to_thread(self._warm_up, pending)
+                self._pending = pending
+                log.info(
+                    "ranker loaded %s beside %s; it goes live once the candidate service holds it",
+                    target,
+                    state.version,
+                )
+            if not await self._candidate_holds(pending):
+                return False
+            self._pending = None
+            old, self._state = self._state, pending
+            log.info("ranker swapped artifact set: %s -> %s", state.version, pending.version)
+            if old is not None:
+                await self._retire(old)
+            return True
+
+    async def _candidate_holds(self, state: _Loaded) -> bool:
+        """Whether the candidate service answers a Retrieve pinned to ``state.version``
+        (k=1, a unit vector of the set's dimension). FAILED_PRECONDITION: not yet."""
+        stub = self._stub
+        if stub is None:
+            return False
+        probe = np.zeros(int(state.embeddings.shape[1]), np.float32)
+        probe[0] = 1.0
+        try:
+            resp = await stub.Retrieve(
+                sieve_pb2.RetrieveRequest(
+                    user_vector=sieve_pb2.UserVector(values=probe),
+                    k=1,
+                    artifact_version=state.version,
+                ),
+                timeout=self.config.retrieve_timeout_s,
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                log.warning(
+                    "candidate probe for %s failed: %s %s",
+                    state.version,
+                    e.code().name,
+                    e.details(),
+                )
+            return False
+        return resp.artifact_version == state.version
+
+    async def _retire(self, state: _Loaded) -> None:
+        """Close ``state``'s reader once no request that took it is running."""
+        key = id(state.reader)
+        if self._in_flight.get(key):
+            idle = self._idle.setdefault(key, asyncio.Event())
+            await idle.wait()
+        await state.reader.close()
+
+    async def _load(self, aset: artifacts.ArtifactSet) -> _Loaded:
         model = aset.manifest["model"]
         if list(model["features"]) != list(MODEL_FEATURES):
             raise ArtifactError(
                 f"{aset.root / artifacts.MANIFEST}: model features {model['features']} are not "
                 f"the features this ranker computes {list(MODEL_FEATURES)}"
             )
+        role = {"fp32": "model", "int8": "model_int8"}[self.config.model]
+        if role not in aset.manifest["files"]:
+            raise ArtifactError(
+                f"{aset.root / artifacts.MANIFEST} has no {role} file (ranker.model = "
+                f"{self.config.model!r}); rebuild the set or serve 'fp32'"
+            )
         scorer = OnnxScorer(
-            str(aset.verified("model")),
+            str(aset.verified(role)),
             model["input_name"],
             model["output_name"],
             model["features"],
@@ -193,7 +324,27 @@ class RankPipeline:
         defaults = np.asarray(
             model.get("feature_defaults", [0.0] * len(MODEL_FEATURES)), np.float32
         )
-        return _Loaded(aset.version, reader, items, scorer, popular, defaults, mtime, registry)
+        embeddings = np.load(aset.verified("item_embeddings"), mmap_mode="r")
+        catalog_ids = catalog["item_id"].to_numpy(np.int64)
+        if embeddings.shape[0] != len(catalog_ids):
+            raise ArtifactError(
+                f"{aset.path('item_embeddings')} has {embeddings.shape[0]} rows, "
+                f"the catalog {len(catalog_ids)}"
+            )
+        return _Loaded(
+            version=aset.version,
+            reader=reader,
+            items=items,
+            scorer=scorer,
+            popular=popular,
+            feature_defaults=defaults,
+            embeddings=embeddings,
+            catalog_ids=catalog_ids,
+            catalog_sorter=np.argsort(catalog_ids, kind="stable"),
+            n_popular=int(model.get("popular_candidates", 0)),
+            registry_mtime=mtime,
+            registry_path=registry,
+        )
 
     async def refresh_item_features(self, force: bool = False) -> bool:
         """Reload the in-process item table when Feast's registry changed (a new
@@ -205,6 +356,8 @@ class RankPipeline:
         if not force and mtime == state.registry_mtime:
             return False
         items = await load_item_table(state.reader, state.items.ids)
+        if self._state is not state:
+            return False  # a reload swapped sets meanwhile: this table is of the old one
         popular = np.argsort(-items.columns["log_popularity"], kind="stable")
         self._state = dataclasses.replace(state, items=items, popular=popular, registry_mtime=mtime)
         return True
@@ -216,11 +369,34 @@ class RankPipeline:
             await self._channel.close()
         if self._state is not None:
             await self._state.reader.close()
+        if self._pending is not None:
+            await self._pending.reader.close()
+            self._pending = None
 
     async def rank(self, q: RankQuery) -> RankResult:
+        """Rank for one user with the set live when the request starts, end to end.
+
+        Raises:
+            NotReady: before ``start``.
+        """
         state, stub = self._state, self._stub
         if state is None or stub is None:
             raise NotReady("ranker is not loaded yet")
+        key = id(state.reader)
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        try:
+            return await self._rank(state, stub, q)
+        finally:
+            self._in_flight[key] -= 1
+            if not self._in_flight[key]:
+                del self._in_flight[key]
+                idle = self._idle.pop(key, None)
+                if idle is not None:
+                    idle.set()
+
+    async def _rank(
+        self, state: _Loaded, stub: sieve_pb2_grpc.CandidateServiceStub, q: RankQuery
+    ) -> RankResult:
         clock = _Clock()
         clock.mark("validate")
 
@@ -242,36 +418,45 @@ class RankPipeline:
                     user_vector=sieve_pb2.UserVector(values=user.array("user_vector")[0]),
                     k=self.config.num_candidates,
                     exclude_item_ids=exclude,
+                    artifact_version=state.version,  # the index of this request's set
                 ),
                 timeout=self.config.retrieve_timeout_s,
             )
         except grpc.aio.AioRpcError as e:
             log.warning("Retrieve failed: %s %s", e.code().name, e.details())
-            return self._popular(
-                state, q, clock, f"retrieve_failed: {e.code().name}; returned popular items"
-            )
+            why = e.code().name
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                # e.g. the candidate service restarted and no longer holds our version
+                why += f" ({e.details()})"
+            return self._popular(state, q, clock, f"retrieve_failed: {why}; returned popular items")
         clock.mark("retrieve")
         degradations = []
-        if resp.artifact_version != state.version:
+        if resp.artifact_version != state.version:  # a safety net: the Retrieve was pinned
             degradations.append(
                 f"version_mismatch: candidate {resp.artifact_version}, ranker {state.version}"
             )
 
-        cand_ids = np.asarray(resp.item_ids, np.int64)
-        cand_scores = np.asarray(resp.scores, np.float32)
+        vector = user.array("user_vector")[0]
+        head = state.items.ids[state.popular[: state.n_popular + len(exclude)]]
+        cand_ids, cand_scores, cand_ranks = with_popular(
+            np.asarray(resp.item_ids, np.int64),
+            np.asarray(resp.scores, np.float32),
+            head[~np.isin(head, exclude)],
+            state.n_popular,
+            vector,
+            lambda ids: _embeddings_of(state, ids),
+        )
         rows, found = state.items.rows(cand_ids)
         if not found.all():
             degradations.append(f"missing_item_features: {int((~found).sum())} candidates dropped")
             cand_ids, cand_scores, rows = cand_ids[found], cand_scores[found], rows[found]
+            cand_ranks = cand_ranks[found]
         cols = state.items.columns
         x = assemble(
-            ann_score=cand_scores,
-            user_genre_affinity=user.array("genre_affinity"),
-            item_genres=cols["genres"][rows],
-            item_log_popularity=cols["log_popularity"][rows],
-            item_rating_mean=cols["rating_mean"][rows],
-            user_rating_count=user.array("rating_count"),
-            user_rating_mean=user.array("rating_mean"),
+            cand_scores,
+            cand_ranks,
+            {name: user.array(name) for name in USER_INPUTS},
+            {name: cols[name][rows] for name in ITEM_INPUTS},
         )
         clock.mark("item_features")
 
@@ -298,7 +483,7 @@ class RankPipeline:
             final_scores=model_scores[chosen],
             candidate_scores=cand_scores[chosen],
             model_scores=model_scores[chosen],
-            candidate_ranks=chosen.astype(np.int32),
+            candidate_ranks=cand_ranks[chosen].astype(np.int32),
             version=state.version,
             timings=clock.total(),
             degradations=degradations,

@@ -60,6 +60,7 @@ async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[Ser
     pipeline = RankPipeline(config, artifacts_root)
     server = Server(SERVICE_NAME, config.host, config.port)
     server.every(config.item_refresh_s, pipeline.refresh_item_features, "item feature refresh")
+    server.every(config.reload_check_s, pipeline.reload, "artifact reload")
     server.on_stop(pipeline.close)
     sieve_pb2_grpc.add_RankerServiceServicer_to_server(
         RankerServicer(config, pipeline), server.server

@@ -73,12 +73,24 @@ def build(
     if (data_dir is None) == (synthetic == 0):
         raise ValueError("give either data_dir or synthetic=N")
     from candidate.embed import DIM, MODEL_ID, embed_texts, item_texts
-    from candidate.index import build_index, parse_search_params, resolve_auto, write_index
+    from candidate.index import (
+        CandidateIndex,
+        build_index,
+        parse_search_params,
+        resolve_auto,
+        write_index,
+    )
     from features.definitions import FEATURE_SERVICE, VIEWS
     from features.materialize import build_feature_repo
     from features.tables import item_table, user_table
     from ranker.features import MODEL_FEATURES
-    from ranker.train import INPUT_NAME, OUTPUT_NAME, train_and_export, training_rows
+    from ranker.train import (
+        INPUT_NAME,
+        OUTPUT_NAME,
+        ModelSpec,
+        train_and_export,
+        training_rows,
+    )
 
     out = Path(out)
     data_dir = Path(data_dir) if data_dir is not None else None
@@ -139,24 +151,49 @@ def build(
         index = build_index(emb, factory, config.seed, config.train_size, progress=True)
         write_index(index, vdir / "index.faiss")
 
-    with report.stage("train ranker + ONNX export"):
-        x, y = training_rows(
+    with report.stage("ranker training rows"):
+        retrieval = CandidateIndex(
+            index,
+            ml.movies["movieId"].to_numpy(np.int64),
+            np.empty(0, np.int64),
+            np.empty((0, DIM), np.float32),
+            parse_search_params(search),
+        )
+
+        def search_fn(vector: np.ndarray, k: int, exclude: np.ndarray) -> tuple[Any, Any]:
+            res = retrieval.search(vector, k, exclude)
+            return res.item_ids, res.scores
+
+        rows = training_rows(
             train,
-            users,
-            items,
+            ml.movies,
             emb,
+            search_fn,
             config.positive_rating,
-            config.negatives_per_positive,
+            config.label_fraction,
+            config.train_candidates,
+            config.popular_candidates,
+            config.train_users,
             config.seed,
         )
-        result = train_and_export(
-            x, y, vdir / "ranker.onnx", config.hidden, config.epochs, config.seed
+    with report.stage("teacher + student, ONNX, INT8"):
+        spec = ModelSpec(
+            student_hidden=config.hidden,
+            student_cross_layers=config.student_cross_layers,
+            student_epochs=config.epochs,
+            teacher_cross_layers=config.teacher_cross_layers,
+            teacher_deep=config.teacher_deep,
+            teacher_epochs=config.teacher_epochs,
+            distill_alpha=config.distill_alpha,
+            seed=config.seed,
         )
+        result = train_and_export(rows, vdir, spec)
         report.stats.update(
             train_rows=result.n_rows,
             positive_share=round(result.positive_share, 4),
-            final_loss=round(result.final_loss, 4),
+            val_auc={k: round(v, 4) for k, v in result.val_auc.items()},
             onnx_max_abs_diff=result.onnx_max_abs_diff,
+            train_seconds=result.seconds,
         )
 
     project = f"{config.feast_project}_{version}"
@@ -171,7 +208,9 @@ def build(
 
     files = {
         "index": "index.faiss",
-        "model": "ranker.onnx",
+        "model": result.files["student"],
+        "model_int8": result.files["student_int8"],
+        "teacher": result.files["teacher"],
         "catalog": "catalog.parquet",
         "user_vectors": "user_vectors.npz",
         "item_embeddings": "item_embeddings.npy",
@@ -194,14 +233,22 @@ def build(
             "ntotal": int(index.ntotal),
         },
         "model": {
-            "kind": "mlp",
+            "kind": "distilled_mlp",
             "hidden": list(config.hidden),
+            "cross_layers": config.student_cross_layers,
+            "teacher": {
+                "kind": "dcn_v2",
+                "cross_layers": config.teacher_cross_layers,
+                "deep": list(config.teacher_deep),
+            },
             "input_name": INPUT_NAME,
             "output_name": OUTPUT_NAME,
             "features": list(MODEL_FEATURES),
-            "onnx_max_abs_diff_vs_torch": result.onnx_max_abs_diff,
+            "popular_candidates": config.popular_candidates,
+            "val_auc": result.val_auc,
+            "onnx_max_abs_diff": result.onnx_max_abs_diff,
             # a non-finite feature value at serving time is scored as the training mean
-            "feature_defaults": [round(float(v), 6) for v in x.mean(axis=0)],
+            "feature_defaults": result.feature_defaults,
         },
         "feature_schema": {
             "project": project,

@@ -21,8 +21,10 @@ from candidate.embed import MODEL_ID, embed_texts
 from candidate.service import create_server as create_candidate
 from features.materialize import apply_and_materialize, write_offline
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from ranker.features import MODEL_FEATURES
 from ranker.pipeline import RankPipeline
 from ranker.service import create_server as create_ranker
+from ranker.train import ONNX_TOLERANCE
 from sieve import artifacts
 from sieve.config import CandidateConfig, RankerConfig
 from sieve.errors import ArtifactError
@@ -44,7 +46,15 @@ def test_manifest_names_what_belongs_together(artifact_set: artifacts.ArtifactSe
     m = artifact_set.manifest
     for role in m["files"]:
         artifact_set.verified(role)  # every file present and matching its checksum
-    assert m["model"]["onnx_max_abs_diff_vs_torch"] < 1e-5
+    # the build checks each ONNX file against torch on 512 real training rows and
+    # 512 random ones, and INT8 against FP32 on the same rows
+    diffs = m["model"]["onnx_max_abs_diff"]
+    assert diffs["teacher"] < ONNX_TOLERANCE and diffs["student"] < ONNX_TOLERANCE
+    assert 0 < diffs["student_int8_vs_fp32"] < 0.05
+    assert {"model", "model_int8", "teacher"} <= set(m["files"])
+    assert m["model"]["features"] == list(MODEL_FEATURES)
+    # held-out users of the training rows: the models learned something
+    assert all(v > 0.75 for v in m["model"]["val_auc"].values()), m["model"]["val_auc"]
     assert m["index"]["ntotal"] == 9742 and m["index"]["dim"] == 384
     assert m["feature_schema"]["feature_service"] == "ranker_v1"
     assert m["index"]["factory"] == "Flat" and m["index"]["search_params"] == ""  # auto, 9.7k items

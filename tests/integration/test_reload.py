@@ -1,4 +1,5 @@
-"""Hot reload of the candidate index: no failed call during a swap, bad sets refused."""
+"""Hot reload: no failed call during a swap, bad sets refused, and index, model and
+features going live as one unit across both services."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ import json
 import shutil
 from pathlib import Path
 
+import faiss
 import grpc
+import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from candidate.service import create_server as create_candidate
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from ranker.pipeline import RankPipeline, RankQuery
+from ranker.service import create_server as create_ranker
 from sieve import artifacts
-from sieve.config import CandidateConfig
+from sieve.config import CandidateConfig, RankerConfig
 from tests.conftest import copy_artifacts
 
 
@@ -25,6 +31,30 @@ def clone_version(root: Path, src: str, new: str) -> Path:
     manifest["version"] = new
     artifacts.write_manifest(folder, manifest)
     return folder
+
+
+def rescaled_version(root: Path, src: str, new: str, factor: float) -> Path:
+    """A new version whose item embeddings and (exact) index are ``factor`` times the
+    source's: the same neighbours, every ANN score scaled, so which set answered a
+    call shows in its scores."""
+    folder = clone_version(root, src, new)
+    emb = np.load(folder / "item_embeddings.npy") * np.float32(factor)
+    np.save(folder / "item_embeddings.npy", emb)
+    index = faiss.IndexFlatIP(emb.shape[1])
+    index.add(emb)
+    faiss.write_index(index, str(folder / "index.faiss"))
+    manifest = json.loads((folder / artifacts.MANIFEST).read_text())
+    for role in ("index", "item_embeddings"):
+        manifest["files"][role] = artifacts.file_entry(folder, manifest["files"][role]["path"])
+    manifest["index"].update(factory="Flat", search_params="")
+    artifacts.write_manifest(folder, manifest)
+    return folder
+
+
+async def _retrieve(address: str, **kw) -> sieve_pb2.RetrieveResponse:  # type: ignore[no-untyped-def]
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = sieve_pb2_grpc.CandidateServiceStub(ch)
+        return await stub.Retrieve(sieve_pb2.RetrieveRequest(**kw), timeout=30)
 
 
 class Calls:
@@ -101,3 +131,180 @@ async def test_swap_under_concurrent_calls_then_refuse_a_corrupt_set(
         status = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
         assert status.status == health_pb2.HealthCheckResponse.SERVING
     await server.stop(0)
+
+
+class Ranks:
+    """Concurrent Rank loops that record, per answer, whether it started after the
+    ranker's swap, its user, version, items, ANN scores and degradations."""
+
+    USERS = (1, 42, 414, 610)
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.swapped = False  # set by the test right after the ranker's reload() swaps
+        self.answers: list[tuple[bool, int, sieve_pb2.RankResponse]] = []
+        self.errors: list[grpc.aio.AioRpcError] = []
+        self._stop = asyncio.Event()
+        self._reached = asyncio.Event()
+        self._target = 0
+
+    async def loop(self, worker: int) -> None:
+        async with grpc.aio.insecure_channel(self.address) as ch:
+            stub = sieve_pb2_grpc.RankerServiceStub(ch)
+            n = worker
+            while not self._stop.is_set():
+                user = self.USERS[n % len(self.USERS)]
+                n += 1
+                after = self.swapped
+                try:
+                    r = await stub.Rank(sieve_pb2.RankRequest(user_id=user), timeout=30)
+                    self.answers.append((after, user, r))
+                except grpc.aio.AioRpcError as e:
+                    self.errors.append(e)
+                if len(self.answers) >= self._target:
+                    self._reached.set()
+
+    async def until(self, n: int) -> None:
+        """Wait until ``n`` answers have arrived in total."""
+        self._target = n
+        self._reached.clear()
+        if len(self.answers) < n:
+            await self._reached.wait()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+async def test_ranker_and_candidate_go_live_with_a_new_set_as_one_unit(
+    artifacts_root: Path, tmp_path: Path
+) -> None:
+    root = copy_artifacts(artifacts_root, tmp_path)
+    v1 = artifacts.current_version(root)
+    cserver, cservicer = await create_candidate(CandidateConfig(port=0, reload_check_s=0), root)
+    rconfig = RankerConfig(
+        port=0,
+        candidate_address=f"127.0.0.1:{cserver.port}",
+        item_refresh_s=0,
+        reload_check_s=0,
+    )
+    rserver, pipeline = await create_ranker(rconfig, root)
+    ranks = Ranks(f"127.0.0.1:{rserver.port}")
+    workers = [asyncio.create_task(ranks.loop(i)) for i in range(8)]
+    try:
+        await ranks.until(24)
+        assert not await pipeline.reload()  # nothing new yet
+
+        rescaled_version(root, v1, "zz_v2", 0.5)
+        artifacts.publish(root, "zz_v2")
+        # The ranker loads v2 beside v1 but keeps serving v1: the candidate lacks v2.
+        assert not await pipeline.reload()
+        assert pipeline.version == v1
+        await ranks.until(len(ranks.answers) + 24)
+        assert not await pipeline.reload()  # probed again, still not there
+        assert await cservicer.reload()
+        assert cservicer.versions == ("zz_v2", v1)
+        # Candidate on v2, ranker still on v1: its pinned calls keep being answered by v1.
+        await ranks.until(len(ranks.answers) + 24)
+        assert await pipeline.reload()
+        ranks.swapped = True
+        assert pipeline.version == "zz_v2"
+        swapped_at = len(ranks.answers)
+        await ranks.until(swapped_at + 48)
+    finally:
+        ranks.stop()
+        await asyncio.gather(*workers)
+
+    assert ranks.errors == []
+    versions = [r.artifact_version for _, _, r in ranks.answers]
+    assert versions[0] == v1 and set(versions) == {v1, "zz_v2"}
+    assert all(r.artifact_version == "zz_v2" for after, _, r in ranks.answers if after)
+    assert all(r.artifact_version == "zz_v2" for _, _, r in ranks.answers[swapped_at + 8 :])
+    for _, _, r in ranks.answers:
+        bad = [d for d in r.degradations if d.startswith(("version_mismatch", "retrieve_failed"))]
+        assert bad == [], bad
+        assert len(r.items) == 50
+    # Every answer is what its own version gives: v2's ANN scores are half of v1's
+    # (same neighbours), so a ranker on v1 fed by v2's index would show here.
+    reference: dict[tuple[int, str], sieve_pb2.RankResponse] = {}
+    for _, user, r in ranks.answers:
+        ref = reference.setdefault((user, r.artifact_version), r)
+        assert [i.item_id for i in r.items] == [i.item_id for i in ref.items]
+        np.testing.assert_allclose(
+            [i.candidate_score for i in r.items], [i.candidate_score for i in ref.items], rtol=1e-5
+        )
+    for user in Ranks.USERS:
+        old, new = reference[(user, v1)], reference[(user, "zz_v2")]
+        ann_old = {i.item_id: i.candidate_score for i in old.items}
+        ann_new = {i.item_id: i.candidate_score for i in new.items}
+        common = sorted(set(ann_old) & set(ann_new))
+        assert common
+        np.testing.assert_allclose(
+            [ann_new[i] for i in common], [0.5 * ann_old[i] for i in common], rtol=1e-4
+        )
+    await rserver.stop(0)
+    await cserver.stop(0)
+
+
+async def test_pinned_retrieve_holds_keep_versions_sets_and_refuses_others(
+    artifacts_root: Path, tmp_path: Path
+) -> None:
+    root = copy_artifacts(artifacts_root, tmp_path)
+    v1 = artifacts.current_version(root)
+    rescaled_version(root, v1, "zz_v2", 0.5)
+    clone_version(root, v1, "zz_v3")
+    config = CandidateConfig(
+        port=0, batching="on", batch_max_wait_us=2000, keep_versions=2, reload_check_s=0
+    )
+    server, servicer = await create_candidate(config, root)
+    address = f"127.0.0.1:{server.port}"
+    pipeline = RankPipeline(
+        RankerConfig(port=0, candidate_address=address, item_refresh_s=0, reload_check_s=0), root
+    )
+    await pipeline.start()
+    try:
+        artifacts.publish(root, "zz_v2")
+        assert await servicer.reload()
+        assert servicer.versions == ("zz_v2", v1)
+
+        # Batched: requests pinned to either version share batches, each searched on
+        # its own version's index (v2's scores are half of v1's).
+        pins = [v1, "zz_v2", ""] * 8
+        got = await asyncio.gather(
+            *(_retrieve(address, user_id=42, k=100, artifact_version=v) for v in pins)
+        )
+        assert servicer.batcher is not None and max(servicer.batcher.batch_sizes) > 1
+        by_version = {}
+        for pin, r in zip(pins, got, strict=True):
+            assert r.artifact_version == (pin or "zz_v2")
+            by_version.setdefault(r.artifact_version, r)
+            assert list(r.item_ids) == list(by_version[r.artifact_version].item_ids)
+        np.testing.assert_allclose(
+            by_version["zz_v2"].scores, np.multiply(by_version[v1].scores, 0.5), rtol=1e-4
+        )
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _retrieve(address, user_id=42, k=5, artifact_version="zz_nope")
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert all(v in err.value.details() for v in ("zz_nope", "zz_v2", v1))
+
+        artifacts.publish(root, "zz_v3")
+        assert await servicer.reload()
+        assert servicer.versions == ("zz_v3", "zz_v2")  # at most keep_versions sets
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _retrieve(address, user_id=42, k=5, artifact_version=v1)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"{v1!r} is not loaded here; loaded: zz_v3, zz_v2" in err.value.details()
+
+        # A ranker still on v1 (the candidate no longer holds it) degrades, never fails.
+        result = await pipeline.rank(RankQuery(42, 50, np.empty(0, np.int64), False))
+        assert result.version == v1 and len(result.item_ids) == 50
+        assert result.degradations[0].startswith("retrieve_failed: FAILED_PRECONDITION (")
+        assert v1 in result.degradations[0]
+
+        # A rollback to a held version swaps back without loading it again.
+        artifacts.publish(root, "zz_v2")
+        assert await servicer.reload()
+        assert servicer.versions == ("zz_v2", "zz_v3")
+    finally:
+        await pipeline.close()
+        await server.stop(0)

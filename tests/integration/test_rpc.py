@@ -54,7 +54,25 @@ async def test_rank_returns_50_distinct_unseen_items(servers, users, artifact_se
     assert resp.timings[-1].micros >= max(t.micros for t in resp.timings[:-1])
     finals = [i.final_score for i in resp.items]
     assert finals == sorted(finals, reverse=True)
-    assert all(0.0 <= i.model_score <= 1.0 and 0 <= i.candidate_rank < 1000 for i in resp.items)
+    assert all(0.0 <= i.model_score <= 1.0 and -1 <= i.candidate_rank < 1000 for i in resp.items)
+
+
+async def test_both_candidate_sources_reach_the_lists_with_exact_scores(  # type: ignore[no-untyped-def]
+    servers, users, catalog, artifact_set
+) -> None:
+    """ANN candidates (rank >= 0) and the popular items the search missed (-1) are
+    both ranked; every candidate score is the user . item inner product."""
+    emb = np.load(artifact_set.verified("item_embeddings"), mmap_mode="r")
+    row = pd.Series(np.arange(len(catalog)), index=catalog["item_id"].to_numpy())
+    sources = []
+    for user_id in (1, 42, 414, 610, 7, 100, 250, 500):
+        resp = await _rank(servers, user_id=user_id)
+        vector = np.asarray(users.loc[user_id, "user_vector"], np.float32)
+        ids = [i.item_id for i in resp.items]
+        want = np.asarray(emb[row.loc[ids].to_numpy()]) @ vector
+        np.testing.assert_allclose([i.candidate_score for i in resp.items], want, atol=1e-5)
+        sources += [i.candidate_rank >= 0 for i in resp.items]
+    assert 0 < sum(sources) < len(sources), sum(sources)
 
 
 async def test_rank_applies_genre_cap_and_caller_exclusions(servers, catalog) -> None:  # type: ignore[no-untyped-def]
@@ -245,3 +263,25 @@ async def test_score_batching_gives_the_same_rankings(servers, artifacts_root) -
     for g, w in zip(got, want, strict=True):
         assert g.item_ids.tolist() == w.item_ids.tolist()
         np.testing.assert_allclose(g.model_scores, w.model_scores, atol=1e-6)
+
+
+async def test_int8_student_serves_close_to_fp32(servers, artifacts_root) -> None:  # type: ignore[no-untyped-def]
+    from ranker.pipeline import RankPipeline, RankQuery
+    from sieve.config import RankerConfig
+
+    cfg = RankerConfig(
+        port=0, item_refresh_s=0, candidate_address=servers["candidate"], model="int8"
+    )
+    int8 = RankPipeline(cfg, artifacts_root)
+    await int8.start()
+    try:
+        assert int8._state is not None and int8._state.scorer.path.endswith("ranker_int8.onnx")
+        overlap = []
+        for u in (1, 42, 414, 610):
+            q = RankQuery(u, 50, np.empty(0, np.int64), False)
+            got, want = await int8.rank(q), await servers["pipeline"].rank(q)
+            assert got.degradations == [] and len(got.item_ids) == 50
+            overlap.append(len(set(got.item_ids.tolist()) & set(want.item_ids.tolist())) / 50)
+        assert np.mean(overlap) >= 0.8, overlap
+    finally:
+        await int8.close()

@@ -9,7 +9,18 @@ import pytest
 
 from ranker.features import MODEL_FEATURES
 from ranker.scorer import OnnxScorer
-from ranker.train import INPUT_NAME, OUTPUT_NAME, _mlp, export_onnx, onnx_vs_torch
+from ranker.train import (
+    INPUT_NAME,
+    ONNX_TOLERANCE,
+    OUTPUT_NAME,
+    export_onnx,
+    onnx_scores,
+    onnx_vs_torch,
+    quantize_int8,
+    student_mlp,
+    student_model,
+    teacher_dcn,
+)
 from sieve.errors import ArtifactError
 
 
@@ -18,7 +29,7 @@ def _model(n: int):  # type: ignore[no-untyped-def]
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    return _mlp(
+    return student_mlp(
         n,
         (16, 8),
         rng.normal(size=n).astype(np.float32),
@@ -35,6 +46,50 @@ def test_onnx_matches_torch_on_random_rows(tmp_path: Path) -> None:
     for batch in (1, 7, 1000):
         x = (3 * rng.normal(size=(batch, n))).astype(np.float32)
         assert onnx_vs_torch(model, path, x) < 1e-5
+
+
+def _stats(n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    return rng.normal(size=n).astype(np.float32), rng.uniform(0.5, 2, size=n).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["teacher", "student"])
+def test_dcn_models_match_torch_on_random_rows(tmp_path: Path, kind: str) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    n = len(MODEL_FEATURES)
+    mean, std = _stats(n)
+    model = (
+        teacher_dcn(n, 3, (64, 32, 16), mean, std)
+        if kind == "teacher"
+        else student_model(n, (16, 8), 1, mean, std)
+    ).eval()
+    path = tmp_path / f"{kind}.onnx"
+    export_onnx(model, n, path)
+    x = (3 * np.random.default_rng(4).normal(size=(1000, n))).astype(np.float32)
+    assert onnx_vs_torch(model, path, x) < ONNX_TOLERANCE
+
+
+def test_int8_student_is_smaller_and_close_to_fp32(tmp_path: Path) -> None:
+    import onnx
+    import torch
+
+    torch.manual_seed(0)
+    n = len(MODEL_FEATURES)
+    mean, std = _stats(n)
+    model = student_model(n, (64, 32), 1, mean, std).eval()
+    fp32, int8 = tmp_path / "s.onnx", tmp_path / "s8.onnx"
+    export_onnx(model, n, fp32)
+    quantize_int8(fp32, int8)
+    ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
+    assert "MatMulInteger" in ops  # it really is quantized
+    x = np.random.default_rng(5).normal(size=(1000, n)).astype(np.float32)
+    a, b = onnx_scores(fp32, x), onnx_scores(int8, x)
+    assert np.abs(a - b).max() < 0.05
+    # the order is what ranking uses: INT8 keeps most of FP32's top 50
+    assert len(set(np.argsort(-a)[:50]) & set(np.argsort(-b)[:50])) >= 40
+    assert not int8.with_suffix(".prequant.onnx").exists()
 
 
 def test_scorer_scores_like_torch(tmp_path: Path) -> None:
@@ -85,7 +140,7 @@ def test_score_batch_splits_per_request_and_never_mixes_models(tmp_path: Path) -
 
     n = len(MODEL_FEATURES)
     scorers = []
-    other = _mlp(n, (4,), np.zeros(n, np.float32), np.ones(n, np.float32)).eval()
+    other = student_mlp(n, (4,), np.zeros(n, np.float32), np.ones(n, np.float32)).eval()
     for i, seed_model in enumerate((_model(n), other)):
         path = tmp_path / f"m{i}.onnx"
         export_onnx(seed_model, n, path)

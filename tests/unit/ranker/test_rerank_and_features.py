@@ -3,8 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ranker.features import MODEL_FEATURES, assemble
+from ranker.features import MODEL_FEATURES, NOT_RETRIEVED, assemble, with_popular
 from ranker.rerank import genre_cap
+from sieve.data import GENRES
 
 
 def test_genre_cap_exact() -> None:
@@ -45,15 +46,57 @@ def test_genre_cap_short_input() -> None:
 
 
 def test_assemble_exact_values() -> None:
+    g = len(GENRES)
+    aff = np.zeros((1, g), np.float32)
+    aff[0, :2] = 0.5
+    genres = np.zeros((2, g), np.float32)
+    genres[0, [0, 2]] = 1
+    genres[1, [1, 2]] = 1
     x = assemble(
-        ann_score=np.array([0.5, 0.25], np.float32),
-        user_genre_affinity=np.array([[0.5, 0.5, 0.0]], np.float32),
-        item_genres=np.array([[1, 0, 1], [0, 1, 1]], np.float32),
-        item_log_popularity=np.array([1.0, 2.0], np.float32),
-        item_rating_mean=np.array([4.0, 3.0], np.float32),
-        user_rating_count=np.array([3]),
-        user_rating_mean=np.array([3.5], np.float32),
+        np.array([0.5, 0.25], np.float32),
+        np.array([0, NOT_RETRIEVED]),
+        {
+            "genre_affinity": aff,
+            "rating_count": np.array([3]),
+            "rating_mean": np.array([3.5], np.float32),
+            "rating_std": np.array([0.75], np.float32),
+        },
+        {
+            "genres": genres,
+            "log_popularity": np.array([1.0, 2.0], np.float32),
+            "rating_mean": np.array([4.0, 3.0], np.float32),
+            "age_years": np.array([10.0, 0.5], np.float32),
+        },
     )
     assert x.dtype == np.float32 and x.shape == (2, len(MODEL_FEATURES))
-    np.testing.assert_array_equal(x[0], [0.5, 0.5, 1.0, 4.0, np.log1p(np.float32(3)), 3.5, 0.5])
-    np.testing.assert_array_equal(x[1], [0.25, 0.5, 2.0, 3.0, np.log1p(np.float32(3)), 3.5, -0.5])
+    col = {name: x[:, j] for j, name in enumerate(MODEL_FEATURES)}
+    np.testing.assert_array_equal(col["ann_score"], [0.5, 0.25])
+    np.testing.assert_allclose(col["log_candidate_rank"], [0.0, np.log1p(2048)], rtol=1e-6)
+    np.testing.assert_array_equal(col["from_ann"], [1, 0])
+    np.testing.assert_array_equal(col["genre_match"], [0.5, 0.5])
+    # cosine: 0.5 / (|aff| = 0.7071 * |genres| = 1.4142) = 0.5
+    np.testing.assert_allclose(col["genre_cosine"], [0.5, 0.5], rtol=1e-5)
+    np.testing.assert_array_equal(col["rating_gap"], [0.5, -0.5])
+    np.testing.assert_array_equal(col["item_age_years"], [10.0, 0.5])
+    np.testing.assert_array_equal(col["item_genre=Action"], [1, 0])
+    np.testing.assert_array_equal(col["user_genre=Adventure"], [0.5, 0.5])
+    np.testing.assert_allclose(col["user_log_rating_count"], np.log1p(3), rtol=1e-6)
+    np.testing.assert_array_equal(col["user_rating_std"], [0.75, 0.75])
+
+
+def test_with_popular_adds_only_what_the_search_missed() -> None:
+    emb = np.eye(6, dtype=np.float32)
+    user = np.arange(6, dtype=np.float32)
+    ids, scores, ranks = with_popular(
+        np.array([10, 12]),
+        np.array([0.9, 0.8], np.float32),
+        np.array([12, 13, 14, 15]),
+        2,
+        user,
+        lambda i: emb[np.asarray(i) - 10],
+    )
+    assert ids.tolist() == [10, 12, 13, 14]
+    assert ranks.tolist() == [0, 1, NOT_RETRIEVED, NOT_RETRIEVED]
+    np.testing.assert_allclose(scores, [0.9, 0.8, 3.0, 4.0], rtol=1e-6)  # user . embedding
+    same = with_popular(np.array([1]), np.array([0.1], np.float32), np.array([2]), 0, user, None)  # type: ignore[arg-type]
+    assert same[0].tolist() == [1]
