@@ -185,6 +185,7 @@ def build(
             teacher_deep=config.teacher_deep,
             teacher_epochs=config.teacher_epochs,
             distill_alpha=config.distill_alpha,
+            distill_top_weight=config.distill_top_weight,
             seed=config.seed,
         )
         result = train_and_export(rows, vdir, spec)

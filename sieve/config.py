@@ -76,6 +76,8 @@ class BuildConfig(_Frozen):
     teacher_epochs: int = Field(4, ge=1, le=100)
     distill_alpha: float = Field(0.9, ge=0.0, le=1.0)
     """Weight of matching the teacher's logits in the student's loss (0: labels only)."""
+    distill_top_weight: float = Field(3.0, ge=0.0, le=100.0)
+    """Rows among the teacher's top 5% logits weigh 1 + this in the matching loss."""
     seed: int = 0
     online_store: OnlineStoreConfig = SqliteStoreConfig()
     feast_project: str = Field("sieve", pattern=r"^[a-z][a-z0-9_]*$")
