@@ -165,6 +165,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             color=[f"C{i}" for i in range(len(names))],
         )
         ax.set_title(mt)
+        ax.tick_params(axis="x", rotation=35)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"MovieLens holdout, {result['users']} users, 95% bootstrap intervals")
     fig.tight_layout()

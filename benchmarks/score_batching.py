@@ -176,7 +176,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "score_batching.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_on_off(
-        rows,
+        result["rows"],
         RESULTS / "score_batching.png",
         "1000-row requests scored / s",
         f"Scoring the student (FP32), {result['providers'][0]}, {args.threads} intra-op thread",
