@@ -49,10 +49,15 @@ SETTINGS: list[tuple[str, list[str]]] = [
         [
             "nprobe=128,k_factor=2",
             "nprobe=256,k_factor=4",
+            "nprobe=224,k_factor=8",
+            "nprobe=256,k_factor=8",
+            "nprobe=288,k_factor=6",
             "nprobe=320,k_factor=4",
             "nprobe=384,k_factor=4",
             "nprobe=640,k_factor=8",
             "nprobe=1024,k_factor=8",
+            "nprobe=1536,k_factor=8",
+            "nprobe=2048,k_factor=10",
         ],
     ),
 ]

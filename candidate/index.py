@@ -27,9 +27,11 @@ AUTO_SMALL = ("Flat", "")
 """Below AUTO_THRESHOLD items exact search costs a few ms: no approximation."""
 AUTO_LARGE = ("IVF4096,PQ192x4fs,Refine(SQ8)", "nprobe=320,k_factor=4")
 """The measured CPU default at 1M x 384 (benchmarks/results/ann.json): recall@1000
-0.954, 4.2 / 5.4 ms p50 / p99 on one thread, 26x faster than exact Flat, 500 MB,
-built in 55 s. 4-bit fast-scan PQ shortlists 4k candidates cheaply; SQ8 codes
-re-rank them. IVF4096,SQ8 needs 8.0 / 9.5 ms for recall 0.94."""
+0.954, p50 / p99 3.2 / 4.3 ms and 3.7 / 6.1 ms on one thread in two runs of this
+shared machine, 15-18x faster than exact Flat in the same runs, 500 MB, built in
+66 s. 4-bit fast-scan PQ shortlists 4k candidates cheaply; SQ8 codes re-rank
+them. IVF4096,SQ8 needs 4.3 / 5.7 ms for recall 0.94; recall 0.99 costs
+nprobe=2048,k_factor=10 (0.992, 12.6 / 15.1 ms)."""
 AUTO_THRESHOLD = 200_000
 
 
