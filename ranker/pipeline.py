@@ -23,6 +23,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -313,6 +314,26 @@ class RankPipeline:
         repo = aset.verified("feature_store").parent
         reader = open_reader(repo)
         await reader.start()
+        try:
+            return await self._state_of(aset, model, scorer, reader, repo)
+        except BaseException:
+            await reader.close()  # a refused set leaves no open connection behind
+            raise
+
+    async def _state_of(
+        self,
+        aset: artifacts.ArtifactSet,
+        model: dict[str, Any],
+        scorer: OnnxScorer,
+        reader: OnlineReader,
+        repo: Path,
+    ) -> _Loaded:
+        """The rest of a set's state: item table, popularity, embeddings, read
+        through ``reader``.
+
+        Raises:
+            ArtifactError: the store holds no items, or the embeddings do not fit.
+        """
         catalog = pd.read_parquet(aset.verified("catalog"), columns=["item_id"])
         items = await load_item_table(reader, catalog["item_id"].to_numpy(np.int64))
         if len(items) == 0:
