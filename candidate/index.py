@@ -15,6 +15,7 @@ import faiss
 import numpy as np
 
 from sieve.errors import ArtifactError, InvalidRequest
+from sieve.ids import IdIndex
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ class CandidateIndex:
         self.index = index
         self.accelerated = accelerated
         self.item_ids = np.asarray(item_ids, np.int64)
-        self._sorted = np.argsort(self.item_ids, kind="stable")
+        self._rows = IdIndex(self.item_ids)
         self._user_ids = np.asarray(user_ids, np.int64)
         self._user_order = np.argsort(self._user_ids, kind="stable")
         self._user_vectors = np.asarray(user_vectors, np.float32)
@@ -306,11 +307,8 @@ class CandidateIndex:
 
     def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
         """Catalog rows of the known ids among ``item_ids`` (unknown ids are dropped)."""
-        ids = np.asarray(item_ids, np.int64)
-        pos = np.searchsorted(self.item_ids, ids, sorter=self._sorted)
-        pos = np.minimum(pos, len(self._sorted) - 1)
-        rows = self._sorted[pos]
-        return rows[self.item_ids[rows] == ids]
+        rows, found = self._rows.rows(item_ids)
+        return rows[found]
 
     def check_query(self, query: np.ndarray) -> np.ndarray:
         """``query`` as float32 [d].

@@ -9,6 +9,7 @@ import numpy as np
 
 from features.definitions import ITEM_VIEW
 from features.reader import FeatureFrame, OnlineReader, read_all
+from sieve.ids import IdIndex
 
 
 @dataclass(frozen=True)
@@ -17,24 +18,18 @@ class ItemTable:
 
     ids: np.ndarray  # int64 [n], as loaded (catalog order)
     columns: dict[str, np.ndarray]
-    _sorter: np.ndarray
+    _index: IdIndex
 
     @classmethod
     def from_frame(cls, frame: FeatureFrame) -> ItemTable:
         keep = frame.found
         cols = {name: np.asarray(col)[keep] for name, col in frame.columns.items()}
         ids = frame.ids[keep]
-        return cls(ids=ids, columns=cols, _sorter=np.argsort(ids, kind="stable"))
+        return cls(ids=ids, columns=cols, _index=IdIndex(ids))
 
     def rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row indices int64 [m], found bool [m]); rows of unknown ids are 0."""
-        ids = np.asarray(item_ids, np.int64)
-        if len(self.ids) == 0:
-            return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
-        pos = np.minimum(np.searchsorted(self.ids, ids, sorter=self._sorter), len(self.ids) - 1)
-        rows = self._sorter[pos]
-        found = self.ids[rows] == ids
-        return np.where(found, rows, 0), found
+        return self._index.rows(item_ids)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -40,6 +40,7 @@ from sieve import artifacts
 from sieve.batcher import MicroBatcher
 from sieve.config import RankerConfig
 from sieve.errors import ArtifactError, InvalidRequest, NotReady
+from sieve.ids import IdIndex
 from sieve.validation import id_list
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,7 @@ class _Loaded:
     popular: np.ndarray  # item table rows, most popular first
     feature_defaults: np.ndarray  # float32 [F]: what a non-finite feature value becomes
     embeddings: np.ndarray  # float32 [n, d], catalog order, memory-mapped
-    catalog_ids: np.ndarray  # int64 [n]: row i of ``embeddings``
-    catalog_sorter: np.ndarray
+    catalog: IdIndex  # item id -> row of ``embeddings``
     n_popular: int  # popular unseen items added to the ANN candidates
     registry_mtime: float
     registry_path: Path
@@ -135,14 +135,9 @@ class _Loaded:
 
 def _embeddings_of(state: _Loaded, item_ids: np.ndarray) -> np.ndarray:
     """Embeddings of catalog items (ids the catalog lacks get zeros)."""
-    ids = np.asarray(item_ids, np.int64)
-    pos = np.minimum(
-        np.searchsorted(state.catalog_ids, ids, sorter=state.catalog_sorter),
-        len(state.catalog_ids) - 1,
-    )
-    rows = state.catalog_sorter[pos]
+    rows, found = state.catalog.rows(item_ids)
     out = np.asarray(state.embeddings[rows], np.float32)
-    out[state.catalog_ids[rows] != ids] = 0.0
+    out[~found] = 0.0
     return out
 
 
@@ -360,8 +355,7 @@ class RankPipeline:
             popular=popular,
             feature_defaults=defaults,
             embeddings=embeddings,
-            catalog_ids=catalog_ids,
-            catalog_sorter=np.argsort(catalog_ids, kind="stable"),
+            catalog=IdIndex(catalog_ids),
             n_popular=int(model.get("popular_candidates", 0)),
             registry_mtime=mtime,
             registry_path=registry,
