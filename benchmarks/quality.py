@@ -26,7 +26,7 @@ import pandas as pd
 
 from candidate.index import CandidateIndex, parse_search_params
 from ranker.evaluate import auc, bootstrap_ci, ndcg_at_k, paired_ratio_ci, recall_at_k
-from ranker.features import ITEM_INPUTS, assemble, with_popular
+from ranker.features import assemble, item_inputs, user_inputs, with_popular
 from ranker.scorer import OnnxScorer
 from sieve import artifacts
 
@@ -53,10 +53,7 @@ def evaluate(root: Path, n_candidates: int = 1000) -> dict[str, Any]:
     embeddings = np.load(aset.verified("item_embeddings"), mmap_mode="r")
     users = pd.read_parquet(aset.verified("user_features")).set_index("user_id")
     items = pd.read_parquet(aset.verified("item_features")).set_index("item_id")
-    item_cols = {
-        c: np.stack(items[c].to_numpy()) if c == "genres" else items[c].to_numpy()
-        for c in ITEM_INPUTS
-    }
+    item_cols = item_inputs(items)
     pop = item_cols["log_popularity"].astype(np.float32)
     row_of = pd.Series(np.arange(len(items)), index=items.index)
     emb_row = pd.Series(np.arange(len(catalog_ids)), index=catalog_ids.to_numpy())
@@ -87,23 +84,17 @@ def evaluate(root: Path, n_candidates: int = 1000) -> dict[str, Any]:
         seen = np.asarray(u["seen_item_ids"], np.int64)
         vector = np.asarray(u["user_vector"], np.float32)
         res = index.search(vector, n_candidates, seen)
-        head = by_pop[: n_popular + len(seen)]
         cand, cand_scores, ranks = with_popular(
             res.item_ids,
             res.scores,
-            head[~np.isin(head, seen)],
+            by_pop,
+            seen,
             n_popular,
             vector,
             lambda ids: np.asarray(embeddings[emb_row.loc[ids].to_numpy()]),
         )
         rows = row_of.loc[cand].to_numpy()
-        user = {
-            "genre_affinity": np.asarray(u["genre_affinity"], np.float32)[None],
-            "rating_count": np.array([u["rating_count"]]),
-            "rating_mean": np.array([u["rating_mean"]], np.float32),
-            "rating_std": np.array([u["rating_std"]], np.float32),
-        }
-        x = assemble(cand_scores, ranks, user, {c: v[rows] for c, v in item_cols.items()})
+        x = assemble(cand_scores, ranks, user_inputs(u), {c: v[rows] for c, v in item_cols.items()})
         labels = np.isin(cand, list(relevant))
         recall_funnel.append(float(labels.sum()) / len(relevant))
         pop_list = by_pop[~np.isin(by_pop, seen)][:50]

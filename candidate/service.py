@@ -23,7 +23,7 @@ from candidate.index import (
 )
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from sieve import artifacts
-from sieve.batcher import MicroBatcher
+from sieve.batcher import MicroBatcher, per_group
 from sieve.config import CandidateConfig
 from sieve.errors import (
     ArtifactError,
@@ -168,18 +168,12 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         """Search each request on the set it took when it arrived (its pinned version
         or the newest then): one ``search_many`` per set, so a batch that spans a swap
         or several pinned versions never answers a request from another set's index."""
-        out: list[tuple[SearchResult, str] | None] = [None] * len(reqs)
-        groups: dict[int, list[int]] = {}
-        for i, (live, _) in enumerate(reqs):
-            groups.setdefault(id(live), []).append(i)
-        for idx in groups.values():
-            live = reqs[idx[0]][0]
-            found = live.index.search_many(
-                [reqs[i][1] for i in idx], self.config.batch_exclude_slack
-            )
-            for i, res in zip(idx, found, strict=True):
-                out[i] = (res, live.version)
-        return [o for o in out if o is not None]
+
+        def on_set(live: _Live, group: list[SearchRequest]) -> list[tuple[SearchResult, str]]:
+            found = live.index.search_many(group, self.config.batch_exclude_slack)
+            return [(res, live.version) for res in found]
+
+        return per_group(reqs, on_set)
 
     async def close(self) -> None:
         if self.batcher is not None:

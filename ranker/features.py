@@ -13,6 +13,7 @@ since a content-based search alone misses most of what users rate next.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -94,18 +95,38 @@ def assemble(
     return out
 
 
+def user_inputs(row: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``USER_INPUTS`` of one user (a row of the user feature table) as one-row
+    arrays, the shape ``assemble`` broadcasts."""
+    return {name: np.asarray(row[name], np.float32)[None] for name in USER_INPUTS}
+
+
+def item_inputs(table: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``ITEM_INPUTS`` columns of an item feature table (list features stacked to
+    [n, G]); index them by rows for ``assemble``."""
+    out = {}
+    for name in ITEM_INPUTS:
+        col = np.asarray(table[name])
+        out[name] = np.stack(list(col)) if col.dtype == object else col
+    return out
+
+
 def with_popular(
     ann_ids: np.ndarray,
     ann_scores: np.ndarray,
     popular_ids: np.ndarray,
+    exclude: np.ndarray,
     n_popular: int,
     user_vector: np.ndarray,
     embeddings_of: Callable[[np.ndarray], np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ANN candidates plus up to ``n_popular`` of ``popular_ids`` they lack.
+    """ANN candidates plus up to ``n_popular`` of ``popular_ids`` that are neither
+    among them nor in ``exclude``.
 
     Args:
-        popular_ids: most popular first, already without excluded items.
+        popular_ids: item ids, most popular first (only the first
+            ``n_popular + len(exclude)`` are read).
+        exclude: item ids never to add (seen by the user, or excluded by the caller).
         embeddings_of: item ids -> float32 [m, d] embeddings.
 
     Returns:
@@ -116,8 +137,8 @@ def with_popular(
     ranks = np.arange(len(ann_ids), dtype=np.int32)
     if n_popular <= 0 or len(popular_ids) == 0:
         return ann_ids, np.asarray(ann_scores, np.float32), ranks
-    # the ANN list holds at most len(ann_ids) of them: that many extra suffice
-    head = np.asarray(popular_ids[: n_popular + len(ann_ids)], np.int64)
+    head = np.asarray(popular_ids[: n_popular + len(exclude)], np.int64)
+    head = head[~np.isin(head, exclude)][: n_popular + len(ann_ids)]
     extra = head[~np.isin(head, ann_ids)][:n_popular]
     extra_scores = embeddings_of(extra) @ np.asarray(user_vector, np.float32)
     return (

@@ -37,7 +37,7 @@ from ranker.features import ITEM_INPUTS, MODEL_FEATURES, USER_INPUTS, assemble, 
 from ranker.rerank import genre_cap
 from ranker.scorer import OnnxScorer, providers, replace_nonfinite
 from sieve import artifacts
-from sieve.batcher import MicroBatcher
+from sieve.batcher import MicroBatcher, per_group
 from sieve.config import RankerConfig
 from sieve.errors import ArtifactError, InvalidRequest, NotReady
 from sieve.ids import IdIndex
@@ -89,17 +89,12 @@ def score_batch(items: list[tuple[OnnxScorer, np.ndarray]]) -> list[np.ndarray]:
     Rows are grouped by scorer, so requests that started before a model swap are
     never scored by the new model (or the reverse).
     """
-    out: list[np.ndarray | None] = [None] * len(items)
-    groups: dict[int, list[int]] = {}
-    for i, (scorer, _) in enumerate(items):
-        groups.setdefault(id(scorer), []).append(i)
-    for idx in groups.values():
-        scorer = items[idx[0]][0]
-        scores = scorer.score(np.concatenate([items[i][1] for i in idx]))
-        bounds = np.cumsum([len(items[i][1]) for i in idx])[:-1]
-        for i, part in zip(idx, np.split(scores, bounds), strict=True):
-            out[i] = part
-    return [s for s in out if s is not None]
+
+    def one_call(scorer: OnnxScorer, blocks: list[np.ndarray]) -> list[np.ndarray]:
+        scores = scorer.score(np.concatenate(blocks))
+        return np.split(scores, np.cumsum([len(b) for b in blocks])[:-1])
+
+    return per_group(items, one_call)
 
 
 class _Clock:
@@ -125,12 +120,19 @@ class _Loaded:
     items: ItemTable
     scorer: OnnxScorer
     popular: np.ndarray  # item table rows, most popular first
+    popular_ids: np.ndarray  # the same, as item ids
     feature_defaults: np.ndarray  # float32 [F]: what a non-finite feature value becomes
     embeddings: np.ndarray  # float32 [n, d], catalog order, memory-mapped
     catalog: IdIndex  # item id -> row of ``embeddings``
     n_popular: int  # popular unseen items added to the ANN candidates
     registry_mtime: float
     registry_path: Path
+
+
+def _popularity_order(items: ItemTable) -> tuple[np.ndarray, np.ndarray]:
+    """(item table rows, item ids), most popular first."""
+    rows = np.argsort(-items.columns["log_popularity"], kind="stable")
+    return rows, items.ids[rows]
 
 
 def _embeddings_of(state: _Loaded, item_ids: np.ndarray) -> np.ndarray:
@@ -333,7 +335,7 @@ class RankPipeline:
         items = await load_item_table(reader, catalog["item_id"].to_numpy(np.int64))
         if len(items) == 0:
             raise ArtifactError(f"online store of {repo} holds no item features (materialized?)")
-        popular = np.argsort(-items.columns["log_popularity"], kind="stable")
+        popular, popular_ids = _popularity_order(items)
         registry = repo / "registry.db"
         mtime = registry.stat().st_mtime if registry.exists() else 0.0
         log.info("ranker loaded %s: %d items, model %s", aset.version, len(items), scorer.path)
@@ -353,6 +355,7 @@ class RankPipeline:
             items=items,
             scorer=scorer,
             popular=popular,
+            popular_ids=popular_ids,
             feature_defaults=defaults,
             embeddings=embeddings,
             catalog=IdIndex(catalog_ids),
@@ -373,8 +376,10 @@ class RankPipeline:
         items = await load_item_table(state.reader, state.items.ids)
         if self._state is not state:
             return False  # a reload swapped sets meanwhile: this table is of the old one
-        popular = np.argsort(-items.columns["log_popularity"], kind="stable")
-        self._state = dataclasses.replace(state, items=items, popular=popular, registry_mtime=mtime)
+        popular, popular_ids = _popularity_order(items)
+        self._state = dataclasses.replace(
+            state, items=items, popular=popular, popular_ids=popular_ids, registry_mtime=mtime
+        )
         return True
 
     async def close(self) -> None:
@@ -427,10 +432,11 @@ class RankPipeline:
 
         seen = user.lists("seen_item_ids")[0]
         exclude = np.union1d(seen, q.exclude)
+        vector = user.array("user_vector")[0]
         try:
             resp = await stub.Retrieve(
                 sieve_pb2.RetrieveRequest(
-                    user_vector=sieve_pb2.UserVector(values=user.array("user_vector")[0]),
+                    user_vector=sieve_pb2.UserVector(values=vector),
                     k=self.config.num_candidates,
                     exclude_item_ids=exclude,
                     artifact_version=state.version,  # the index of this request's set
@@ -451,12 +457,11 @@ class RankPipeline:
                 f"version_mismatch: candidate {resp.artifact_version}, ranker {state.version}"
             )
 
-        vector = user.array("user_vector")[0]
-        head = state.items.ids[state.popular[: state.n_popular + len(exclude)]]
         cand_ids, cand_scores, cand_ranks = with_popular(
             np.asarray(resp.item_ids, np.int64),
             np.asarray(resp.scores, np.float32),
-            head[~np.isin(head, exclude)],
+            state.popular_ids,
+            exclude,
             state.n_popular,
             vector,
             lambda ids: _embeddings_of(state, ids),

@@ -31,7 +31,13 @@ import numpy as np
 import pandas as pd
 
 from ranker.evaluate import auc
-from ranker.features import MODEL_FEATURES, assemble, with_popular
+from ranker.features import (
+    MODEL_FEATURES,
+    assemble,
+    item_inputs,
+    user_inputs,
+    with_popular,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +95,7 @@ def training_rows(
     ids = movies["movieId"].to_numpy(np.int64)
     sorter = np.argsort(ids, kind="stable")
     by_pop = ids[np.argsort(-items["log_popularity"].to_numpy(), kind="stable")]
-    item_cols = {
-        c: np.stack(items[c].to_numpy()) if c == "genres" else items[c].to_numpy()
-        for c in ("genres", "log_popularity", "rating_mean", "age_years")
-    }
+    item_cols = item_inputs(items)
 
     def rows_of(item_ids: np.ndarray) -> np.ndarray:
         return sorter[np.searchsorted(ids, item_ids, sorter=sorter)]
@@ -103,23 +106,17 @@ def training_rows(
         seen = np.asarray(u["seen_item_ids"], np.int64)
         vector = np.asarray(u["user_vector"], np.float32)
         ann_ids, ann_scores = search(vector, n_candidates, seen)
-        head = by_pop[: n_popular + len(seen)]
         cand, scores, ranks = with_popular(
             ann_ids,
             ann_scores,
-            head[~np.isin(head, seen)],
+            by_pop,
+            seen,
             n_popular,
             vector,
             lambda i: embeddings[rows_of(i)],
         )
         r = rows_of(cand)
-        user = {
-            "genre_affinity": np.asarray(u["genre_affinity"], np.float32)[None],
-            "rating_count": np.array([u["rating_count"]]),
-            "rating_mean": np.array([u["rating_mean"]], np.float32),
-            "rating_std": np.array([u["rating_std"]], np.float32),
-        }
-        xs.append(assemble(scores, ranks, user, {c: v[r] for c, v in item_cols.items()}))
+        xs.append(assemble(scores, ranks, user_inputs(u), {c: v[r] for c, v in item_cols.items()}))
         ys.append(np.isin(cand, liked_later.get_group(user_id).to_numpy()).astype(np.float32))
         groups.append(np.full(len(cand), user_id, np.int64))
     if not xs:

@@ -12,12 +12,31 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sieve.errors import NotReady, Overloaded
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+K = TypeVar("K")
+
+
+def per_group(items: list[tuple[K, In]], fn: Callable[[K, list[In]], list[Out]]) -> list[Out]:
+    """``fn(key, inputs)`` once per distinct key (by identity), outputs back in the
+    order of ``items``. A batch that spans a swap of the model or index a request
+    took (its key) thus never serves one request from another's."""
+    groups: dict[int, list[int]] = {}
+    for i, (key, _) in enumerate(items):
+        groups.setdefault(id(key), []).append(i)
+    out: list[Any] = [None] * len(items)
+    for idx in groups.values():
+        key = items[idx[0]][0]
+        results = fn(key, [items[i][1] for i in idx])
+        if len(results) != len(idx):
+            raise RuntimeError(f"{len(results)} outputs for {len(idx)} inputs")
+        for i, res in zip(idx, results, strict=True):
+            out[i] = res
+    return out
 
 
 class MicroBatcher(Generic[In, Out]):

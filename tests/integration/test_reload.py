@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import faiss
 import grpc
@@ -57,39 +58,55 @@ async def _retrieve(address: str, **kw) -> sieve_pb2.RetrieveResponse:  # type: 
         return await stub.Retrieve(sieve_pb2.RetrieveRequest(**kw), timeout=30)
 
 
-class Calls:
-    """Concurrent Retrieve loops that record every answer's version and every error."""
+class Loops:
+    """Concurrent call loops on one server: every answer and every error, in order,
+    and a way to wait for a number of answers."""
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self.versions: list[str] = []
+        self.answers: list[Any] = []
         self.errors: list[grpc.aio.AioRpcError] = []
         self._stop = asyncio.Event()
         self._reached = asyncio.Event()
         self._target = 0
 
-    async def loop(self) -> None:
-        async with grpc.aio.insecure_channel(self.address) as ch:
-            stub = sieve_pb2_grpc.CandidateServiceStub(ch)
-            while not self._stop.is_set():
-                try:
-                    r = await stub.Retrieve(sieve_pb2.RetrieveRequest(user_id=7, k=200))
-                    assert len(r.item_ids) == 200
-                    self.versions.append(r.artifact_version)
-                except grpc.aio.AioRpcError as e:
-                    self.errors.append(e)
-                if len(self.versions) >= self._target:
-                    self._reached.set()
+    @property
+    def running(self) -> bool:
+        return not self._stop.is_set()
+
+    def record(self, answer: Any) -> None:
+        self.answers.append(answer)
+        if len(self.answers) >= self._target:
+            self._reached.set()
 
     async def until(self, n: int) -> None:
         """Wait until ``n`` answers have arrived in total."""
         self._target = n
         self._reached.clear()
-        if len(self.versions) < n:
+        if len(self.answers) < n:
             await self._reached.wait()
 
     def stop(self) -> None:
         self._stop.set()
+
+
+class Calls(Loops):
+    """Concurrent Retrieve loops that record every answer's version and every error."""
+
+    @property
+    def versions(self) -> list[str]:
+        return self.answers
+
+    async def loop(self) -> None:
+        async with grpc.aio.insecure_channel(self.address) as ch:
+            stub = sieve_pb2_grpc.CandidateServiceStub(ch)
+            while self.running:
+                try:
+                    r = await stub.Retrieve(sieve_pb2.RetrieveRequest(user_id=7, k=200))
+                    assert len(r.item_ids) == 200
+                    self.record(r.artifact_version)
+                except grpc.aio.AioRpcError as e:
+                    self.errors.append(e)
 
 
 async def test_swap_under_concurrent_calls_then_refuse_a_corrupt_set(
@@ -133,46 +150,29 @@ async def test_swap_under_concurrent_calls_then_refuse_a_corrupt_set(
     await server.stop(0)
 
 
-class Ranks:
+class Ranks(Loops):
     """Concurrent Rank loops that record, per answer, whether it started after the
     ranker's swap, its user, version, items, ANN scores and degradations."""
 
     USERS = (1, 42, 414, 610)
 
     def __init__(self, address: str) -> None:
-        self.address = address
+        super().__init__(address)
         self.swapped = False  # set by the test right after the ranker's reload() swaps
-        self.answers: list[tuple[bool, int, sieve_pb2.RankResponse]] = []
-        self.errors: list[grpc.aio.AioRpcError] = []
-        self._stop = asyncio.Event()
-        self._reached = asyncio.Event()
-        self._target = 0
 
     async def loop(self, worker: int) -> None:
         async with grpc.aio.insecure_channel(self.address) as ch:
             stub = sieve_pb2_grpc.RankerServiceStub(ch)
             n = worker
-            while not self._stop.is_set():
+            while self.running:
                 user = self.USERS[n % len(self.USERS)]
                 n += 1
                 after = self.swapped
                 try:
                     r = await stub.Rank(sieve_pb2.RankRequest(user_id=user), timeout=30)
-                    self.answers.append((after, user, r))
+                    self.record((after, user, r))
                 except grpc.aio.AioRpcError as e:
                     self.errors.append(e)
-                if len(self.answers) >= self._target:
-                    self._reached.set()
-
-    async def until(self, n: int) -> None:
-        """Wait until ``n`` answers have arrived in total."""
-        self._target = n
-        self._reached.clear()
-        if len(self.answers) < n:
-            await self._reached.wait()
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 async def test_ranker_and_candidate_go_live_with_a_new_set_as_one_unit(

@@ -91,6 +91,7 @@ def test_with_popular_adds_only_what_the_search_missed() -> None:
         np.array([10, 12]),
         np.array([0.9, 0.8], np.float32),
         np.array([12, 13, 14, 15]),
+        np.array([11]),  # excluded
         2,
         user,
         lambda i: emb[np.asarray(i) - 10],
@@ -98,5 +99,13 @@ def test_with_popular_adds_only_what_the_search_missed() -> None:
     assert ids.tolist() == [10, 12, 13, 14]
     assert ranks.tolist() == [0, 1, NOT_RETRIEVED, NOT_RETRIEVED]
     np.testing.assert_allclose(scores, [0.9, 0.8, 3.0, 4.0], rtol=1e-6)  # user . embedding
-    same = with_popular(np.array([1]), np.array([0.1], np.float32), np.array([2]), 0, user, None)  # type: ignore[arg-type]
+    same = with_popular(
+        np.array([1]),
+        np.array([0.1], np.float32),
+        np.array([2]),
+        np.array([], np.int64),
+        0,
+        user,
+        None,  # type: ignore[arg-type]
+    )
     assert same[0].tolist() == [1]
