@@ -125,7 +125,7 @@ def with_popular(
 
     Args:
         popular_ids: item ids, most popular first (only the first
-            ``n_popular + len(exclude)`` are read).
+            ``n_popular + len(exclude) + len(ann_ids)`` are read).
         exclude: item ids never to add (seen by the user, or excluded by the caller).
         embeddings_of: item ids -> float32 [m, d] embeddings.
 
@@ -137,9 +137,9 @@ def with_popular(
     ranks = np.arange(len(ann_ids), dtype=np.int32)
     if n_popular <= 0 or len(popular_ids) == 0:
         return ann_ids, np.asarray(ann_scores, np.float32), ranks
-    head = np.asarray(popular_ids[: n_popular + len(exclude)], np.int64)
-    head = head[~np.isin(head, exclude)][: n_popular + len(ann_ids)]
-    extra = head[~np.isin(head, ann_ids)][:n_popular]
+    # at most len(exclude) + len(ann_ids) of the head are dropped: that many extra suffice
+    head = np.asarray(popular_ids[: n_popular + len(exclude) + len(ann_ids)], np.int64)
+    extra = head[~np.isin(head, exclude) & ~np.isin(head, ann_ids)][:n_popular]
     extra_scores = embeddings_of(extra) @ np.asarray(user_vector, np.float32)
     return (
         np.concatenate([ann_ids, extra]),

@@ -99,6 +99,18 @@ def test_with_popular_adds_only_what_the_search_missed() -> None:
     assert ids.tolist() == [10, 12, 13, 14]
     assert ranks.tolist() == [0, 1, NOT_RETRIEVED, NOT_RETRIEVED]
     np.testing.assert_allclose(scores, [0.9, 0.8, 3.0, 4.0], rtol=1e-6)  # user . embedding
+    # popular items the search found do not use up the popular slots: with the
+    # two most popular both retrieved, the next two unseen ones are added
+    ids, _, _ = with_popular(
+        np.array([10, 12]),
+        np.array([0.9, 0.8], np.float32),
+        np.array([12, 10, 11, 13, 14, 15]),
+        np.array([11]),
+        2,
+        user,
+        lambda i: emb[np.asarray(i) - 10],
+    )
+    assert ids.tolist() == [10, 12, 13, 14]
     same = with_popular(
         np.array([1]),
         np.array([0.1], np.float32),
