@@ -43,10 +43,12 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "features"
 OUTPUT_NAME = "score"
-ONNX_TOLERANCE = 1e-4
+ONNX_TOLERANCE = 5e-4
 """Largest |onnx - torch| accepted on the export check (probabilities in [0, 1]).
-Float32 kernels differ in summation order; the DCN's cross layers multiply those
-differences, up to 1.01e-5 seen on random rows, so 1e-5 failed builds at random."""
+Float32 kernels differ in summation order, and by CPU (SIMD width); the DCN's
+cross layers multiply those differences: up to 1.01e-5 here, 1.14e-4 for the
+teacher on CI's CPU, where a 1e-4 bound failed a build. An export bug (a lost
+layer, wrong weights or normalisation) moves scores by 1e-2 and more."""
 INT8_TOLERANCE = 0.05
 """Largest |int8 - fp32| accepted on the quantization check."""
 
@@ -356,9 +358,9 @@ def train_and_export(rows: Rows, out_dir: Path, spec: ModelSpec) -> TrainResult:
     )
     out.seconds["student"] = round(time.perf_counter() - t0, 2)
 
-    probe = np.concatenate(
-        [rows.x[rng.integers(0, len(rows.x), 512)], rng.normal(size=(512, n_in)).astype(np.float32)]
-    )
+    # 512 real rows and 512 random ones in each feature's own scale
+    noise = (mean + std * rng.normal(size=(512, n_in))).astype(np.float32)
+    probe = np.concatenate([rows.x[rng.integers(0, len(rows.x), 512)], noise])
     for role, model in (("teacher", teacher), ("student", student)):
         path = out_dir / out.files[role]
         export_onnx(model, n_in, path)
