@@ -5,7 +5,7 @@
                -> + the most popular unseen items the search missed (200)
                -> item features (in-process table), cross features
                -> score (ONNX Runtime)
-               -> re-rank (genre cap) -> k items
+               -> re-rank: the rule chain of ``ranker.rerank`` -> k items
 
 Each stage is timed; what the request had to give up is listed as a degradation.
 
@@ -34,11 +34,13 @@ from features.item_table import ItemTable, load_item_table
 from features.reader import OnlineReader, open_reader
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from ranker.features import ITEM_INPUTS, MODEL_FEATURES, USER_INPUTS, assemble, with_popular
-from ranker.rerank import genre_cap
+from ranker.history import ShownHistory, open_history
+from ranker.rerank import Slate, group_attributes, run_chain
 from ranker.scorer import OnnxScorer, providers, replace_nonfinite
 from sieve import artifacts
 from sieve.batcher import MicroBatcher, per_group
 from sieve.config import RankerConfig
+from sieve.data import GENRE_INDEX
 from sieve.errors import ArtifactError, InvalidRequest, NotReady
 from sieve.ids import IdIndex
 from sieve.validation import id_list
@@ -81,6 +83,9 @@ class RankResult:
     version: str
     timings: list[tuple[str, int]] = field(default_factory=list)
     degradations: list[str] = field(default_factory=list)
+    moved_by: list[list[str]] = field(default_factory=list)  # debug: per returned item
+    dropped: list[tuple[int, str, str, float]] = field(default_factory=list)
+    """debug: (item id, rule, reason, model score)."""
 
 
 def score_batch(items: list[tuple[OnnxScorer, np.ndarray]]) -> list[np.ndarray]:
@@ -143,6 +148,12 @@ def _embeddings_of(state: _Loaded, item_ids: np.ndarray) -> np.ndarray:
     return out
 
 
+def _attribute_of(state: _Loaded, item_ids: np.ndarray, name: str) -> np.ndarray:
+    """An item table column for ``item_ids`` (ids the table lacks are left out)."""
+    rows, found = state.items.rows(item_ids)
+    return state.items.columns[name][rows[found]]
+
+
 class RankPipeline:
     def __init__(self, config: RankerConfig, artifacts_root: Path) -> None:
         self.config = config
@@ -158,6 +169,14 @@ class RankPipeline:
                 config.score_batch_max_queue,
             )
             if on
+            else None
+        )
+        self.rules = config.rerank.rules
+        self._rule_attributes = group_attributes(self.rules)
+        # What users were shown recently, only when a rule reads it.
+        self.history: ShownHistory | None = (
+            open_history(config.rerank.history)
+            if any(r.name == "fatigue" for r in self.rules)
             else None
         )
         self._state: _Loaded | None = None
@@ -335,6 +354,14 @@ class RankPipeline:
         items = await load_item_table(reader, catalog["item_id"].to_numpy(np.int64))
         if len(items) == 0:
             raise ArtifactError(f"online store of {repo} holds no item features (materialized?)")
+        for i, name in self._rule_attributes:
+            col = items.columns.get(name)
+            if col is None or (name != "genres" and col.ndim != 1):
+                one_d = sorted(c for c, v in items.columns.items() if v.ndim == 1)
+                raise ArtifactError(
+                    f"ranker.rerank.rules[{i}] ({self.rules[i].name}) reads item attribute "
+                    f"{name!r}, which the item features of {repo} lack; one of {one_d}"
+                )
         popular, popular_ids = _popularity_order(items)
         registry = repo / "registry.db"
         mtime = registry.stat().st_mtime if registry.exists() else 0.0
@@ -392,6 +419,8 @@ class RankPipeline:
         if self._pending is not None:
             await self._pending.reader.close()
             self._pending = None
+        if self.history is not None:
+            await self.history.close()
 
     async def rank(self, q: RankQuery) -> RankResult:
         """Rank for one user with the set live when the request starts, end to end.
@@ -490,23 +519,42 @@ class RankPipeline:
             model_scores = state.scorer.score(x)
         clock.mark("score")
 
-        chosen, relaxed = genre_cap(
-            model_scores, cols["primary_genre"][rows], q.k, self.config.max_per_genre
+        recent = (
+            await self.history.recent(q.user_id)
+            if self.history is not None
+            else np.empty(0, np.int64)
         )
-        if relaxed:
-            degradations.append(f"genre_cap_relaxed: fewer than {q.k} items within the cap")
+        slate = Slate(
+            ids=cand_ids,
+            attributes={name: cols[name][rows] for _, name in self._rule_attributes},
+            embeddings_of=lambda idx: _embeddings_of(state, cand_ids[idx]),
+            attribute_of=lambda ids, name: _attribute_of(state, ids, name),
+            exclude=exclude,
+            recent=recent,
+            categories=GENRE_INDEX,
+        )
+        out = run_chain(self.rules, slate, model_scores, q.k, explain=q.debug)
+        chosen = out.chosen
+        degradations += out.notes
         if len(chosen) < q.k:
             degradations.append(f"short_list: only {len(chosen)} candidates for k={q.k}")
+        if self.history is not None:
+            await self.history.record(q.user_id, cand_ids[chosen])
         clock.mark("rerank")
         return RankResult(
             item_ids=cand_ids[chosen],
-            final_scores=model_scores[chosen],
+            final_scores=out.final_scores,
             candidate_scores=cand_scores[chosen],
             model_scores=model_scores[chosen],
             candidate_ranks=cand_ranks[chosen].astype(np.int32),
             version=state.version,
             timings=clock.total(),
             degradations=degradations,
+            moved_by=out.moved_by,
+            dropped=[
+                (int(cand_ids[i]), rule, why, float(model_scores[i]))
+                for i, rule, why in out.dropped
+            ],
         )
 
     def _popular(self, state: _Loaded, q: RankQuery, clock: _Clock, why: str) -> RankResult:

@@ -35,15 +35,22 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
                     candidate_score=float(c),
                     model_score=float(m),
                     candidate_rank=int(r),
+                    moved_by=result.moved_by[n] if result.moved_by else (),
                 )
-                for i, f, c, m, r in zip(
-                    result.item_ids,
-                    result.final_scores,
-                    result.candidate_scores,
-                    result.model_scores,
-                    result.candidate_ranks,
-                    strict=True,
+                for n, (i, f, c, m, r) in enumerate(
+                    zip(
+                        result.item_ids,
+                        result.final_scores,
+                        result.candidate_scores,
+                        result.model_scores,
+                        result.candidate_ranks,
+                        strict=True,
+                    )
                 )
+            ],
+            dropped=[
+                sieve_pb2.DroppedItem(item_id=i, rule=rule, reason=why, model_score=score)
+                for i, rule, why, score in result.dropped
             ],
             timings=[sieve_pb2.StageTiming(stage=s, micros=us) for s, us in result.timings],
             artifact_version=result.version,

@@ -13,15 +13,19 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import pytest_asyncio  # noqa: E402
 
+from ranker.rerank import GroupCap, Mmr, Seen  # noqa: E402
 from sieve import artifacts  # noqa: E402
 from sieve.build import BuildReport, build  # noqa: E402
-from sieve.config import BuildConfig, CandidateConfig, RankerConfig  # noqa: E402
+from sieve.config import BuildConfig, CandidateConfig, RankerConfig, RerankConfig  # noqa: E402
 from sieve.local_redis import local_redis  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MOVIELENS = Path(
     os.environ.get("SIEVE_MOVIELENS", ROOT.parent / "shared/data/movielens/ml-latest-small")
 )
+# The default rule chain without its fatigue rule: Rank answers the same to the
+# same request, so tests can compare servers. Fatigue has tests of its own.
+STATELESS = RerankConfig(rules=(Seen(), Mmr(lambda_=0.5), GroupCap(cap=5)))
 # Embeddings survive between local runs here; CI starts from a clean clone.
 EMBED_CACHE = Path(os.environ.get("SIEVE_TEST_CACHE", ROOT / ".pytest_cache" / "sieve"))
 
@@ -75,7 +79,12 @@ async def servers(artifacts_root: Path) -> AsyncIterator[dict[str, object]]:
     from ranker.service import create_server as create_ranker
 
     cserver, cservicer = await create_candidate(CandidateConfig(port=0), artifacts_root)
-    rconfig = RankerConfig(port=0, candidate_address=f"127.0.0.1:{cserver.port}", item_refresh_s=0)
+    rconfig = RankerConfig(
+        port=0,
+        candidate_address=f"127.0.0.1:{cserver.port}",
+        item_refresh_s=0,
+        rerank=STATELESS,
+    )
     rserver, pipeline = await create_ranker(rconfig, artifacts_root)
     yield {
         "candidate": f"127.0.0.1:{cserver.port}",

@@ -21,7 +21,7 @@ from ranker.pipeline import RankPipeline, RankQuery
 from ranker.service import create_server as create_ranker
 from sieve import artifacts
 from sieve.config import CandidateConfig, RankerConfig
-from tests.conftest import copy_artifacts
+from tests.conftest import STATELESS, copy_artifacts
 
 
 def clone_version(root: Path, src: str, new: str) -> Path:
@@ -186,6 +186,7 @@ async def test_ranker_and_candidate_go_live_with_a_new_set_as_one_unit(
         candidate_address=f"127.0.0.1:{cserver.port}",
         item_refresh_s=0,
         reload_check_s=0,
+        rerank=STATELESS,  # same request, same answer: compared below
     )
     rserver, pipeline = await create_ranker(rconfig, root)
     ranks = Ranks(f"127.0.0.1:{rserver.port}")

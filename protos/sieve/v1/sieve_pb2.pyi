@@ -150,7 +150,10 @@ class RankRequest(_message.Message):
     k: _builtins.int
     """Number of items to return, 1..500; 0 means the default, 50."""
     debug: _builtins.bool
-    """Ask for per-item explanations (later issues fill them in)."""
+    """Explain the answer: each item lists the re-rank rules that moved it, and the
+    response lists the items the rules dropped and why. Costs a little; off,
+    none of it is computed.
+    """
     @_builtins.property
     def exclude_item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Item ids the caller does not want, at most 10,000."""
@@ -180,9 +183,14 @@ class RankedItem(_message.Message):
     CANDIDATE_SCORE_FIELD_NUMBER: _builtins.int
     MODEL_SCORE_FIELD_NUMBER: _builtins.int
     CANDIDATE_RANK_FIELD_NUMBER: _builtins.int
+    MOVED_BY_FIELD_NUMBER: _builtins.int
     item_id: _builtins.int
     final_score: _builtins.float
-    """Score after the re-rank rules; the list is ordered by it."""
+    """Model score after the re-rank rules that change scores (freshness, fatigue,
+    position decay). The list is in the re-ranker's order, which rules that
+    only move items (mmr, group_cap, min_groups) set: an item can sit above
+    one with a higher final_score.
+    """
     candidate_score: _builtins.float
     """User vector . item embedding: the ANN score for retrieved items, computed
     by the ranker for popular candidates (0 for cold-start fallbacks).
@@ -194,6 +202,13 @@ class RankedItem(_message.Message):
     come from the ANN search (the popular candidate source, or the
     popular-items fallback).
     """
+    @_builtins.property
+    def moved_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """debug only: each re-rank rule that changed the item's position or score,
+        as "<rule>: #<before> -> #<after>[, score <before> -> <after>]" (positions
+        1-based among the candidates still in the running), in chain order.
+        """
+
     def __init__(
         self,
         *,
@@ -202,14 +217,50 @@ class RankedItem(_message.Message):
         candidate_score: _builtins.float = ...,
         model_score: _builtins.float = ...,
         candidate_rank: _builtins.int = ...,
+        moved_by: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_rank", b"candidate_rank", "candidate_score", b"candidate_score", "final_score", b"final_score", "item_id", b"item_id", "model_score", b"model_score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_rank", b"candidate_rank", "candidate_score", b"candidate_score", "final_score", b"final_score", "item_id", b"item_id", "model_score", b"model_score", "moved_by", b"moved_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RankedItem: _TypeAlias = RankedItem  # noqa: Y015
+
+@_typing.final
+class DroppedItem(_message.Message):
+    """debug only: a candidate the re-rank rules removed, or pushed out of the
+    model's own top k.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_ID_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MODEL_SCORE_FIELD_NUMBER: _builtins.int
+    item_id: _builtins.int
+    rule: _builtins.str
+    """The rule that dropped it (for an item pushed out, the last rule that moved
+    it from inside the top k to outside).
+    """
+    reason: _builtins.str
+    model_score: _builtins.float
+    def __init__(
+        self,
+        *,
+        item_id: _builtins.int = ...,
+        rule: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        model_score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_id", b"item_id", "model_score", b"model_score", "reason", b"reason", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DroppedItem: _TypeAlias = DroppedItem  # noqa: Y015
 
 @_typing.final
 class StageTiming(_message.Message):
@@ -242,6 +293,7 @@ class RankResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _builtins.int
     ARTIFACT_VERSION_FIELD_NUMBER: _builtins.int
     DEGRADATIONS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
     artifact_version: _builtins.str
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankedItem]: ...
@@ -251,8 +303,15 @@ class RankResponse(_message.Message):
 
     @_builtins.property
     def degradations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """What the request had to give up to answer, e.g. "cold_start_user"; empty
-        when nothing was.
+        """What the request had to give up to answer, e.g. "cold_start_user", or
+        "short_list: ..." when fewer than k candidates remained; empty when nothing
+        was.
+        """
+
+    @_builtins.property
+    def dropped(self) -> _containers.RepeatedCompositeFieldContainer[Global___DroppedItem]:
+        """debug only: filtered candidates, and the model's top-k items the rules
+        pushed out.
         """
 
     def __init__(
@@ -262,10 +321,11 @@ class RankResponse(_message.Message):
         timings: _abc.Iterable[Global___StageTiming] | None = ...,
         artifact_version: _builtins.str = ...,
         degradations: _abc.Iterable[_builtins.str] | None = ...,
+        dropped: _abc.Iterable[Global___DroppedItem] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_version", b"artifact_version", "degradations", b"degradations", "items", b"items", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_version", b"artifact_version", "degradations", b"degradations", "dropped", b"dropped", "items", b"items", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
