@@ -10,8 +10,15 @@ candidates alone), and by each of the set's models: the DCN-v2 teacher, the
 distilled student in FP32 and in INT8 (ONNX Runtime, the serving features).
 Reports NDCG@10,
 NDCG@50, recall@50 (relevant items the funnel missed count as misses) and AUC over
-the candidates, each with a 95% bootstrap interval; writes
-``benchmarks/results/quality.{json,png}``.
+the candidates, each with a 95% bootstrap interval.
+
+Then the diversity trade-off: the student FP32's scores through several re-rank
+settings (``DIVERSITY``, the default chain among them), each scored by NDCG@10,
+intra-list diversity of the 50 returned items and of the first 10 (mean pairwise
+cosine distance of their text embeddings), the same over the items' genre
+multi-hot vectors (genre ILD), and genre coverage of the 50 (share of the
+catalog's genres present), with paired bootstrap ratios to plain score order.
+Writes ``benchmarks/results/quality.{json,png}`` and ``quality_diversity.png``.
 """
 
 from __future__ import annotations
@@ -27,8 +34,11 @@ import pandas as pd
 from candidate.index import CandidateIndex, parse_search_params
 from ranker.evaluate import auc, bootstrap_ci, ndcg_at_k, paired_ratio_ci, recall_at_k
 from ranker.features import assemble, item_inputs, user_inputs, with_popular
+from ranker.rerank import GroupCap, MinGroups, Mmr, PositionDecay, Rule, Slate, run_chain
 from ranker.scorer import OnnxScorer
 from sieve import artifacts
+from sieve.config import RerankConfig
+from sieve.data import GENRE_INDEX, GENRES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("ndcg@10", "ndcg@50", "recall@50", "auc")
@@ -36,6 +46,34 @@ METRICS = ("ndcg@10", "ndcg@50", "recall@50", "auc")
 
 MODELS = {"teacher": "teacher", "student_fp32": "model", "student_int8": "model_int8"}
 """Ranker variants in the report -> their artifact roles."""
+
+DIVERSITY: dict[str, tuple[Rule, ...]] = {
+    "score_order": (),
+    "default": RerankConfig().rules,
+    **{f"mmr_{lam}": (Mmr(lambda_=lam),) for lam in (0.9, 0.7, 0.5, 0.3)},
+    "mmr_0.5_pool_100": (Mmr(lambda_=0.5, pool=100),),
+    "mmr_0.5_pool_500": (Mmr(lambda_=0.5, pool=500),),
+    "mmr_0.3_pool_1000": (Mmr(lambda_=0.3, pool=1000),),
+    "group_cap_5": (GroupCap(cap=5),),
+    "group_cap_3": (GroupCap(cap=3),),
+    "mmr_0.7+group_cap_5": (Mmr(lambda_=0.7), GroupCap(cap=5)),
+    "position_decay_0.8": (PositionDecay(decay=0.8, floor=0.2),),
+    "position_decay_0.5": (PositionDecay(decay=0.5, floor=0.1),),
+    "min_groups_12": (MinGroups(n_groups=12),),
+}
+"""Re-rank settings in the trade-off (offline there is no shown-history, so the
+default chain's fatigue rule changes nothing here)."""
+DIVERSITY_METRICS = ("ndcg@10", "ild@50", "ild@10", "genre_ild@50", "genre_coverage@50")
+
+
+def intra_list_diversity(vectors: np.ndarray) -> float:
+    """Mean pairwise cosine distance of the rows (0 for fewer than 2)."""
+    n = len(vectors)
+    if n < 2:
+        return 0.0
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    sim = unit @ unit.T
+    return float((1.0 - sim[np.triu_indices(n, 1)]).mean())
 
 
 def evaluate(root: Path, n_candidates: int = 1000) -> dict[str, Any]:
@@ -76,6 +114,10 @@ def evaluate(root: Path, n_candidates: int = 1000) -> dict[str, Any]:
         k: {mt: [] for mt in METRICS} for k in ("popularity", "ann", *scorers)
     }
     recall_funnel: list[float] = []
+    div: dict[str, dict[str, list[float]]] = {
+        k: {mt: [] for mt in DIVERSITY_METRICS} for k in DIVERSITY
+    }
+    primary = items["primary_genre"].to_numpy(np.int64)
     for user_id, group in hold.groupby("userId"):
         if user_id not in users.index:
             continue
@@ -106,6 +148,29 @@ def evaluate(root: Path, n_candidates: int = 1000) -> dict[str, Any]:
         for name, scorer in scorers.items():
             s = scorer.score(x)
             ranked[name] = (cand[np.argsort(-s, kind="stable")], s, labels)
+            if name == "student_fp32":
+                emb = np.asarray(embeddings[emb_row.loc[cand].to_numpy()], np.float32)
+                slate = Slate(
+                    ids=cand,
+                    attributes={
+                        "primary_genre": primary[rows],
+                        "genres": item_cols["genres"][rows],
+                        "age_years": item_cols["age_years"][rows],
+                    },
+                    embeddings_of=emb.__getitem__,
+                    attribute_of=lambda ids, col: np.empty(0, np.int64),
+                    exclude=np.sort(seen),
+                    categories=GENRE_INDEX,
+                )
+                for setting, rules in DIVERSITY.items():
+                    top = run_chain(rules, slate, s, 50).chosen
+                    d = div[setting]
+                    d["ndcg@10"].append(ndcg_at_k(cand[top], relevant, 10))
+                    d["ild@50"].append(intra_list_diversity(emb[top]))
+                    d["ild@10"].append(intra_list_diversity(emb[top[:10]]))
+                    d["genre_ild@50"].append(intra_list_diversity(item_cols["genres"][rows[top]]))
+                    covered = (item_cols["genres"][rows[top]] > 0).any(axis=0)
+                    d["genre_coverage@50"].append(float(covered.sum()) / len(GENRES))
         for name, (order, cand_score, lab) in ranked.items():
             per[name]["ndcg@10"].append(ndcg_at_k(order, relevant, 10))
             per[name]["ndcg@50"].append(ndcg_at_k(order, relevant, 50))
@@ -125,6 +190,20 @@ def evaluate(root: Path, n_candidates: int = 1000) -> dict[str, Any]:
                 np.array(per[num]["ndcg@10"]), np.array(per[den]["ndcg@10"])
             )
             ratios[f"{num}/{den} ndcg@10"] = {"ratio": r, "low": low, "high": high}
+    diversity: dict[str, Any] = {}
+    base = div["score_order"]
+    for setting, metrics in div.items():
+        row: dict[str, Any] = {
+            "rules": [r.model_dump(by_alias=True) for r in DIVERSITY[setting]],
+            **{
+                mt: dict(zip(("mean", "low", "high"), bootstrap_ci(np.array(v)), strict=True))
+                for mt, v in metrics.items()
+            },
+        }
+        for mt in ("ndcg@10", "ild@50", "ild@10", "genre_ild@50"):
+            r, low, high = paired_ratio_ci(np.array(metrics[mt]), np.array(base[mt]))
+            row[f"{mt} / score_order"] = {"ratio": r, "low": low, "high": high}
+        diversity[setting] = row
     return {
         "artifact_version": aset.version,
         "users": len(per["ann"]["ndcg@10"]),
@@ -134,6 +213,7 @@ def evaluate(root: Path, n_candidates: int = 1000) -> dict[str, Any]:
         "bootstrap": {"resamples": 1000, "level": 0.95, "over": "users"},
         "results": summary,
         "ratios": ratios,
+        "diversity": {"model": "student_fp32", "k": 50, "settings": diversity},
     }
 
 
@@ -163,6 +243,49 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_diversity(result: dict[str, Any], path: Path) -> None:
+    """NDCG@10 against diversity, each as a paired ratio to plain score order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["diversity"]["settings"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, mt in zip(axes, ("ild@50", "genre_ild@50"), strict=True):
+        for i, (name, r) in enumerate(rows.items()):
+            x, y = r[f"{mt} / score_order"], r["ndcg@10 / score_order"]
+            ax.errorbar(
+                x["ratio"],
+                y["ratio"],
+                xerr=[[x["ratio"] - x["low"]], [x["high"] - x["ratio"]]],
+                yerr=[[y["ratio"] - y["low"]], [y["high"] - y["ratio"]]],
+                fmt="o",
+                color="red" if name == "default" else f"C{i % 10}",
+                capsize=3,
+                alpha=0.8,
+            )
+            ax.annotate(
+                name,
+                (x["ratio"], y["ratio"]),
+                fontsize=7,
+                xytext=(4, 3),
+                textcoords="offset points",
+            )
+        ax.axhline(0.97, color="grey", ls="--", lw=1, label="NDCG@10 -3%")
+        ax.axvline(1.2, color="grey", ls=":", lw=1, label="diversity +20%")
+        ax.set_xlabel(f"{mt} / score order (top 50)")
+        ax.set_ylabel("NDCG@10 / score order")
+        ax.legend(loc="lower left", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"Re-rank settings over the student FP32, MovieLens holdout, {result['users']} users "
+        "(paired 95% bootstrap intervals)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--artifacts", default="artifacts")
@@ -172,6 +295,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, RESULTS / f"{args.name}.png")
+    plot_diversity(result, RESULTS / f"{args.name}_diversity.png")
     print(f"{result['users']} users with relevant held-out items")
     for name, metrics in result["results"].items():
         cells = "  ".join(
@@ -180,6 +304,17 @@ def main() -> None:
         print(f"{name:<13} {cells}")
     for name, v in result["ratios"].items():
         print(f"{name}: {v['ratio']:.3f} [{v['low']:.3f}, {v['high']:.3f}] (paired bootstrap)")
+    print("re-rank settings (student FP32): NDCG@10, ILD@50 and ratios to score order")
+    for name, r in result["diversity"]["settings"].items():
+        n, i = r["ndcg@10 / score_order"], r["ild@50 / score_order"]
+        gi = r["genre_ild@50 / score_order"]
+        print(
+            f"  {name:<20} ndcg@10 {r['ndcg@10']['mean']:.4f} ({n['ratio']:.3f} "
+            f"[{n['low']:.3f}, {n['high']:.3f}])  ild@50 {r['ild@50']['mean']:.4f} "
+            f"({i['ratio']:.3f} [{i['low']:.3f}, {i['high']:.3f}])  ild@10 "
+            f"{r['ild@10']['mean']:.4f}  genre_ild@50 {r['genre_ild@50']['mean']:.4f} "
+            f"({gi['ratio']:.3f})  genres@50 {r['genre_coverage@50']['mean']:.3f}"
+        )
     print(
         f"funnel recall (relevant held-out items among the candidates): "
         f"{result['funnel_recall']:.3f}"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.quality import METRICS, evaluate
+from benchmarks.quality import DIVERSITY, DIVERSITY_METRICS, METRICS, evaluate
 from sieve import artifacts
 
 
@@ -29,3 +29,19 @@ def test_quality_report_on_the_holdout(artifacts_root: Path) -> None:
     for ratio in report["ratios"].values():
         assert ratio["low"] <= ratio["ratio"] <= ratio["high"]
     assert 0.0 < report["funnel_recall"] <= 1.0
+    # the diversity trade-off: every setting present and well-formed; the rules
+    # do what they are for (MMR spreads embeddings, the genre cap spreads genres)
+    div = report["diversity"]["settings"]
+    assert set(div) == set(DIVERSITY)
+    for name, row in div.items():
+        for mt in DIVERSITY_METRICS:
+            assert 0.0 <= row[mt]["low"] <= row[mt]["mean"] <= row[mt]["high"] <= 1.0, (name, mt)
+    assert (
+        div["score_order"]["ndcg@10"]["mean"]
+        == report["results"]["student_fp32"]["ndcg@10"]["mean"]
+    )
+    assert div["mmr_0.3"]["ild@50 / score_order"]["low"] > 1.0
+    assert (
+        div["group_cap_3"]["genre_coverage@50"]["mean"]
+        > div["score_order"]["genre_coverage@50"]["mean"]
+    )
