@@ -68,11 +68,15 @@ class MemoryHistory:
 class RedisHistory:
     """Redis store (``redis.asyncio``): one round trip per read and per write."""
 
-    def __init__(self, url: str, ttl_s: float, max_items: int, prefix: str) -> None:
+    def __init__(
+        self, url: str, ttl_s: float, max_items: int, prefix: str, timeout_s: float = 0.05
+    ) -> None:
         import redis.asyncio as redis
 
         self.ttl_s, self.max_items, self.prefix = ttl_s, max_items, prefix
-        self._redis = redis.Redis.from_url(url)
+        self._redis = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
 
     def _key(self, user_id: int) -> str:
         return f"{self.prefix}:{user_id}"
@@ -101,5 +105,7 @@ class RedisHistory:
 
 def open_history(config: HistoryConfig) -> ShownHistory:
     if config.store == "redis":
-        return RedisHistory(config.redis_url, config.ttl_s, config.max_items, config.key_prefix)
+        return RedisHistory(
+            config.redis_url, config.ttl_s, config.max_items, config.key_prefix, config.timeout_s
+        )
     return MemoryHistory(config.ttl_s, config.max_items, config.max_users)

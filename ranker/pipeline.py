@@ -148,6 +148,11 @@ def _embeddings_of(state: _Loaded, item_ids: np.ndarray) -> np.ndarray:
     return out
 
 
+def _history_down(e: Exception) -> str:
+    log.warning("shown-history store failed: %s: %s", type(e).__name__, e)
+    return f"history_unavailable: {type(e).__name__}; fatigue used no history"
+
+
 def _attribute_of(state: _Loaded, item_ids: np.ndarray, name: str) -> np.ndarray:
     """An item table column for ``item_ids`` (ids the table lacks are left out)."""
     rows, found = state.items.rows(item_ids)
@@ -519,11 +524,12 @@ class RankPipeline:
             model_scores = state.scorer.score(x)
         clock.mark("score")
 
-        recent = (
-            await self.history.recent(q.user_id)
-            if self.history is not None
-            else np.empty(0, np.int64)
-        )
+        recent = np.empty(0, np.int64)
+        if self.history is not None:
+            try:
+                recent = await self.history.recent(q.user_id)
+            except Exception as e:  # noqa: BLE001 - fatigue is never worth a failed Rank
+                degradations.append(_history_down(e))
         slate = Slate(
             ids=cand_ids,
             attributes={name: cols[name][rows] for _, name in self._rule_attributes},
@@ -538,8 +544,13 @@ class RankPipeline:
         degradations += out.notes
         if len(chosen) < q.k:
             degradations.append(f"short_list: only {len(chosen)} candidates for k={q.k}")
-        if self.history is not None:
-            await self.history.record(q.user_id, cand_ids[chosen])
+        if self.history is not None and not any(
+            d.startswith("history_unavailable") for d in degradations
+        ):
+            try:
+                await self.history.record(q.user_id, cand_ids[chosen])
+            except Exception as e:  # noqa: BLE001
+                degradations.append(_history_down(e))
         clock.mark("rerank")
         return RankResult(
             item_ids=cand_ids[chosen],

@@ -195,8 +195,10 @@ def position_decay(groups: np.ndarray, decay: float, floor: float) -> np.ndarray
     item of a group (r = 0 for its first) gets ``(1 - floor) * decay**r + floor``,
     X's author-diversity discount. float32 [n]."""
     r = within_group_rank(groups)
-    table = ((1.0 - floor) * np.power(decay, np.arange(len(r) + 1)) + floor).astype(np.float32)
-    return table[r]
+    if len(r) == 0:
+        return np.ones(0, np.float32)
+    table = (1.0 - floor) * np.power(decay, np.arange(int(r.max()) + 1)) + floor
+    return table.astype(np.float32)[r]
 
 
 def freshness(age_years: np.ndarray, boost: float, half_life_years: float) -> np.ndarray:

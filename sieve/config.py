@@ -142,6 +142,9 @@ class HistoryConfig(_Frozen):
     """Most recent items kept per user."""
     max_users: int = Field(100_000, ge=1)
     """``memory`` only: users kept (least recently served go first)."""
+    timeout_s: float = Field(0.05, gt=0.0, le=5.0)
+    """``redis`` only: socket timeout; a read or write past it (or Redis down)
+    leaves fatigue without history for that request (``history_unavailable``)."""
 
 
 def _default_rules() -> tuple[AnyRule, ...]:

@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -18,8 +19,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_redis(start_timeout_s: float = 20.0) -> Iterator[str]:
-    """Run Debian's ``redis-server`` without persistence; yield ``"127.0.0.1:PORT"``.
+def local_redis(
+    start_timeout_s: float = 20.0, port: int | None = None, data_dir: Path | None = None
+) -> Iterator[str]:
+    """Run Debian's ``redis-server``; yield ``"127.0.0.1:PORT"``.
+
+    Without ``data_dir`` nothing is persisted. With it, the server loads
+    ``data_dir/dump.rdb`` at start if there is one, and writes it only when asked
+    (``SAVE``), so a benchmark can keep a materialized store between runs.
 
     Raises:
         FileNotFoundError: redis-server is not installed.
@@ -30,9 +37,11 @@ def local_redis(start_timeout_s: float = 20.0) -> Iterator[str]:
     exe = shutil.which("redis-server")
     if exe is None:
         raise FileNotFoundError("redis-server is not installed (`make redis` installs it)")
-    port = free_port()
+    port = port or free_port()
+    persist = ["--dir", str(data_dir), "--dbfilename", "dump.rdb"] if data_dir else []
     proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        + persist,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
@@ -43,7 +52,7 @@ def local_redis(start_timeout_s: float = 20.0) -> Iterator[str]:
             try:
                 client.ping()
                 break
-            except redis.ConnectionError:
+            except redis.ConnectionError:  # BusyLoadingError too, while it loads a dump
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"redis-server did not come up on port {port}") from None
                 time.sleep(0.05)

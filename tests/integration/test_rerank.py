@@ -139,3 +139,13 @@ async def test_rule_reading_an_unknown_attribute_is_refused_at_start(
     )
     with pytest.raises(ArtifactError, match=r"ranker\.rerank\.rules\[1\] \(group_cap\).*'studio'"):
         await create_server(cfg, artifacts_root)
+
+
+async def test_history_store_down_degrades_instead_of_failing(ranker_with) -> None:  # type: ignore[no-untyped-def]
+    from sieve.local_redis import free_port
+
+    history = HistoryConfig(store="redis", redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    address = await ranker_with(rerank=RerankConfig(history=history))
+    resp = await _rank(address, user_id=42, k=10)
+    assert len(resp.items) == 10
+    assert [d.split(":")[0] for d in resp.degradations] == ["history_unavailable"]

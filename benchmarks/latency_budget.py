@@ -1,0 +1,425 @@
+"""Latency budget benchmark: Rank under open-loop load, stage by stage, against
+the 50 ms budget of ../shared/DESIGN.md.
+
+    python -m benchmarks.latency_budget                    # 1M items (builds once)
+    python -m benchmarks.latency_budget --items 20000 --rates 10,20 --step-s 3 \\
+        --sustain-s 3                                      # the CI-sized run
+
+Production settings, every part its own process on loopback:
+
+1. ``redis-server`` with its data in ``WORK/redis`` (kept between runs: the first
+   run builds a synthetic artifact set of ``--items`` items with the Redis online
+   store, ``sieve build --synthetic``, and saves the materialized store; later runs
+   load it);
+2. ``sieve serve --only candidate`` and ``sieve serve --only ranker`` (Redis
+   features, Redis shown-history, the default rule chain);
+3. the load generator (``benchmarks.loadgen``): Poisson arrivals, latency from
+   the intended send time, HDR histograms, one process per step.
+
+A sweep over ``--rates`` (each ``--step-s`` recorded seconds after ``--warmup``)
+finds the highest rate with p99 <= 50 ms and no errors, and the knee (the first
+rate whose p99 is over twice the lowest rate's); then ``--sustain-rate`` is held
+for ``--sustain-s``. Writes ``RESULTS/latency_budget.json`` (every figure and the
+machine) and ``latency_{cdf,stages,sweep}.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from benchmarks.loadgen import BUDGET_MS, TOTAL_BUDGET_MS
+from sieve import artifacts
+from sieve.local_redis import free_port, local_redis
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+SIEVE = [sys.executable, "-m", "sieve.cli"]
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_gb = 0.0
+    with contextlib.suppress(OSError, ValueError):
+        kb = Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]
+        mem_gb = round(int(kb) / 2**20, 1)
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "memory_gb": mem_gb,
+    }
+
+
+def _config(work: Path, redis_port: int) -> Path:
+    """The run's sieve.toml: Redis online store and Redis shown-history."""
+    path = work / "sieve.toml"
+    path.write_text(
+        "[build.online_store]\n"
+        'type = "redis"\n'
+        f'connection_string = "127.0.0.1:{redis_port}"\n\n'
+        "[ranker.rerank.history]\n"
+        'store = "redis"\n'
+        f'redis_url = "redis://127.0.0.1:{redis_port}/1"\n'
+    )
+    return path
+
+
+@contextlib.contextmanager
+def _process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``cmd`` (output to ``log``); SIGTERM, then SIGKILL, on the way out."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, timeout_s: float) -> int:
+    """The port a ``sieve serve --ready-file`` process reports once it serves."""
+    deadline = time.monotonic() + timeout_s
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{' '.join(proc.args)} did not start:\n{tail}")  # type: ignore[arg-type]
+        time.sleep(0.2)
+    time.sleep(0.1)
+    return int(ready.read_text().split()[1])
+
+
+def _loadgen(address: str, rate: float, duration: float, warmup: float, users: Path,
+             out: Path, seed: int) -> dict[str, Any]:  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.loadgen",
+            "--address",
+            address,
+            "--rate",
+            str(rate),
+            "--duration",
+            str(duration),
+            "--warmup",
+            str(warmup),
+            "--users-file",
+            str(users),
+            "--out",
+            str(out),
+            "--seed",
+            str(seed),
+        ],  # fmt: skip
+        check=True,
+        cwd=ROOT,
+    )
+    return dict(json.loads(out.read_text()))
+
+
+def _passes(step: dict[str, Any]) -> bool:
+    return not step["errors"] and step["latency_ms"].get("p99", 1e9) <= TOTAL_BUDGET_MS
+
+
+def sweep_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Highest offered rate that passes (p99 <= 50 ms, no errors) and the knee:
+    the first rate whose p99 is over twice the lowest rate's."""
+    ok = [s["offered_rps"] for s in steps if _passes(s)]
+    base = steps[0]["latency_ms"].get("p99", 0.0) if steps else 0.0
+    knee = next((s["offered_rps"] for s in steps if s["latency_ms"].get("p99", 1e9) > 2 * base),
+                None)  # fmt: skip
+    return {"max_rate_within_budget": max(ok) if ok else None, "knee_rate": knee}
+
+
+def _naive(root: Path, args: argparse.Namespace, users: Path, work: Path) -> dict[str, Any]:
+    """Serve the naive pipeline (its own process) and drive it like sieve."""
+    ready, log = work / "naive.ready", work / "logs" / "naive.log"
+    ready.unlink(missing_ok=True)
+    with _process(
+        [sys.executable, "-m", "benchmarks.naive", "--artifacts", str(root),
+         "--ready-file", str(ready)],
+        log,
+    ) as proc:  # fmt: skip
+        port = _wait_ready(proc, ready, log, args.start_timeout)
+        return _loadgen(f"127.0.0.1:{port}", args.naive_rate, args.naive_s, args.warmup, users,
+                        work / "naive.json", seed=7)  # fmt: skip
+
+
+def naive_ratios(sieve: dict[str, Any], naive: dict[str, Any]) -> dict[str, Any]:
+    """naive / sieve at p50 and p99, end to end and per budget line."""
+
+    def ratio(a: dict[str, Any], b: dict[str, Any], p: str) -> float | None:
+        return a[p] / b[p] if p in a and p in b and b[p] > 0 else None
+
+    out: dict[str, Any] = {
+        "end_to_end": {
+            p: ratio(naive["latency_ms"], sieve["latency_ms"], p) for p in ("p50", "p99")
+        }
+    }
+    for line in BUDGET_MS:
+        a, b = naive["budget_ms"].get(line, {}), sieve["budget_ms"].get(line, {})
+        out[line] = {p: ratio(a, b, p) for p in ("p50", "p99")}
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(args.work).resolve()
+    (work / "redis").mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(exist_ok=True)
+    port_file = work / "redis" / "port"
+    redis_port = int(port_file.read_text()) if port_file.exists() else free_port()
+    port_file.write_text(str(redis_port))
+    config = _config(work, redis_port)
+    root = work / "artifacts"
+    seconds: dict[str, float] = {}
+    with local_redis(port=redis_port, data_dir=work / "redis") as redis_address:
+        import redis
+
+        if not (root / artifacts.CURRENT).exists():
+            t0 = time.perf_counter()
+            print(f"building {args.items} synthetic items with the Redis online store ...")
+            subprocess.run(
+                [
+                    *SIEVE,
+                    "--config",
+                    str(config),
+                    "build",
+                    "--synthetic",
+                    str(args.items),
+                    "--out",
+                    str(root),
+                ],  # fmt: skip
+                check=True,
+                cwd=ROOT,
+            )
+            host, port = redis_address.split(":")
+            redis.Redis(host=host, port=int(port)).save()  # keep the materialized store
+            seconds["build"] = round(time.perf_counter() - t0, 1)
+        aset = artifacts.load(root)
+        users = pd.read_parquet(aset.verified("user_features"), columns=["user_id"])["user_id"]
+        users_file = work / "users.txt"
+        sample = np.random.default_rng(0).permutation(users.to_numpy())[:5000]
+        np.savetxt(users_file, sample, fmt="%d")
+
+        logs = work / "logs"
+        cready, rready = work / "candidate.ready", work / "ranker.ready"
+        for f in (cready, rready):
+            f.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        with _process(
+            [*SIEVE, "--config", str(config), "serve", "--only", "candidate",
+             "--artifacts", str(root), "--candidate-port", "0", "--ready-file", str(cready)],
+            logs / "candidate.log",
+        ) as cproc:  # fmt: skip
+            cport = _wait_ready(cproc, cready, logs / "candidate.log", args.start_timeout)
+            with _process(
+                [*SIEVE, "--config", str(config), "serve", "--only", "ranker",
+                 "--artifacts", str(root), "--ranker-port", "0",
+                 "--candidate-address", f"127.0.0.1:{cport}", "--ready-file", str(rready)],
+                logs / "ranker.log",
+            ) as rproc:  # fmt: skip
+                rport = _wait_ready(rproc, rready, logs / "ranker.log", args.start_timeout)
+                seconds["services_ready"] = round(time.perf_counter() - t0, 1)
+                address = f"127.0.0.1:{rport}"
+                steps = []
+                for i, rate in enumerate(float(r) for r in args.rates.split(",")):
+                    step = _loadgen(address, rate, args.step_s, args.warmup, users_file,
+                                    work / f"step_{rate:g}.json", seed=i)  # fmt: skip
+                    steps.append(step)
+                    if not _passes(step) and not args.full_sweep:
+                        break  # past the budget: higher rates only queue
+                sustained = _loadgen(address, args.sustain_rate, args.sustain_s, args.warmup,
+                                     users_file, work / "sustained.json", seed=99)  # fmt: skip
+                naive = paired = None
+                if args.naive_rate > 0:
+                    # the same arrivals and users (same seed) through both pipelines
+                    paired = _loadgen(address, args.naive_rate, args.naive_s, args.warmup,
+                                      users_file, work / "paired_sieve.json", seed=7)  # fmt: skip
+                    naive = _naive(root, args, users_file, work)
+                for proc in (rproc, cproc):
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"{proc.args!r} exited during the run")
+    for s in steps:
+        s.pop("hdr", None)
+    return {
+        "machine": machine(),
+        "items": len(pd.read_parquet(aset.verified("catalog"), columns=["item_id"])),
+        "artifact_version": aset.version,
+        "index": aset.manifest["index"].get("factory"),
+        "settings": {
+            "online_store": "redis",
+            "shown_history": "redis",
+            "processes": "redis-server, candidate, ranker, load generator (one per step)",
+            "warmup_s": args.warmup,
+            "step_s": args.step_s,
+        },
+        "seconds": seconds,
+        "budget_ms": {
+            **{k: v[0] for k, v in BUDGET_MS.items()},
+            "headroom": 15.0,
+            "total": TOTAL_BUDGET_MS,
+        },  # fmt: skip
+        "sweep": steps,
+        "sweep_summary": sweep_summary(steps),
+        "sustained": sustained,
+        "sustained_within_budget": _passes(sustained),
+        "naive": None
+        if naive is None or paired is None
+        else {
+            "what": "Feast get_online_features, exact IndexFlatIP, the teacher, no batching "
+            "(benchmarks/naive.py), same arrivals and users as 'sieve'",
+            "sieve": paired,
+            "naive": naive,
+            "ratios": naive_ratios(paired, naive),
+        },
+    }
+
+
+def plot(result: dict[str, Any], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sus = result["sustained"]
+    title = f"{result['items']:,} items, {sus['offered_rps']:g} Rank/s for {sus['duration_s']:g} s"
+
+    # latency CDF, HDR style: the tail spread out
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    pts = [(p, ms) for p, ms in sus["cdf_ms"] if p < 100]
+    x = [1.0 / (1.0 - p / 100.0) for p, _ in pts]
+    ax.plot(x, [ms for _, ms in pts], "o-", ms=3, label="Rank, end to end (client)")
+    ax.axhline(TOTAL_BUDGET_MS, color="red", ls="--", label="budget p99 50 ms")
+    ax.set_xscale("log")
+    ticks = [50, 90, 99, 99.9, 99.99]
+    ax.set_xticks([1 / (1 - t / 100) for t in ticks], [f"p{t:g}" for t in ticks])
+    ax.set_ylabel("latency, ms (from intended send time)")
+    ax.set_title(f"Latency by percentile: {title}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency_cdf.png", dpi=110)
+
+    # each budget line: measured p50 and p99 beside its budget
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    lines = list(BUDGET_MS)
+    y = np.arange(len(lines))
+    got = sus["budget_ms"]
+    ax.barh(y + 0.27, [BUDGET_MS[n][0] for n in lines], 0.27, color="lightgrey", label="budget p99")
+    ax.barh(y, [got.get(n, {}).get("p99", 0) for n in lines], 0.27, color="C1", label="p99")
+    ax.barh(y - 0.27, [got.get(n, {}).get("p50", 0) for n in lines], 0.27, color="C0", label="p50")
+    ax.set_yticks(y, lines)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms")
+    e2e = sus["latency_ms"]
+    ax.set_title(
+        f"Stages vs budget: end to end p50 {e2e.get('p50', 0):.1f} / p99 {e2e.get('p99', 0):.1f} "
+        f"ms of 50"
+    )
+    ax.legend(loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency_stages.png", dpi=110)
+
+    # offered rate against p99 and throughput
+    steps = result["sweep"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    rates = [s["offered_rps"] for s in steps]
+    ax.plot(rates, [s["latency_ms"].get("p99", np.nan) for s in steps], "o-", label="p99")
+    ax.plot(rates, [s["latency_ms"].get("p50", np.nan) for s in steps], "o--", label="p50")
+    ax.axhline(TOTAL_BUDGET_MS, color="red", ls="--", label="budget 50 ms")
+    ax.set_xlabel("offered Rank/s (Poisson)")
+    ax.set_ylabel("latency, ms")
+    ax.set_yscale("log")
+    ax2 = ax.twinx()
+    ax2.plot(rates, [s["achieved_rps"] for s in steps], "s:", color="C2", label="achieved/s")
+    ax2.set_ylabel("answered per second")
+    ax.legend(loc="upper left")
+    ax2.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    summary = result["sweep_summary"]
+    ax.set_title(
+        f"Sweep: max within budget {summary['max_rate_within_budget']}/s, "
+        f"knee {summary['knee_rate']}/s"
+    )
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency_sweep.png", dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--work", help="kept between runs (default .bench/latency_ITEMS)")
+    ap.add_argument("--rates", default="25,50,100,150,200,250,300,400")
+    ap.add_argument("--step-s", type=float, default=20.0)
+    ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--full-sweep", action="store_true", help="do not stop at the first failure")
+    ap.add_argument("--sustain-rate", type=float, default=100.0)
+    ap.add_argument("--sustain-s", type=float, default=60.0)
+    ap.add_argument("--naive-rate", type=float, default=4.0, help="0 skips the naive pipeline")
+    ap.add_argument("--naive-s", type=float, default=30.0)
+    ap.add_argument("--start-timeout", type=float, default=300.0)
+    ap.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args()
+    args.work = args.work or str(ROOT / ".bench" / f"latency_{args.items}")
+    result = run(args)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latency_budget.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out)
+    for s in result["sweep"]:
+        lat = s["latency_ms"]
+        print(
+            f"{s['offered_rps']:>6g}/s  ok {s['ok']:>6}  errors {s['errors']}  p50 "
+            f"{lat.get('p50', 0):7.2f}  p99 {lat.get('p99', 0):7.2f}  "
+            f"max {lat.get('max', 0):8.2f} ms"
+        )
+    sus = result["sustained"]
+    print(f"sweep: {result['sweep_summary']}")
+    print(
+        f"sustained {sus['offered_rps']:g}/s for {sus['duration_s']:g} s: ok {sus['ok']}, "
+        f"errors {sus['errors']}, p99 {sus['latency_ms'].get('p99', 0):.2f} ms, "
+        f"within budget: {result['sustained_within_budget']}"
+    )
+    for line, v in sus["budget_ms"].items():
+        print(
+            f"  {line:<36} p50 {v['p50']:6.2f}  p99 {v['p99']:6.2f}  (budget {v['budget_p99']:g})"
+        )
+    if result["naive"]:
+        r, n, p = result["naive"]["ratios"], result["naive"]["naive"], result["naive"]["sieve"]
+        print(
+            f"naive pipeline at {n['offered_rps']:g}/s: p50 {n['latency_ms'].get('p50', 0):.1f} "
+            f"p99 {n['latency_ms'].get('p99', 0):.1f} ms, errors {n['errors']}; sieve p50 "
+            f"{p['latency_ms'].get('p50', 0):.1f} p99 {p['latency_ms'].get('p99', 0):.1f} ms"
+        )
+        for line, v in r.items():
+            cells = "  ".join(f"{q} {x:.1f}x" for q, x in v.items() if x is not None)
+            print(f"  naive / sieve {line:<36} {cells}")
+    print(f"wrote {out / 'latency_budget.json'} and latency_*.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Open-loop load generator for ``Rank``: Poisson arrivals at a fixed rate.
+
+    python -m benchmarks.loadgen --address 127.0.0.1:50062 --rate 100 \\
+        --duration 60 --warmup 5 --users-file users.txt --out result.json
+
+Arrival times are drawn up front (exponential gaps, seeded); each request is sent
+at its time whatever the earlier ones are doing, and its latency is measured from
+that intended time, so a stall that delays sends shows up in the latency instead of
+thinning the load (no coordinated omission). Requests of the warm-up are sent but
+not recorded. The run is bounded: ``rate x (warmup + duration)`` requests, each
+with a deadline (``--timeout``). Records the latency in an HDR histogram (1 us to
+60 s, 3 significant digits), status codes, degraded answers, and each stage's
+server-side time from the response. Loopback only: it refuses other addresses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from hdrh.histogram import HdrHistogram
+
+from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+
+PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
+CDF_PERCENTILES = (
+    *np.round(np.linspace(0, 90, 19), 1).tolist(),
+    *(91, 92, 93, 94, 95, 96, 97, 98, 99, 99.5, 99.9, 99.99, 100),
+)
+
+
+BUDGET_MS: dict[str, tuple[float, tuple[str, ...]]] = {
+    "parse, validate, user features": (3.0, ("validate", "user_features")),
+    "candidate RPC (ANN + seen filter)": (10.0, ("retrieve",)),
+    "item features": (6.0, ("item_features",)),
+    "scoring incl. batching wait": (10.0, ("score",)),
+    "re-rank": (3.0, ("rerank",)),
+    "serialisation, network hops": (3.0, ("client_overhead",)),
+}
+"""The latency budget of ../shared/DESIGN.md (p99 ms; headroom 15 ms, total 50 ms):
+each line and the server stages (from the response) it covers."""
+TOTAL_BUDGET_MS = 50.0
+
+
+def _histogram() -> HdrHistogram:
+    return HdrHistogram(1, 60_000_000, 3)  # microseconds
+
+
+def summary(h: HdrHistogram) -> dict[str, float]:
+    """Percentiles of a microsecond histogram, in milliseconds."""
+    if h.get_total_count() == 0:
+        return {"n": 0}
+    out = {f"p{p:g}": h.get_value_at_percentile(p) / 1e3 for p in PERCENTILES}
+    out["max"] = h.get_max_value() / 1e3
+    out["mean"] = h.get_mean_value() / 1e3
+    out["n"] = h.get_total_count()
+    return out
+
+
+def cdf(h: HdrHistogram) -> list[tuple[float, float]]:
+    """(percentile, ms) pairs for a latency CDF plot."""
+    return [(float(p), h.get_value_at_percentile(p) / 1e3) for p in CDF_PERCENTILES]
+
+
+async def run(
+    address: str,
+    rate: float,
+    duration_s: float,
+    warmup_s: float,
+    users: np.ndarray,
+    seed: int = 0,
+    timeout_s: float = 5.0,
+    k: int = 50,
+) -> dict[str, Any]:
+    """Drive ``Rank`` open-loop at ``rate`` per second; returns the measurements."""
+    host = address.rsplit(":", 1)[0]
+    if host not in ("127.0.0.1", "localhost", "[::1]"):
+        raise ValueError(f"loopback only, got {address!r}")
+    rng = np.random.default_rng(seed)
+    horizon = warmup_s + duration_s
+    gaps = rng.exponential(1.0 / rate, int(rate * horizon * 1.5) + 10)
+    at = np.cumsum(gaps)
+    at = at[at < horizon]
+    who = rng.choice(users, len(at))
+
+    total = _histogram()
+    stages: dict[str, HdrHistogram] = {}
+    budget: dict[str, HdrHistogram] = {}  # per line of BUDGET_MS, summed per request
+    codes: dict[str, int] = {}
+    degraded: dict[str, int] = {}
+    recorded = [0]
+    loop = asyncio.get_running_loop()
+    channel = grpc.aio.insecure_channel(address)
+    stub = sieve_pb2_grpc.RankerServiceStub(channel)
+    await channel.channel_ready()
+
+    async def one(intended: float, user: int, record: bool) -> None:
+        try:
+            resp = await stub.Rank(sieve_pb2.RankRequest(user_id=user, k=k), timeout=timeout_s)
+            code = "OK"
+        except grpc.aio.AioRpcError as e:
+            code, resp = e.code().name, None
+        latency_us = max(1, int((loop.time() - intended) * 1e6))
+        if not record:
+            return
+        recorded[0] += 1
+        codes[code] = codes.get(code, 0) + 1
+        total.record_value(min(latency_us, 60_000_000))
+        if resp is None:
+            return
+        for d in resp.degradations:
+            kind = d.split(":", 1)[0]
+            degraded[kind] = degraded.get(kind, 0) + 1
+        server_total = 0
+        for t in resp.timings:
+            stages.setdefault(t.stage, _histogram()).record_value(max(1, t.micros))
+            if t.stage == "total":
+                server_total = t.micros
+        # what the server did not account for: serialisation, the network hop,
+        # and the client's own scheduling
+        micros = {t.stage: t.micros for t in resp.timings}
+        micros["client_overhead"] = max(1, latency_us - server_total)
+        stages.setdefault("client_overhead", _histogram()).record_value(micros["client_overhead"])
+        for line, (_, parts) in BUDGET_MS.items():
+            if all(p in micros for p in parts):
+                us = max(1, sum(micros[p] for p in parts))
+                budget.setdefault(line, _histogram()).record_value(us)
+
+    start = loop.time() + 0.05
+    t0 = time.perf_counter()
+    tasks = []
+    for when, user in zip(at, who, strict=True):
+        delay = start + when - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(start + when, int(user), when >= warmup_s)))
+    send_end = loop.time()
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - t0
+    await channel.close()
+    late = max(0.0, send_end - (start + float(at[-1]))) if len(at) else 0.0
+    n_ok = codes.get("OK", 0)
+    return {
+        "address": address,
+        "offered_rps": rate,
+        "duration_s": duration_s,
+        "warmup_s": warmup_s,
+        "sent": int(len(at)),
+        "recorded": recorded[0],
+        "ok": n_ok,
+        "errors": {c: n for c, n in codes.items() if c != "OK"},
+        "degraded": degraded,
+        "achieved_rps": recorded[0] / duration_s if duration_s else 0.0,
+        "wall_s": wall,
+        "sender_lag_s": late,
+        "latency_ms": summary(total),
+        "cdf_ms": cdf(total),
+        "stages_ms": {name: summary(h) for name, h in stages.items()},
+        "budget_ms": {
+            line: {"budget_p99": BUDGET_MS[line][0], **summary(h)} for line, h in budget.items()
+        },
+        "hdr": total.encode().decode(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--address", required=True)
+    ap.add_argument("--rate", type=float, required=True, help="requests per second (Poisson)")
+    ap.add_argument("--duration", type=float, default=30.0, help="recorded seconds")
+    ap.add_argument("--warmup", type=float, default=5.0, help="seconds sent, not recorded")
+    ap.add_argument("--users-file", required=True, help="one user id per line")
+    ap.add_argument("--timeout", type=float, default=5.0, help="deadline per request, s")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    users = np.loadtxt(args.users_file, dtype=np.int64, ndmin=1)
+    result = asyncio.run(
+        run(args.address, args.rate, args.duration, args.warmup, users, args.seed, args.timeout)
+    )
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    lat = result["latency_ms"]
+    print(
+        f"{args.rate:g}/s: sent {result['sent']}, ok {result['ok']}, errors {result['errors']}, "
+        f"p50 {lat.get('p50', float('nan')):.2f} p99 {lat.get('p99', float('nan')):.2f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The latency benchmark's harness end to end at CI size: a 20k-item synthetic set
+on Redis, both services and the naive pipeline as processes, a few seconds of
+open-loop load. It checks that the numbers are there and well-formed, never how
+fast they are."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.loadgen import BUDGET_MS
+from tests.conftest import ROOT
+
+STAGES = ["validate", "user_features", "retrieve", "item_features", "score", "rerank", "total"]
+
+
+def _well_formed(run: dict, rate: float) -> None:  # type: ignore[type-arg]
+    assert run["offered_rps"] == rate and run["sent"] > 0
+    assert run["recorded"] > 0 and run["ok"] == run["recorded"], run["errors"]
+    assert run["errors"] == {}
+    lat = run["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
+    assert lat["n"] == run["recorded"]
+    pct = [p for p, _ in run["cdf_ms"]]
+    ms = [v for _, v in run["cdf_ms"]]
+    assert pct == sorted(pct) and ms == sorted(ms)
+    for stage in [*STAGES, "client_overhead"]:
+        s = run["stages_ms"][stage]
+        assert s["n"] == run["ok"] and 0 < s["p50"] <= s["p99"] <= s["max"], stage
+    assert set(run["budget_ms"]) == set(BUDGET_MS)
+    # the server's total covers its stages; end to end covers the server's total
+    assert run["stages_ms"]["total"]["max"] <= lat["max"] + 1e-3
+
+
+def test_latency_budget_harness_end_to_end(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    cmd = [
+        sys.executable, "-m", "benchmarks.latency_budget",
+        "--items", "20000", "--work", str(tmp_path / "work"), "--results", str(results),
+        "--rates", "4,8", "--full-sweep", "--step-s", "2", "--warmup", "1",
+        "--sustain-rate", "5", "--sustain-s", "3", "--naive-rate", "2", "--naive-s", "2",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    r = json.loads((results / "latency_budget.json").read_text())
+    assert r["items"] == 20000 and r["settings"]["online_store"] == "redis"
+    assert r["machine"]["cpus"] >= 1 and r["budget_ms"]["total"] == 50.0
+    assert [s["offered_rps"] for s in r["sweep"]] == [4.0, 8.0]
+    for s in r["sweep"]:
+        _well_formed(s, s["offered_rps"])
+    _well_formed(r["sustained"], 5.0)
+    assert isinstance(r["sustained_within_budget"], bool)
+    summary = r["sweep_summary"]
+    assert summary["max_rate_within_budget"] in (None, 4.0, 8.0)
+    naive = r["naive"]
+    _well_formed(naive["sieve"], 2.0)
+    _well_formed(naive["naive"], 2.0)
+    assert set(naive["ratios"]) == {"end_to_end", *BUDGET_MS}
+    assert all(v is None or v > 0 for line in naive["ratios"].values() for v in line.values())
+    for png in ("latency_cdf.png", "latency_stages.png", "latency_sweep.png"):
+        assert (results / png).stat().st_size > 10_000
