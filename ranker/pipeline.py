@@ -148,6 +148,14 @@ def _embeddings_of(state: _Loaded, item_ids: np.ndarray) -> np.ndarray:
     return out
 
 
+def touch_pages(array: np.ndarray, page_bytes: int = 4096) -> None:
+    """Read one value per memory page of ``array`` (a memory-mapped file), so the
+    process has every page mapped before requests need them."""
+    flat = array.reshape(-1)
+    step = max(1, page_bytes // flat.itemsize)
+    float(np.asarray(flat[::step]).sum())
+
+
 def _history_down(e: Exception) -> str:
     log.warning("shown-history store failed: %s: %s", type(e).__name__, e)
     return f"history_unavailable: {type(e).__name__}; fatigue used no history"
@@ -375,6 +383,9 @@ class RankPipeline:
             model.get("feature_defaults", [0.0] * len(MODEL_FEATURES)), np.float32
         )
         embeddings = np.load(aset.verified("item_embeddings"), mmap_mode="r")
+        # Map every page now: requests gather ~400 random rows (popular candidates,
+        # MMR), and each first touch of a page is a fault (~1 ms per 200 rows at 1M).
+        await asyncio.to_thread(touch_pages, embeddings)
         catalog_ids = catalog["item_id"].to_numpy(np.int64)
         if embeddings.shape[0] != len(catalog_ids):
             raise ArtifactError(
