@@ -254,6 +254,7 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
             index_path,
             catalog["item_id"].to_numpy(np.int64),
             aset.verified("user_vectors"),
+            mmap=self.config.index_mmap,
             search_params=parse_search_params(aset.manifest["index"].get("search_params", "")),
             categories=category_masks(catalog["genres"]),
         )

@@ -122,6 +122,12 @@ class CandidateConfig(_Frozen):
     with) are answered from it, so a ranker still on the previous set keeps
     working while it loads the new one. 1 drops the old set at the swap: a ranker
     still on it answers popular items (``retrieve_failed``) until it swaps too."""
+    index_mmap: bool = False
+    """Memory-map the index where its type allows instead of reading it into
+    memory. At 1M items (IVF4096,PQ192x4fs,Refine(SQ8), file in the page cache)
+    both load in about 0.5 s, and mapped search p99 was 11.4 ms against 6.7 ms:
+    every first touch of a page is a fault. Worth it only for an index larger
+    than memory can hold per process."""
     omp_threads: int = Field(1, ge=1)
     """Faiss OpenMP threads; concurrency across requests is the better use of cores."""
     grace_s: float = Field(5.0, ge=0.0)
