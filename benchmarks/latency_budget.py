@@ -16,11 +16,13 @@ Production settings, every part its own process on loopback:
 3. the load generator (``benchmarks.loadgen``): Poisson arrivals, latency from
    the intended send time, HDR histograms, one process per step.
 
-A sweep over ``--rates`` (each ``--step-s`` recorded seconds after ``--warmup``)
-finds the highest rate with p99 <= 50 ms and no errors, and the knee (the first
-rate whose p99 is over twice the lowest rate's); then ``--sustain-rate`` is held
-for ``--sustain-s``. Writes ``RESULTS/latency_budget.json`` (every figure and the
-machine) and ``latency_{cdf,stages,sweep}.png``.
+A sweep over ``--rates`` (each at least ``--step-s`` recorded seconds after
+``--warmup`` and long enough for ``--min-samples`` answers; it stops after two
+failing rates) finds the highest rate with p99 <= 50 ms and no errors, and the
+knee (the first rate whose p99 is over twice the lowest rate's); then
+``--sustain-rate`` is held for ``--sustain-s``. Writes
+``RESULTS/latency_budget.json`` (every figure and the machine) and
+``latency_{cdf,stages,sweep}.png``.
 """
 
 from __future__ import annotations
@@ -246,19 +248,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 address = f"127.0.0.1:{rport}"
                 steps = []
                 for i, rate in enumerate(float(r) for r in args.rates.split(",")):
-                    step = _loadgen(address, rate, args.step_s, args.warmup, users_file,
+                    # long enough for min_samples answers: a p99 needs a few hundred
+                    step_s = max(args.step_s, args.min_samples / rate)
+                    step = _loadgen(address, rate, step_s, args.warmup, users_file,
                                     work / f"step_{rate:g}.json", seed=i)  # fmt: skip
                     steps.append(step)
-                    if not _passes(step) and not args.full_sweep:
-                        break  # past the budget: higher rates only queue
-                sustained = _loadgen(address, args.sustain_rate, args.sustain_s, args.warmup,
-                                     users_file, work / "sustained.json", seed=99)  # fmt: skip
+                    failing = [not _passes(s) for s in steps[-2:]]
+                    if len(failing) == 2 and all(failing) and not args.full_sweep:
+                        break  # two rates past the budget: higher ones only queue
                 naive = paired = None
                 if args.naive_rate > 0:
-                    # the same arrivals and users (same seed) through both pipelines
+                    # the same arrivals and users (same seed) through both pipelines,
+                    # before the held rate can leave sieve's processes behind
                     paired = _loadgen(address, args.naive_rate, args.naive_s, args.warmup,
                                       users_file, work / "paired_sieve.json", seed=7)  # fmt: skip
                     naive = _naive(root, args, users_file, work)
+                sustained = _loadgen(address, args.sustain_rate, args.sustain_s, args.warmup,
+                                     users_file, work / "sustained.json", seed=99)  # fmt: skip
                 for proc in (rproc, cproc):
                     if proc.poll() is not None:
                         raise RuntimeError(f"{proc.args!r} exited during the run")
@@ -382,6 +388,9 @@ def main() -> None:
     ap.add_argument("--work", help="kept between runs (default .bench/latency_ITEMS)")
     ap.add_argument("--rates", default="25,50,100,150,200,250,300,400")
     ap.add_argument("--step-s", type=float, default=20.0)
+    ap.add_argument(
+        "--min-samples", type=int, default=300, help="steps last until about this many answers"
+    )
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--full-sweep", action="store_true", help="do not stop at the first failure")
     ap.add_argument("--sustain-rate", type=float, default=100.0)

@@ -68,9 +68,15 @@ async def serve(
     cfg: SieveConfig, artifacts_root: Path, only: str | None, ready_file: Path | None = None
 ) -> None:
     """Run the candidate and/or ranker server until SIGTERM or SIGINT."""
+    from threadpoolctl import threadpool_limits
+
     from candidate.service import create_server as create_candidate
     from ranker.service import create_server as create_ranker
 
+    # One BLAS thread: a request's small matrix products (MMR's 200 x 200) split
+    # over two threads wait for a core the other processes hold. At 1M items and
+    # 2 Rank/s this cut the re-rank stage's p90 from 12.5 ms to 4.3 ms.
+    threadpool_limits(1, user_api="blas")
     servers = []
     ranker_cfg = cfg.ranker
     try:

@@ -39,7 +39,7 @@ def test_latency_budget_harness_end_to_end(tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "benchmarks.latency_budget",
         "--items", "20000", "--work", str(tmp_path / "work"), "--results", str(results),
-        "--rates", "4,8", "--full-sweep", "--step-s", "2", "--warmup", "1",
+        "--rates", "4,8", "--full-sweep", "--step-s", "2", "--min-samples", "1", "--warmup", "1",
         "--sustain-rate", "5", "--sustain-s", "3", "--naive-rate", "2", "--naive-s", "2",
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
