@@ -88,7 +88,8 @@ def slate(seed: int = 0) -> tuple[Slate, np.ndarray]:
 
 
 def naive_mmr(rel: np.ndarray, emb: np.ndarray, k: int, lam: float) -> list[int]:
-    """MMR as first written: a Python loop over items and over the picked ones."""
+    """MMR as first written: a Python loop over items and over the picked ones
+    (the oracle of the vectorised ``mmr`` in the unit tests)."""
     picked: list[int] = []
     for _ in range(min(k, len(rel))):
         best, best_value = -1, -np.inf

@@ -35,7 +35,7 @@ from features.reader import OnlineReader, open_reader
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from ranker.features import ITEM_INPUTS, MODEL_FEATURES, USER_INPUTS, assemble, with_popular
 from ranker.history import ShownHistory, open_history
-from ranker.rerank import Slate, group_attributes, run_chain
+from ranker.rerank import Slate, item_attributes, run_chain
 from ranker.scorer import OnnxScorer, providers, replace_nonfinite
 from sieve import artifacts
 from sieve.batcher import MicroBatcher, per_group
@@ -185,7 +185,7 @@ class RankPipeline:
             else None
         )
         self.rules = config.rerank.rules
-        self._rule_attributes = group_attributes(self.rules)
+        self._rule_attributes = item_attributes(self.rules)
         # What users were shown recently, only when a rule reads it.
         self.history: ShownHistory | None = (
             open_history(config.rerank.history)
@@ -367,9 +367,9 @@ class RankPipeline:
         items = await load_item_table(reader, catalog["item_id"].to_numpy(np.int64))
         if len(items) == 0:
             raise ArtifactError(f"online store of {repo} holds no item features (materialized?)")
-        for i, name in self._rule_attributes:
+        for i, name, groups in self._rule_attributes:
             col = items.columns.get(name)
-            if col is None or (name != "genres" and col.ndim != 1):
+            if col is None or (groups and col.ndim != 1):
                 one_d = sorted(c for c, v in items.columns.items() if v.ndim == 1)
                 raise ArtifactError(
                     f"ranker.rerank.rules[{i}] ({self.rules[i].name}) reads item attribute "
@@ -536,14 +536,16 @@ class RankPipeline:
         clock.mark("score")
 
         recent = np.empty(0, np.int64)
-        if self.history is not None:
+        history = self.history
+        if history is not None:
             try:
-                recent = await self.history.recent(q.user_id)
+                recent = await history.recent(q.user_id)
             except Exception as e:  # noqa: BLE001 - fatigue is never worth a failed Rank
                 degradations.append(_history_down(e))
+                history = None  # nor worth a second timeout on the write
         slate = Slate(
             ids=cand_ids,
-            attributes={name: cols[name][rows] for _, name in self._rule_attributes},
+            attributes={name: cols[name][rows] for _, name, _ in self._rule_attributes},
             embeddings_of=lambda idx: _embeddings_of(state, cand_ids[idx]),
             attribute_of=lambda ids, name: _attribute_of(state, ids, name),
             exclude=exclude,
@@ -555,11 +557,9 @@ class RankPipeline:
         degradations += out.notes
         if len(chosen) < q.k:
             degradations.append(f"short_list: only {len(chosen)} candidates for k={q.k}")
-        if self.history is not None and not any(
-            d.startswith("history_unavailable") for d in degradations
-        ):
+        if history is not None:
             try:
-                await self.history.record(q.user_id, cand_ids[chosen])
+                await history.record(q.user_id, cand_ids[chosen])
             except Exception as e:  # noqa: BLE001
                 degradations.append(_history_down(e))
         clock.mark("rerank")

@@ -583,7 +583,8 @@ def _dropped(
     return out
 
 
-def group_attributes(rules: tuple[Rule, ...]) -> list[tuple[int, str]]:
-    """(position in the chain, item attribute) for every rule that reads one."""
-    out = [(i, a) for i, r in enumerate(rules) for a in r.attributes]
-    return out + [(i, a) for i, r in enumerate(rules) if (a := r.group_attribute())]
+def item_attributes(rules: tuple[Rule, ...]) -> list[tuple[int, str, bool]]:
+    """(position in the chain, item attribute, whether the rule groups items by
+    it, so it needs one value per item) for every attribute a rule reads."""
+    out = [(i, a, False) for i, r in enumerate(rules) for a in r.attributes]
+    return out + [(i, a, True) for i, r in enumerate(rules) if (a := r.group_attribute())]

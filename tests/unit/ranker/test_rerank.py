@@ -8,6 +8,7 @@ import numpy as np
 import pydantic
 import pytest
 
+from benchmarks.rerank import naive_mmr
 from ranker.rerank import (
     AllowCategories,
     Blocklist,
@@ -64,22 +65,6 @@ def test_group_cap_properties(seed: int) -> None:
         assert (groups[head] == groups[p]).sum() == 4
 
 
-def _naive_mmr(rel: np.ndarray, emb: np.ndarray, k: int, lam: float) -> list[int]:
-    """The textbook loop: for every remaining item, its max cosine to the picked."""
-    picked: list[int] = []
-    for _ in range(min(k, len(rel))):
-        best, best_value = -1, -np.inf
-        for i in range(len(rel)):
-            if i in picked:
-                continue
-            sim = max([max(0.0, float(emb[i] @ emb[j])) for j in picked], default=0.0)
-            value = lam * rel[i] - (1 - lam) * sim
-            if value > best_value:
-                best, best_value = i, value
-        picked.append(best)
-    return picked
-
-
 def test_mmr_exact() -> None:
     emb = np.array([[1, 0], [1, 0], [0, 1]], np.float32)  # 0 and 1 are duplicates
     rel = np.array([1.0, 0.9, 0.5], np.float32)
@@ -94,7 +79,7 @@ def test_mmr_matches_the_textbook_loop(lam: float) -> None:
     emb = rng.normal(size=(60, 16)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     rel = rng.random(60).astype(np.float32)
-    assert mmr(rel, emb, 15, lam).tolist() == _naive_mmr(rel, emb, 15, lam)
+    assert mmr(rel, emb, 15, lam).tolist() == naive_mmr(rel, emb, 15, lam)
 
 
 def test_min_groups_exact() -> None:
@@ -264,4 +249,4 @@ def test_mmr_paths_agree_with_the_textbook_loop(m: int, k: int) -> None:
     emb = rng.normal(size=(m, 8)).astype(np.float32)  # some negative cosines
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     rel = rng.random(m).astype(np.float32)
-    assert mmr(rel, emb, k, 0.6).tolist() == _naive_mmr(rel, emb, k, 0.6)
+    assert mmr(rel, emb, k, 0.6).tolist() == naive_mmr(rel, emb, k, 0.6)
