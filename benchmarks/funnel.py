@@ -38,7 +38,12 @@ from features.definitions import ITEM_VIEW, USER_VIEW  # noqa: E402
 from features.reader import open_reader  # noqa: E402
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc  # noqa: E402
 from sieve import artifacts  # noqa: E402
-from sieve.config import CandidateConfig, RankerConfig  # noqa: E402
+from sieve.config import (  # noqa: E402
+    CandidateConfig,
+    RankerConfig,
+    ReliabilityConfig,
+    StageBudgetMs,
+)
 from sieve.local_redis import local_redis  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,7 +75,15 @@ async def bench_rank(root: Path, requests: int, levels: list[int], seed: int) ->
     users = pd.read_parquet(aset.verified("user_features"), columns=["user_id"])["user_id"]
     rng = np.random.default_rng(seed)
     cserver, _ = await create_candidate(CandidateConfig(port=0), root)
-    rcfg = RankerConfig(port=0, candidate_address=f"127.0.0.1:{cserver.port}", item_refresh_s=0)
+    # What each stage costs under closed-loop concurrency: no deadline may cut a
+    # stage short (the degradation ladder is measured in benchmarks/faults.py).
+    no_deadlines = ReliabilityConfig(budget_ms=StageBudgetMs(headroom=60_000.0), max_in_flight=4096)
+    rcfg = RankerConfig(
+        port=0,
+        candidate_address=f"127.0.0.1:{cserver.port}",
+        item_refresh_s=0,
+        reliability=no_deadlines,
+    )
     rserver, _ = await create_ranker(rcfg, root)
     out: dict[str, Any] = {}
     try:

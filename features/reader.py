@@ -264,9 +264,20 @@ class SqliteReader(OnlineReader):
 class RedisReader(OnlineReader):
     """Feast's Redis online store, read with one pipelined HMGET per entity."""
 
-    def __init__(self, project: str, key_version: int, connection_string: str) -> None:
+    def __init__(
+        self,
+        project: str,
+        key_version: int,
+        connection_string: str,
+        max_connections: int = 64,
+        timeout_s: float = 1.0,
+    ) -> None:
+        """``max_connections`` bounds the pool (a bulkhead: a slow Redis holds at
+        most that many; a read that finds none free waits up to ``timeout_s``);
+        ``timeout_s`` is also the socket's connect and read timeout."""
         super().__init__(project, key_version)
         self.connection_string = connection_string
+        self.max_connections, self.timeout_s = max_connections, timeout_s
         self._client: object | None = None
 
     async def start(self) -> None:
@@ -278,7 +289,16 @@ class RedisReader(OnlineReader):
         for opt in options:
             k, _, v = opt.partition("=")
             kwargs[k.strip()] = int(v) if k.strip() == "db" else v
-        self._client = aioredis.Redis(host=host, port=int(port or 6379), **kwargs)  # type: ignore[arg-type]
+        pool = aioredis.BlockingConnectionPool(
+            host=host,
+            port=int(port or 6379),
+            max_connections=self.max_connections,
+            timeout=self.timeout_s,
+            socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        self._client = aioredis.Redis(connection_pool=pool)
 
     async def read(self, view: ViewSpec, ids: np.ndarray) -> FeatureFrame:
         if self._client is None:
@@ -324,8 +344,9 @@ class RedisReader(OnlineReader):
             self._client = None
 
 
-def open_reader(repo_dir: Path) -> OnlineReader:
-    """The reader for the online store named in ``repo_dir/feature_store.yaml``.
+def open_reader(repo_dir: Path, max_connections: int = 64, timeout_s: float = 1.0) -> OnlineReader:
+    """The reader for the online store named in ``repo_dir/feature_store.yaml``
+    (``max_connections`` and ``timeout_s``: see ``RedisReader``).
 
     Raises:
         ArtifactError: the file is missing or names a store we do not read.
@@ -345,7 +366,13 @@ def open_reader(repo_dir: Path) -> OnlineReader:
         db = Path(online.get("path", "online_store.db"))
         return SqliteReader(project, version, db if db.is_absolute() else Path(repo_dir) / db)
     if kind == "redis":
-        return RedisReader(project, version, online.get("connection_string", "localhost:6379"))
+        return RedisReader(
+            project,
+            version,
+            online.get("connection_string", "localhost:6379"),
+            max_connections,
+            timeout_s,
+        )
     raise ArtifactError(f"{path}: online store type {kind!r} is not supported (sqlite, redis)")
 
 

@@ -9,6 +9,19 @@
 
 Each stage is timed; what the request had to give up is listed as a degradation.
 
+Every stage has a deadline (``ranker.reliability.budget_ms``, bounded by the
+caller's own deadline). A stage that fails or overruns takes the next rung of the
+degradation ladder instead of failing the request, and the answer lists its rungs:
+
+    cached_user_features  the online store failed: the user's last read features
+    fewer_candidates      retrieval ran late: only the top candidates are scored
+    ann_order             scoring failed or ran late: ANN order instead of the model
+    cached_response       no candidates: the user's last full-quality answer
+    popular_items         nothing personal left: the most popular unseen items
+
+The candidate RPC and the online store each sit behind a circuit breaker, so a
+dead dependency costs one fast refusal per request instead of a timeout.
+
 A request takes one loaded artifact set (``_Loaded``) when it starts and uses only
 it: its features, item table and model, and a Retrieve pinned to its version. A new
 set goes live (``reload``) only once the candidate service holds it too, so index,
@@ -19,8 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +43,19 @@ from typing import Any
 import grpc
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from features.definitions import USER_VIEW
 from features.item_table import ItemTable, load_item_table
-from features.reader import OnlineReader, open_reader
+from features.reader import FeatureFrame, OnlineReader, open_reader
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from ranker.features import ITEM_INPUTS, MODEL_FEATURES, USER_INPUTS, assemble, with_popular
 from ranker.history import ShownHistory, open_history
 from ranker.rerank import Slate, item_attributes, run_chain
+from ranker.resilience import Breaker, Deadlines, TtlCache
+from ranker.response_cache import CachedAnswer, ResponseCache, open_response_cache
 from ranker.scorer import OnnxScorer, providers, replace_nonfinite
 from sieve import artifacts
 from sieve.batcher import MicroBatcher, per_group
@@ -43,6 +63,7 @@ from sieve.config import RankerConfig
 from sieve.data import GENRE_INDEX
 from sieve.errors import ArtifactError, InvalidRequest, NotReady
 from sieve.ids import IdIndex
+from sieve.metrics import BREAKER_STATE, NONFINITE_FEATURES
 from sieve.validation import id_list
 
 log = logging.getLogger(__name__)
@@ -83,6 +104,8 @@ class RankResult:
     version: str
     timings: list[tuple[str, int]] = field(default_factory=list)
     degradations: list[str] = field(default_factory=list)
+    rungs: list[str] = field(default_factory=list)
+    """The degradation-ladder rungs taken, in ladder order; empty: full quality."""
     moved_by: list[list[str]] = field(default_factory=list)  # debug: per returned item
     dropped: list[tuple[int, str, str, float]] = field(default_factory=list)
     """debug: (item id, rule, reason, model score)."""
@@ -103,8 +126,8 @@ def score_batch(items: list[tuple[OnnxScorer, np.ndarray]]) -> list[np.ndarray]:
 
 
 class _Clock:
-    def __init__(self) -> None:
-        self.start = self.last = time.perf_counter()
+    def __init__(self, start: float | None = None) -> None:
+        self.start = self.last = time.perf_counter() if start is None else start
         self.marks: list[tuple[str, int]] = []
 
     def mark(self, stage: str) -> None:
@@ -156,9 +179,42 @@ def touch_pages(array: np.ndarray, page_bytes: int = 4096) -> None:
     float(np.asarray(flat[::step]).sum())
 
 
-def _history_down(e: Exception) -> str:
+def _history_down(e: BaseException) -> str:
     log.warning("shown-history store failed: %s: %s", type(e).__name__, e)
     return f"history_unavailable: {type(e).__name__}; fatigue used no history"
+
+
+def _failure(e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return "deadline"
+    if isinstance(e, grpc.aio.AioRpcError):
+        return e.code().name
+    return type(e).__name__
+
+
+def candidate_channel_options(retries: int) -> list[tuple[str, object]]:
+    """Channel options for the candidate service: gRPC's own retry policy for
+    Retrieve (UNAVAILABLE only, exponential backoff with jitter, never past the
+    call's deadline), and reconnects within a second of the service coming back
+    (gRPC's default backoff grows to two minutes)."""
+    options: list[tuple[str, object]] = [
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        # (not grpc.min_reconnect_backoff_ms: it is also the connect timeout, and a
+        # handshake slower than it would fail)
+    ]
+    if retries > 0:
+        policy = {
+            "maxAttempts": retries + 1,
+            "initialBackoff": "0.002s",
+            "maxBackoff": "0.02s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+        service = sieve_pb2.DESCRIPTOR.services_by_name["CandidateService"].full_name
+        config = {"methodConfig": [{"name": [{"service": service}], "retryPolicy": policy}]}
+        options += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+    return options
 
 
 def _attribute_of(state: _Loaded, item_ids: np.ndarray, name: str) -> np.ndarray:
@@ -192,6 +248,23 @@ class RankPipeline:
             if any(r.name == "fatigue" for r in self.rules)
             else None
         )
+        rel = config.reliability
+        self.reliability = rel
+        self.breakers = {
+            name: Breaker(name, rel.breaker, BREAKER_STATE.labels(name).set)
+            for name in ("candidate", "online_store")
+        }
+        for name in self.breakers:
+            BREAKER_STATE.labels(name).set(0)
+        # Users' last read features, served when the online store fails.
+        self.user_cache: TtlCache[int, FeatureFrame] = TtlCache(
+            rel.user_cache_size, rel.user_cache_ttl_s
+        )
+        self.response_cache: ResponseCache | None = open_response_cache(rel.response_cache)
+        self._read_retry = Retry(
+            ExponentialWithJitterBackoff(cap=0.005, base=0.001), rel.redis_retries
+        )
+        self._background: set[asyncio.Task[None]] = set()  # response-cache writes
         self._state: _Loaded | None = None
         # A new set loaded by reload(), waiting for the candidate service to hold it.
         self._pending: _Loaded | None = None
@@ -215,7 +288,10 @@ class RankPipeline:
             ArtifactError: naming the missing or corrupt file.
         """
         self._state = await self._load(artifacts.load(self.artifacts_root))
-        self._channel = grpc.aio.insecure_channel(self.config.candidate_address)
+        self._channel = grpc.aio.insecure_channel(
+            self.config.candidate_address,
+            options=candidate_channel_options(self.reliability.retrieve_retries),
+        )
         self._stub = sieve_pb2_grpc.CandidateServiceStub(self._channel)
         self._warm_up(self._state)
         if self.score_batcher is not None:
@@ -321,6 +397,12 @@ class RankPipeline:
 
     async def _load(self, aset: artifacts.ArtifactSet) -> _Loaded:
         model = aset.manifest["model"]
+        for key, kind in (("features", list), ("input_name", str), ("output_name", str)):
+            if not isinstance(model.get(key), kind):
+                raise ArtifactError(
+                    f"{aset.root / artifacts.MANIFEST}: model lacks {key!r} "
+                    f"(a {kind.__name__}), got {model.get(key)!r}"
+                )
         if list(model["features"]) != list(MODEL_FEATURES):
             raise ArtifactError(
                 f"{aset.root / artifacts.MANIFEST}: model features {model['features']} are not "
@@ -332,19 +414,25 @@ class RankPipeline:
                 f"{aset.root / artifacts.MANIFEST} has no {role} file (ranker.model = "
                 f"{self.config.model!r}); rebuild the set or serve 'fp32'"
             )
+        # Checksums of every file read here (1.5 GB of embeddings at 1M items) are
+        # computed off the event loop: a reload must not stall the live requests.
+        roles = (role, "feature_store", "catalog", "item_embeddings")
+        paths = await asyncio.to_thread(lambda: {r: aset.verified(r) for r in roles})
         scorer = OnnxScorer(
-            str(aset.verified(role)),
+            str(paths[role]),
             model["input_name"],
             model["output_name"],
             model["features"],
             self.config.intra_op_threads,
         )
         await asyncio.to_thread(scorer.load)
-        repo = aset.verified("feature_store").parent
-        reader = open_reader(repo)
+        repo = paths["feature_store"].parent
+        reader = open_reader(
+            repo, self.reliability.redis_pool_size, self.reliability.redis_timeout_s
+        )
         await reader.start()
         try:
-            return await self._state_of(aset, model, scorer, reader, repo)
+            return await self._state_of(aset, paths, model, scorer, reader, repo)
         except BaseException:
             await reader.close()  # a refused set leaves no open connection behind
             raise
@@ -352,19 +440,29 @@ class RankPipeline:
     async def _state_of(
         self,
         aset: artifacts.ArtifactSet,
+        paths: dict[str, Path],
         model: dict[str, Any],
         scorer: OnnxScorer,
         reader: OnlineReader,
         repo: Path,
     ) -> _Loaded:
         """The rest of a set's state: item table, popularity, embeddings, read
-        through ``reader``.
+        through ``reader`` from the ``paths`` already verified (sorting and file
+        reads in a worker thread).
 
         Raises:
             ArtifactError: the store holds no items, or the embeddings do not fit.
         """
-        catalog = pd.read_parquet(aset.verified("catalog"), columns=["item_id"])
-        items = await load_item_table(reader, catalog["item_id"].to_numpy(np.int64))
+        try:
+            catalog = await asyncio.to_thread(
+                pd.read_parquet, paths["catalog"], columns=["item_id"]
+            )
+            catalog_ids = catalog["item_id"].to_numpy(np.int64)
+        except (pa.ArrowException, OSError, KeyError, ValueError, TypeError) as e:
+            raise ArtifactError(
+                f"catalog file {paths['catalog']} has no readable item_id column: {e}"
+            ) from e
+        items = await load_item_table(reader, catalog_ids)
         if len(items) == 0:
             raise ArtifactError(f"online store of {repo} holds no item features (materialized?)")
         for i, name, groups in self._rule_attributes:
@@ -375,23 +473,28 @@ class RankPipeline:
                     f"ranker.rerank.rules[{i}] ({self.rules[i].name}) reads item attribute "
                     f"{name!r}, which the item features of {repo} lack; one of {one_d}"
                 )
-        popular, popular_ids = _popularity_order(items)
+        popular, popular_ids = await asyncio.to_thread(_popularity_order, items)
         registry = repo / "registry.db"
         mtime = registry.stat().st_mtime if registry.exists() else 0.0
         log.info("ranker loaded %s: %d items, model %s", aset.version, len(items), scorer.path)
         defaults = np.asarray(
             model.get("feature_defaults", [0.0] * len(MODEL_FEATURES)), np.float32
         )
-        embeddings = np.load(aset.verified("item_embeddings"), mmap_mode="r")
-        # Map every page now: requests gather ~400 random rows (popular candidates,
-        # MMR), and each first touch of a page is a fault (~1 ms per 200 rows at 1M).
-        await asyncio.to_thread(touch_pages, embeddings)
-        catalog_ids = catalog["item_id"].to_numpy(np.int64)
-        if embeddings.shape[0] != len(catalog_ids):
+        embeddings = np.load(paths["item_embeddings"], mmap_mode="r")
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(catalog_ids):
             raise ArtifactError(
                 f"{aset.path('item_embeddings')} has {embeddings.shape[0]} rows, "
                 f"the catalog {len(catalog_ids)}"
             )
+        dim = aset.manifest["index"].get("dim")
+        if embeddings.shape[1] != dim:
+            raise ArtifactError(
+                f"{aset.path('item_embeddings')} holds {embeddings.shape[1]}-dim vectors; "
+                f"the manifest's index has dim {dim}"
+            )
+        # Map every page now: requests gather ~400 random rows (popular candidates,
+        # MMR), and each first touch of a page is a fault (~1 ms per 200 rows at 1M).
+        await asyncio.to_thread(touch_pages, embeddings)
         return _Loaded(
             version=aset.version,
             reader=reader,
@@ -401,7 +504,7 @@ class RankPipeline:
             popular_ids=popular_ids,
             feature_defaults=defaults,
             embeddings=embeddings,
-            catalog=IdIndex(catalog_ids),
+            catalog=await asyncio.to_thread(IdIndex, catalog_ids),
             n_popular=int(model.get("popular_candidates", 0)),
             registry_mtime=mtime,
             registry_path=registry,
@@ -419,13 +522,15 @@ class RankPipeline:
         items = await load_item_table(state.reader, state.items.ids)
         if self._state is not state:
             return False  # a reload swapped sets meanwhile: this table is of the old one
-        popular, popular_ids = _popularity_order(items)
+        popular, popular_ids = await asyncio.to_thread(_popularity_order, items)
         self._state = dataclasses.replace(
             state, items=items, popular=popular, popular_ids=popular_ids, registry_mtime=mtime
         )
         return True
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=1.0)
         if self.score_batcher is not None:
             await self.score_batcher.stop()
         if self._channel is not None:
@@ -437,9 +542,14 @@ class RankPipeline:
             self._pending = None
         if self.history is not None:
             await self.history.close()
+        if self.response_cache is not None:
+            await self.response_cache.close()
 
-    async def rank(self, q: RankQuery) -> RankResult:
+    async def rank(self, q: RankQuery, time_left_s: float | None = None) -> RankResult:
         """Rank for one user with the set live when the request starts, end to end.
+
+        ``time_left_s``: the caller's deadline (None: none); every stage ends in time
+        to leave the later ones their budgets, taking the next rung when it cannot.
 
         Raises:
             NotReady: before ``start``.
@@ -447,10 +557,11 @@ class RankPipeline:
         state, stub = self._state, self._stub
         if state is None or stub is None:
             raise NotReady("ranker is not loaded yet")
+        deadlines = Deadlines(self.reliability.budget_ms, time.perf_counter(), time_left_s)
         key = id(state.reader)
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
-            return await self._rank(state, stub, q)
+            return await self._rank(state, stub, q, deadlines)
         finally:
             self._in_flight[key] -= 1
             if not self._in_flight[key]:
@@ -460,43 +571,37 @@ class RankPipeline:
                     idle.set()
 
     async def _rank(
-        self, state: _Loaded, stub: sieve_pb2_grpc.CandidateServiceStub, q: RankQuery
+        self,
+        state: _Loaded,
+        stub: sieve_pb2_grpc.CandidateServiceStub,
+        q: RankQuery,
+        deadlines: Deadlines,
     ) -> RankResult:
-        clock = _Clock()
+        clock = _Clock(deadlines.start)
         clock.mark("validate")
+        rungs: list[str] = []
+        degradations: list[str] = []
 
-        user = await state.reader.read(USER_VIEW, np.array([q.user_id], np.int64))
+        user, failed = await self._user_features(state, q.user_id, deadlines)
         clock.mark("user_features")
+        if failed:
+            degradations.append(failed)
+            if user is None:
+                return await self._fallback(state, q, clock, rungs, degradations, deadlines)
+            rungs.append("cached_user_features")
+        assert user is not None
         if not user.found[0]:
-            return self._popular(
-                state,
-                q,
-                clock,
-                f"cold_start_user: no features for user {q.user_id}; returned popular items",
-            )
+            degradations.append(f"cold_start_user: no features for user {q.user_id}")
+            return self._popular(state, q, clock, rungs, degradations)
 
         seen = user.lists("seen_item_ids")[0]
         exclude = np.union1d(seen, q.exclude)
         vector = user.array("user_vector")[0]
-        try:
-            resp = await stub.Retrieve(
-                sieve_pb2.RetrieveRequest(
-                    user_vector=sieve_pb2.UserVector(values=vector),
-                    k=self.config.num_candidates,
-                    exclude_item_ids=exclude,
-                    artifact_version=state.version,  # the index of this request's set
-                ),
-                timeout=self.config.retrieve_timeout_s,
-            )
-        except grpc.aio.AioRpcError as e:
-            log.warning("Retrieve failed: %s %s", e.code().name, e.details())
-            why = e.code().name
-            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                # e.g. the candidate service restarted and no longer holds our version
-                why += f" ({e.details()})"
-            return self._popular(state, q, clock, f"retrieve_failed: {why}; returned popular items")
+        resp, failed = await self._retrieve(state, stub, vector, exclude, deadlines)
         clock.mark("retrieve")
-        degradations = []
+        if resp is None:
+            degradations.append(failed)
+            return await self._fallback(state, q, clock, rungs, degradations, deadlines)
         if resp.artifact_version != state.version:  # a safety net: the Retrieve was pinned
             degradations.append(
                 f"version_mismatch: candidate {resp.artifact_version}, ranker {state.version}"
@@ -511,6 +616,21 @@ class RankPipeline:
             vector,
             lambda ids: _embeddings_of(state, ids),
         )
+        budget = self.reliability.budget_ms
+        left = deadlines.left("score")
+        n_keep = self.reliability.degraded_candidates
+        need = 1.5 * (budget.item_features + budget.score) / 1e3
+        if left < need and len(cand_ids) > n_keep:
+            # Retrieval ran late (with the default budgets: past 20 ms), or the
+            # caller's deadline is short: under 1.5x the item-feature and score lines
+            # are left. Score only the best by ANN, so the later stages fit.
+            keep = np.sort(np.argsort(-cand_scores, kind="stable")[:n_keep])
+            rungs.append("fewer_candidates")
+            degradations.append(
+                f"fewer_candidates: {left * 1e3:.1f} ms left for item features and scoring; "
+                f"scored the top {n_keep} of {len(cand_ids)} candidates by ANN score"
+            )
+            cand_ids, cand_scores, cand_ranks = cand_ids[keep], cand_scores[keep], cand_ranks[keep]
         rows, found = state.items.rows(cand_ids)
         if not found.all():
             degradations.append(f"missing_item_features: {int((~found).sum())} candidates dropped")
@@ -528,18 +648,21 @@ class RankPipeline:
         n_bad = replace_nonfinite(x, state.feature_defaults)
         if n_bad:
             self.nonfinite_feature_values += n_bad
+            NONFINITE_FEATURES.inc(n_bad)
             degradations.append(f"nonfinite_features: {n_bad} values scored with defaults")
-        if self.score_batcher is not None:
-            model_scores = await self.score_batcher.submit((state.scorer, x))
-        else:
-            model_scores = state.scorer.score(x)
+        model_scores, failed = await self._score(state, x, deadlines)
         clock.mark("score")
+        if model_scores is None:
+            rungs.append("ann_order")
+            degradations.append(failed)
+        order_by = cand_scores if model_scores is None else model_scores
 
         recent = np.empty(0, np.int64)
         history = self.history
         if history is not None:
             try:
-                recent = await history.recent(q.user_id)
+                async with asyncio.timeout(max(0.0, deadlines.left("rerank"))):
+                    recent = await history.recent(q.user_id)
             except Exception as e:  # noqa: BLE001 - fatigue is never worth a failed Rank
                 degradations.append(_history_down(e))
                 history = None  # nor worth a second timeout on the write
@@ -552,41 +675,206 @@ class RankPipeline:
             recent=recent,
             categories=GENRE_INDEX,
         )
-        out = run_chain(self.rules, slate, model_scores, q.k, explain=q.debug)
+        out = run_chain(self.rules, slate, order_by, q.k, explain=q.debug)
         chosen = out.chosen
         degradations += out.notes
         if len(chosen) < q.k:
             degradations.append(f"short_list: only {len(chosen)} candidates for k={q.k}")
         if history is not None:
+            # awaited: the next page, maybe on another replica, must see this one
             try:
                 await history.record(q.user_id, cand_ids[chosen])
             except Exception as e:  # noqa: BLE001
                 degradations.append(_history_down(e))
-        clock.mark("rerank")
-        return RankResult(
+        shown_model = np.zeros(len(cand_ids), np.float32) if model_scores is None else model_scores
+        result = RankResult(
             item_ids=cand_ids[chosen],
             final_scores=out.final_scores,
             candidate_scores=cand_scores[chosen],
-            model_scores=model_scores[chosen],
+            model_scores=shown_model[chosen],
             candidate_ranks=cand_ranks[chosen].astype(np.int32),
             version=state.version,
-            timings=clock.total(),
             degradations=degradations,
+            rungs=rungs,
             moved_by=out.moved_by,
             dropped=[
-                (int(cand_ids[i]), rule, why, float(model_scores[i]))
-                for i, rule, why in out.dropped
+                (int(cand_ids[i]), rule, why, float(shown_model[i])) for i, rule, why in out.dropped
             ],
         )
+        if not rungs and self.response_cache is not None:
+            answer = CachedAnswer(
+                result.item_ids,
+                result.final_scores,
+                result.candidate_scores,
+                result.model_scores,
+                result.candidate_ranks,
+            )
+            self._in_background(
+                self.response_cache.put(state.version, q.user_id, answer), "response-cache write"
+            )
+        clock.mark("rerank")
+        result.timings = clock.total()
+        return result
 
-    def _popular(self, state: _Loaded, q: RankQuery, clock: _Clock, why: str) -> RankResult:
-        """The fallback answer: most popular items not excluded."""
+    async def _user_features(
+        self, state: _Loaded, user_id: int, deadlines: Deadlines
+    ) -> tuple[FeatureFrame | None, str]:
+        """The user's features, and "" or what went wrong.
+
+        From the online store (behind the ``online_store`` breaker, idempotent
+        reads retried with backoff and jitter, all within the stage's deadline);
+        when that fails, the copy the last good read left in the user cache
+        (None when there is none).
+        """
+        breaker = self.breakers["online_store"]
+        ids = np.array([user_id], np.int64)
+        left = deadlines.left("user_features")
+        if left <= 0:  # the caller's deadline leaves no time: not the store's fault
+            why = "user_features_failed: no time left"
+        elif breaker.allow():
+            try:
+                async with asyncio.timeout(left):
+                    user = await self._read_retry.call_with_retry(
+                        lambda: state.reader.read(USER_VIEW, ids), lambda _: None
+                    )
+            except Exception as e:  # noqa: BLE001 - a failed store read degrades
+                breaker.failure()
+                log.warning("user features failed: %s: %s", type(e).__name__, e)
+                why = f"user_features_failed: {_failure(e)}"
+            else:
+                breaker.success()
+                if user.found[0]:
+                    self.user_cache.put(user_id, user)
+                return user, ""
+        else:
+            why = "user_features_failed: online_store breaker open"
+        cached = self.user_cache.get(user_id)
+        return cached, why + ("; served the last read features" if cached is not None else "")
+
+    async def _retrieve(
+        self,
+        state: _Loaded,
+        stub: sieve_pb2_grpc.CandidateServiceStub,
+        vector: np.ndarray,
+        exclude: np.ndarray,
+        deadlines: Deadlines,
+    ) -> tuple[sieve_pb2.RetrieveResponse | None, str]:
+        """The ANN candidates (behind the ``candidate`` breaker, within the stage's
+        deadline), or None and why not."""
+        breaker = self.breakers["candidate"]
+        if not breaker.allow():
+            return None, "retrieve_failed: candidate breaker open"
+        left = deadlines.left("retrieve")
+        if left <= 0:
+            return None, "retrieve_failed: no time left for retrieval"
+        try:
+            resp = await stub.Retrieve(
+                sieve_pb2.RetrieveRequest(
+                    user_vector=sieve_pb2.UserVector(values=vector),
+                    k=self.config.num_candidates,
+                    exclude_item_ids=exclude,
+                    artifact_version=state.version,  # the index of this request's set
+                ),
+                timeout=left,
+            )
+        except grpc.aio.AioRpcError as e:
+            log.warning("Retrieve failed: %s %s", e.code().name, e.details())
+            why = e.code().name
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                # e.g. the candidate service restarted and no longer holds our
+                # version: the service answers, so the breaker stays as it is
+                breaker.success()
+                return None, f"retrieve_failed: {why} ({e.details()})"
+            breaker.failure()
+            return None, f"retrieve_failed: {why}"
+        breaker.success()
+        return resp, ""
+
+    async def _score(
+        self, state: _Loaded, x: np.ndarray, deadlines: Deadlines
+    ) -> tuple[np.ndarray | None, str]:
+        """Model scores of the rows ``x``, or None and why not (the caller orders by
+        ANN score instead): under a quarter of the score line is left before the
+        stage's deadline, the batcher's queue is full or its wait ran out, or the
+        model failed."""
+        left = deadlines.left("score")
+        if left < self.reliability.budget_ms.score / 4e3:
+            return None, f"ann_order: {left * 1e3:.1f} ms left to score"
+        try:
+            if self.score_batcher is not None:
+                async with asyncio.timeout(left):
+                    return await self.score_batcher.submit((state.scorer, x)), ""
+            return state.scorer.score(x), ""
+        except Exception as e:  # noqa: BLE001 - ANN order beats a failed Rank
+            log.warning("scoring failed: %s: %s", type(e).__name__, e)
+            return None, f"ann_order: scoring failed: {_failure(e)}"
+
+    def _in_background(self, write: Coroutine[Any, Any, None], what: str) -> None:
+        """Run a best-effort write off the request path (a failure is logged)."""
+
+        async def run() -> None:
+            try:
+                await write
+            except Exception as e:  # noqa: BLE001
+                log.warning("%s failed: %s: %s", what, type(e).__name__, e)
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _fallback(
+        self,
+        state: _Loaded,
+        q: RankQuery,
+        clock: _Clock,
+        rungs: list[str],
+        degradations: list[str],
+        deadlines: Deadlines,
+    ) -> RankResult:
+        """No candidates: the user's last full-quality answer, else popular items."""
+        cache = self.response_cache
+        if cache is not None:
+            try:
+                async with asyncio.timeout(max(0.0, deadlines.left("rerank"))):
+                    answer = await cache.get(state.version, q.user_id)
+            except Exception as e:  # noqa: BLE001
+                log.warning("response cache failed: %s: %s", type(e).__name__, e)
+                answer = None
+            if answer is not None:
+                keep = ~np.isin(answer.ids, q.exclude)
+                if keep.sum() >= q.k:
+                    take = np.flatnonzero(keep)[: q.k]
+                    rungs.append("cached_response")
+                    clock.mark("fallback")
+                    return RankResult(
+                        item_ids=answer.ids[take],
+                        final_scores=answer.final[take],
+                        candidate_scores=answer.candidate[take],
+                        model_scores=answer.model[take],
+                        candidate_ranks=answer.ranks[take],
+                        version=state.version,
+                        timings=clock.total(),
+                        degradations=degradations,
+                        rungs=rungs,
+                    )
+        return self._popular(state, q, clock, rungs, degradations)
+
+    def _popular(
+        self,
+        state: _Loaded,
+        q: RankQuery,
+        clock: _Clock,
+        rungs: list[str],
+        degradations: list[str],
+    ) -> RankResult:
+        """The last rung: the most popular items the caller did not exclude."""
         rows = state.popular
         if len(q.exclude):
             rows = rows[~np.isin(state.items.ids[rows], q.exclude)]
         rows = rows[: q.k]
         pop = state.items.columns["log_popularity"][rows]
         zeros = np.zeros(len(rows), np.float32)
+        rungs.append("popular_items")
         clock.mark("fallback")
         return RankResult(
             item_ids=state.items.ids[rows],
@@ -596,5 +884,6 @@ class RankPipeline:
             candidate_ranks=np.full(len(rows), -1, np.int32),
             version=state.version,
             timings=clock.total(),
-            degradations=[why],
+            degradations=degradations,
+            rungs=rungs,
         )

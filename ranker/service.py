@@ -10,8 +10,9 @@ import grpc
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from ranker.pipeline import RankPipeline, parse_rank
 from sieve.config import RankerConfig
-from sieve.errors import grpc_errors
+from sieve.errors import InvalidRequest, Overloaded, grpc_errors
 from sieve.grpc_server import Server
+from sieve.metrics import IN_FLIGHT, RANK_ANSWERS, RANK_RUNGS, serve_metrics
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = sieve_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
@@ -21,12 +22,38 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
     def __init__(self, config: RankerConfig, pipeline: RankPipeline) -> None:
         self.config = config
         self.pipeline = pipeline
+        self.max_in_flight = config.reliability.max_in_flight
+        self.in_flight = 0
 
     @grpc_errors
     async def Rank(
         self, request: sieve_pb2.RankRequest, context: grpc.aio.ServicerContext
     ) -> sieve_pb2.RankResponse:
-        result = await self.pipeline.rank(parse_rank(request, self.config))
+        if self.in_flight >= self.max_in_flight:
+            # Shed at once, before any work: the accepted calls keep their latency.
+            RANK_ANSWERS.labels("shed").inc()
+            raise Overloaded(
+                f"the ranker is serving {self.in_flight} Rank calls, its limit "
+                "(ranker.reliability.max_in_flight); retry with backoff"
+            )
+        self.in_flight += 1
+        IN_FLIGHT.inc()
+        try:
+            result = await self.pipeline.rank(
+                parse_rank(request, self.config), context.time_remaining()
+            )
+        except InvalidRequest:
+            RANK_ANSWERS.labels("invalid").inc()
+            raise
+        except BaseException:
+            RANK_ANSWERS.labels("error").inc()
+            raise
+        finally:
+            self.in_flight -= 1
+            IN_FLIGHT.dec()
+        RANK_ANSWERS.labels("degraded" if result.rungs or result.degradations else "full").inc()
+        for rung in result.rungs:
+            RANK_RUNGS.labels(rung).inc()
         return sieve_pb2.RankResponse(
             items=[
                 sieve_pb2.RankedItem(
@@ -55,6 +82,7 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
             timings=[sieve_pb2.StageTiming(stage=s, micros=us) for s, us in result.timings],
             artifact_version=result.version,
             degradations=result.degradations,
+            rungs=result.rungs,
         )
 
 
@@ -69,6 +97,16 @@ async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[Ser
     server.every(config.item_refresh_s, pipeline.refresh_item_features, "item feature refresh")
     server.every(config.reload_check_s, pipeline.reload, "artifact reload")
     server.on_stop(pipeline.close)
+    port = config.reliability.metrics_port
+    if port >= 0:
+        metrics = serve_metrics(config.host, port)
+        server.metrics_port = metrics.server_port
+
+        async def stop_metrics() -> None:
+            metrics.shutdown()
+            metrics.server_close()
+
+        server.on_stop(stop_metrics)
     sieve_pb2_grpc.add_RankerServiceServicer_to_server(
         RankerServicer(config, pipeline), server.server
     )

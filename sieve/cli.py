@@ -17,7 +17,10 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import tomllib  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+import pydantic  # noqa: E402
 
 from sieve.config import SieveConfig, load_config  # noqa: E402
 from sieve.errors import SieveError  # noqa: E402
@@ -104,6 +107,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     lines = [
         f"{name} serving on {ranker_cfg.host if name == 'ranker' else cfg.candidate.host}:{s.port}"
+        + (f" (metrics on :{s.metrics_port}/metrics)" if s.metrics_port >= 0 else "")
         for name, s, _ in servers
     ]
     print("; ".join(lines), flush=True)
@@ -333,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     except SieveError as e:
         print(f"sieve {args.cmd}: {e}", file=sys.stderr)
         return 1
+    except (pydantic.ValidationError, tomllib.TOMLDecodeError) as e:
+        print(f"sieve {args.cmd}: bad config {args.config}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

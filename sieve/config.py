@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ranker.rerank import AnyRule, Fatigue, GroupCap, Mmr, Seen
+from sieve.errors import ConfigError
 
 
 class _Frozen(BaseModel):
@@ -168,6 +169,88 @@ class RerankConfig(_Frozen):
     history: HistoryConfig = HistoryConfig()
 
 
+class StageBudgetMs(_Frozen):
+    """Per-stage p99 budget of one Rank, in ms (../shared/DESIGN.md)."""
+
+    user_features: float = Field(3.0, gt=0.0)
+    """Parse, validate and read the user's features."""
+    retrieve: float = Field(10.0, gt=0.0)
+    """The candidate RPC, ANN search and seen-item filter included."""
+    item_features: float = Field(6.0, gt=0.0)
+    score: float = Field(10.0, gt=0.0)
+    rerank: float = Field(3.0, gt=0.0)
+    hops: float = Field(3.0, ge=0.0)
+    """Serialisation and network: kept back from the caller's deadline."""
+    headroom: float = Field(15.0, ge=0.0)
+    """Shared by every stage: a stage may run past its own line into what is left
+    of it, and a stage that finishes early leaves its unused time to the next."""
+
+
+class BreakerConfig(_Frozen):
+    """A circuit breaker around one dependency (the candidate RPC, Redis reads)."""
+
+    failures: int = Field(5, ge=1)
+    """Consecutive failures (errors or overruns) that open it."""
+    open_s: float = Field(1.0, gt=0.0)
+    """While open, calls skip the dependency; after this, one probe call is let
+    through (half-open): success closes the breaker, failure opens it again."""
+
+
+class ResponseCacheConfig(_Frozen):
+    """Each user's last full-quality answer: the ladder's rung before popular items."""
+
+    store: Literal["off", "memory", "redis"] = "memory"
+    """``memory``: in process (embedded default); ``redis``: shared by replicas."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = Field("sieve:resp", min_length=1)
+    ttl_s: float = Field(600.0, gt=0.0)
+    """An answer older than this is not served. Keys carry the artifact version,
+    so a new set never serves answers of the old one."""
+    max_users: int = Field(100_000, ge=1)
+    """``memory`` only: users kept (least recently answered go first)."""
+    timeout_s: float = Field(0.02, gt=0.0, le=5.0)
+    """``redis`` only: socket timeout of a read or write."""
+
+
+class ReliabilityConfig(_Frozen):
+    """Deadlines, the degradation ladder, breakers, retries and load shedding.
+
+    A stage that overruns takes the next rung instead of failing the request:
+    fewer candidates, cached user features, ANN order instead of the model, the
+    user's last good answer, popular items. Each answer lists its rungs."""
+
+    budget_ms: StageBudgetMs = StageBudgetMs()
+    max_in_flight: int = Field(32, ge=1)
+    """Rank calls being served at once; past it Rank answers RESOURCE_EXHAUSTED at
+    once, so the accepted ones keep their latency."""
+    degraded_candidates: int = Field(200, ge=1, le=2048)
+    """The ``fewer_candidates`` rung: candidates kept (best ANN scores) when
+    retrieval left under 1.5x the item-feature and score lines before the score
+    stage's deadline."""
+    redis_retries: int = Field(1, ge=0, le=5)
+    """Retries of a failed user-feature read (exponential backoff with jitter,
+    within the stage's deadline); reads are idempotent, writes are not retried."""
+    retrieve_retries: int = Field(1, ge=0, le=4)
+    """Retries of a Retrieve that failed UNAVAILABLE (gRPC's own retry policy,
+    exponential backoff with jitter, within the stage's deadline)."""
+    breaker: BreakerConfig = BreakerConfig()
+    redis_pool_size: int = Field(64, ge=1, le=10_000)
+    """Connections of the online-store reader's pool: a bulkhead, so a slow Redis
+    holds at most this many; a read that finds none free waits up to
+    ``redis_timeout_s`` and then degrades."""
+    redis_timeout_s: float = Field(0.25, gt=0.0, le=10.0)
+    """Connect and read timeout of the online-store reader's sockets (requests are
+    bounded sooner by their stage deadline)."""
+    user_cache_size: int = Field(10_000, ge=0)
+    """Users whose last read features are kept in process (a few KB each: the
+    vector and the seen items), served when the online store fails or overruns
+    (``cached_user_features``); 0 turns it off."""
+    user_cache_ttl_s: float = Field(300.0, gt=0.0)
+    response_cache: ResponseCacheConfig = ResponseCacheConfig()
+    metrics_port: int = Field(-1, ge=-1, le=65535)
+    """Prometheus ``/metrics`` over HTTP on this port (0: a free one; -1: off)."""
+
+
 class RankerConfig(_Frozen):
     """The ranker (entry point) service."""
 
@@ -195,7 +278,8 @@ class RankerConfig(_Frozen):
     score_batch_max_queue: int = Field(1024, ge=1)
     """Rank calls that may wait for scoring; past it Rank answers RESOURCE_EXHAUSTED."""
     retrieve_timeout_s: float = Field(1.0, gt=0.0)
-    """Deadline of the Retrieve call; past it the answer degrades to popular items."""
+    """Longest Retrieve call of the artifact-reload probe (requests use the
+    stage deadline of ``reliability.budget_ms``)."""
     item_refresh_s: float = Field(30.0, ge=0.0)
     """How often to check for a new materialization of item features (0: never)."""
     reload_check_s: float = Field(5.0, ge=0.0)
@@ -203,6 +287,7 @@ class RankerConfig(_Frozen):
     is loaded beside the live one and goes live once the candidate service holds
     it too, so index, model and features change as one unit."""
     grace_s: float = Field(5.0, ge=0.0)
+    reliability: ReliabilityConfig = ReliabilityConfig()
 
 
 class SieveConfig(_Frozen):
@@ -219,8 +304,15 @@ def load_config(path: Path | None) -> SieveConfig:
     Raises:
         pydantic.ValidationError: an unknown key or an out-of-range value; the
             message names the key.
+        tomllib.TOMLDecodeError: the file is not TOML.
+        ConfigError: the file is not UTF-8, or nests values too deeply to read.
     """
     if path is None:
         return SieveConfig()
-    with open(path, "rb") as f:
-        return SieveConfig.model_validate(tomllib.load(f))
+    try:
+        data = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} nests values too deeply to be a sieve config") from None
+    return SieveConfig.model_validate(data)

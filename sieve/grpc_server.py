@@ -28,6 +28,7 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._address = f"{host}:{port}"
         self.port = 0
+        self.metrics_port = -1  # /metrics over HTTP, where the service serves it
         self._jobs: list[tuple[float, Callable[[], Awaitable[object]], str]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []

@@ -30,7 +30,7 @@ from sieve.config import CandidateConfig, RankerConfig
 from sieve.errors import ArtifactError
 from sieve.grpc_server import Server
 from sieve.local_redis import free_port
-from tests.conftest import EMBED_CACHE, ROOT, copy_artifacts
+from tests.conftest import EMBED_CACHE, RELAXED, ROOT, copy_artifacts
 
 
 def rematerialize_items(repo: Path, items: pd.DataFrame, event_time: datetime) -> None:
@@ -248,7 +248,9 @@ async def test_nonfinite_item_features_are_scored_with_defaults(
         np.arange(len(items)) % 2, np.float32(np.nan), np.float32(np.inf)
     )
     rematerialize_items(repo, items, event_time)
-    cfg = RankerConfig(port=0, item_refresh_s=0, candidate_address=servers["candidate"])
+    cfg = RankerConfig(
+        port=0, item_refresh_s=0, candidate_address=servers["candidate"], reliability=RELAXED
+    )
     pipeline = RankPipeline(cfg, root)
     await pipeline.start()
     try:

@@ -21,7 +21,7 @@ from ranker.pipeline import RankPipeline, RankQuery
 from ranker.service import create_server as create_ranker
 from sieve import artifacts
 from sieve.config import CandidateConfig, RankerConfig
-from tests.conftest import STATELESS, copy_artifacts
+from tests.conftest import RELAXED, STATELESS, copy_artifacts
 
 
 def clone_version(root: Path, src: str, new: str) -> Path:
@@ -185,6 +185,7 @@ async def test_ranker_and_candidate_go_live_with_a_new_set_as_one_unit(
         port=0,
         candidate_address=f"127.0.0.1:{cserver.port}",
         item_refresh_s=0,
+        reliability=RELAXED,
         reload_check_s=0,
         rerank=STATELESS,  # same request, same answer: compared below
     )
@@ -259,7 +260,14 @@ async def test_pinned_retrieve_holds_keep_versions_sets_and_refuses_others(
     server, servicer = await create_candidate(config, root)
     address = f"127.0.0.1:{server.port}"
     pipeline = RankPipeline(
-        RankerConfig(port=0, candidate_address=address, item_refresh_s=0, reload_check_s=0), root
+        RankerConfig(
+            port=0,
+            candidate_address=address,
+            item_refresh_s=0,
+            reload_check_s=0,
+            reliability=RELAXED,
+        ),
+        root,
     )
     await pipeline.start()
     try:

@@ -17,6 +17,7 @@ from ranker.rerank import AllowCategories, GroupCap, Seen
 from sieve import artifacts
 from sieve.config import HistoryConfig, RankerConfig, RerankConfig
 from sieve.errors import ArtifactError
+from tests.conftest import RELAXED
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +42,13 @@ async def ranker_with(servers, artifacts_root: Path) -> AsyncIterator:  # type: 
     started = []
 
     async def start(**kw) -> str:  # type: ignore[no-untyped-def]
-        cfg = RankerConfig(port=0, item_refresh_s=0, candidate_address=servers["candidate"], **kw)
+        cfg = RankerConfig(
+            port=0,
+            item_refresh_s=0,
+            candidate_address=servers["candidate"],
+            reliability=RELAXED,
+            **kw,
+        )
         server, _ = await create_server(cfg, artifacts_root)
         started.append(server)
         return f"127.0.0.1:{server.port}"

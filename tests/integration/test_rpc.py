@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from sieve import artifacts
-from tests.conftest import STATELESS
+from tests.conftest import RELAXED, STATELESS
 
 STAGES = ["validate", "user_features", "retrieve", "item_features", "score", "rerank", "total"]
 
@@ -250,6 +250,7 @@ async def test_score_batching_gives_the_same_rankings(servers, artifacts_root) -
         port=0,
         item_refresh_s=0,
         candidate_address=servers["candidate"],
+        reliability=RELAXED,
         score_batching="on",
         score_batch_max_wait_us=5000,
         rerank=STATELESS,
@@ -276,6 +277,7 @@ async def test_int8_student_serves_close_to_fp32(servers, artifacts_root) -> Non
         port=0,
         item_refresh_s=0,
         candidate_address=servers["candidate"],
+        reliability=RELAXED,
         model="int8",
         rerank=STATELESS,
     )

@@ -294,6 +294,7 @@ class RankResponse(_message.Message):
     ARTIFACT_VERSION_FIELD_NUMBER: _builtins.int
     DEGRADATIONS_FIELD_NUMBER: _builtins.int
     DROPPED_FIELD_NUMBER: _builtins.int
+    RUNGS_FIELD_NUMBER: _builtins.int
     artifact_version: _builtins.str
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankedItem]: ...
@@ -303,15 +304,23 @@ class RankResponse(_message.Message):
 
     @_builtins.property
     def degradations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """What the request had to give up to answer, e.g. "cold_start_user", or
-        "short_list: ..." when fewer than k candidates remained; empty when nothing
-        was.
+        """What the request had to give up to answer and why, e.g. "cold_start_user",
+        "retrieve_failed: DEADLINE_EXCEEDED", or "short_list: ..." when fewer than k
+        candidates remained; empty when nothing was.
         """
 
     @_builtins.property
     def dropped(self) -> _containers.RepeatedCompositeFieldContainer[Global___DroppedItem]:
         """debug only: filtered candidates, and the model's top-k items the rules
         pushed out.
+        """
+
+    @_builtins.property
+    def rungs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The rungs of the degradation ladder this answer took, in ladder order, when
+        a dependency failed or a stage ran out of time (degradations says why):
+        cached_user_features, fewer_candidates, ann_order, cached_response,
+        popular_items. Empty: a full-quality answer.
         """
 
     def __init__(
@@ -322,10 +331,11 @@ class RankResponse(_message.Message):
         artifact_version: _builtins.str = ...,
         degradations: _abc.Iterable[_builtins.str] | None = ...,
         dropped: _abc.Iterable[Global___DroppedItem] | None = ...,
+        rungs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_version", b"artifact_version", "degradations", b"degradations", "dropped", b"dropped", "items", b"items", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_version", b"artifact_version", "degradations", b"degradations", "dropped", b"dropped", "items", b"items", "rungs", b"rungs", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,146 @@
+"""What keeps Rank answering when a dependency is slow or gone: stage deadlines,
+circuit breakers, and the in-process cache of users' last read features.
+
+The pipeline (``ranker/pipeline.py``) decides the rungs of the degradation ladder;
+these are the pieces it decides with. None of them does I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from sieve.config import BreakerConfig, StageBudgetMs
+
+STAGES = ("user_features", "retrieve", "item_features", "score", "rerank")
+"""The timed stages of a Rank, in request order (each has a line of ``StageBudgetMs``)."""
+
+
+class Deadlines:
+    """When each stage of one request must be done, on the ``time.perf_counter`` clock.
+
+    A stage ends at the request's start plus the budgets of every stage up to and
+    including it, plus the shared headroom: time a stage leaves unused goes to the
+    next one, and every stage may dip into what is left of the headroom. With a
+    caller deadline, a stage also ends early enough to leave the later stages (and
+    the network hop back) their own budgets.
+    """
+
+    def __init__(
+        self, budget: StageBudgetMs, start: float, caller_left_s: float | None = None
+    ) -> None:
+        self.start = start
+        lines = [getattr(budget, s) / 1e3 for s in STAGES]
+        headroom = budget.headroom / 1e3
+        later = [sum(lines[i + 1 :]) + budget.hops / 1e3 for i in range(len(lines))]
+        self._end: dict[str, float] = {}
+        spent = 0.0
+        for stage, line, after in zip(STAGES, lines, later, strict=True):
+            spent += line
+            end = start + spent + headroom
+            if caller_left_s is not None:
+                end = min(end, start + caller_left_s - after)
+            self._end[stage] = end
+
+    def end(self, stage: str) -> float:
+        return self._end[stage]
+
+    def left(self, stage: str, now: float | None = None) -> float:
+        """Seconds until ``stage`` must be done (negative: already late)."""
+        return self._end[stage] - (time.perf_counter() if now is None else now)
+
+
+CLOSED, OPEN, HALF_OPEN = 0, 1, 2
+STATE_NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
+
+
+class Breaker:
+    """A consecutive-failure circuit breaker with a half-open probe.
+
+    Closed: calls go through, and ``failures`` failures in a row open it. Open:
+    ``allow()`` is False (callers take their fallback at once instead of waiting on
+    a dead dependency) until ``open_s`` has passed. Half-open: one call, the probe,
+    is let through; its success closes the breaker, its failure opens it again. A
+    probe that never reports (its caller was cancelled) is replaced after ``open_s``.
+
+    Single-threaded (one event loop); ``on_change(state)`` feeds a metric.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: BreakerConfig,
+        on_change: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.failures, self.open_s = config.failures, config.open_s
+        self._on_change = on_change
+        self._clock = clock
+        self.state = CLOSED
+        self._failed = 0  # consecutive failures while closed
+        self._since = 0.0  # when it opened, or when the probe went out
+
+    def _set(self, state: int) -> None:
+        if state != self.state:
+            self.state = state
+            if self._on_change is not None:
+                self._on_change(state)
+
+    def allow(self) -> bool:
+        """Whether the caller may call the dependency now (and must then report
+        ``success()`` or ``failure()``)."""
+        if self.state == CLOSED:
+            return True
+        now = self._clock()
+        if now - self._since < self.open_s:
+            return False  # open, or half-open with the probe out
+        self._since = now
+        self._set(HALF_OPEN)
+        return True
+
+    def success(self) -> None:
+        self._failed = 0
+        self._set(CLOSED)
+
+    def failure(self) -> None:
+        self._failed += 1
+        if self.state == HALF_OPEN or self._failed >= self.failures:
+            self._since = self._clock()
+            self._set(OPEN)
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class TtlCache(Generic[K, V]):
+    """At most ``size`` entries, each served for ``ttl_s`` after it was put; the
+    least recently put go first."""
+
+    def __init__(self, size: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+        self.size, self.ttl_s, self._clock = size, ttl_s, clock
+        self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
+
+    def put(self, key: K, value: V) -> None:
+        if self.size == 0:
+            return
+        self._entries.pop(key, None)
+        self._entries[key] = (self._clock(), value)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def get(self, key: K) -> V | None:
+        hit = self._entries.get(key)
+        if hit is None:
+            return None
+        at, value = hit
+        if self._clock() - at > self.ttl_s:
+            del self._entries[key]
+            return None
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)

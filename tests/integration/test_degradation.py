@@ -1,0 +1,222 @@
+"""The degradation ladder, breakers and load shedding through real Rank calls.
+
+A ranker talks to its own candidate server through a loopback proxy that can add
+latency (benchmarks/faultproxy.py); the candidate server can be stopped and
+started again on the same port. No component is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from benchmarks.faultproxy import DelayProxy
+from candidate.service import create_server as create_candidate
+from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from ranker.features import MODEL_FEATURES
+from ranker.pipeline import RankPipeline
+from ranker.resilience import Deadlines
+from ranker.service import create_server as create_ranker
+from sieve.config import (
+    BreakerConfig,
+    CandidateConfig,
+    RankerConfig,
+    ReliabilityConfig,
+    StageBudgetMs,
+)
+from sieve.grpc_server import Server
+from tests.conftest import STATELESS
+
+
+@dataclass
+class Rig:
+    ranker: str
+    proxy: DelayProxy
+    pipeline: RankPipeline
+    server: Server
+    candidate: Server
+    candidate_port: int
+    metrics_url: str
+
+
+async def rank(address: str, timeout: float = 10.0, **kw) -> sieve_pb2.RankResponse:  # type: ignore[no-untyped-def]
+    async with grpc.aio.insecure_channel(address) as ch:
+        return await sieve_pb2_grpc.RankerServiceStub(ch).Rank(
+            sieve_pb2.RankRequest(**kw), timeout=timeout
+        )
+
+
+def metric(url: str, name: str) -> float:
+    """One sample of the ranker's /metrics (a line ``name value``)."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise KeyError(f"{name} not in /metrics")
+
+
+async def until(check: Callable[[], Awaitable[bool]], within_s: float, what: str) -> float:
+    """Poll ``check`` until it is true; seconds it took. Fails after ``within_s``."""
+    t0 = time.monotonic()
+    while not await check():
+        if time.monotonic() - t0 > within_s:
+            raise AssertionError(f"{what}: not within {within_s} s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def rig_with(artifacts_root: Path) -> AsyncIterator[Callable[..., Awaitable[Rig]]]:
+    """A candidate server, a delay proxy in front of it, and a ranker with the
+    given reliability settings (metrics on a free port)."""
+    started: list[tuple[Server, Server, DelayProxy]] = []
+
+    async def start(**reliability) -> Rig:  # type: ignore[no-untyped-def]
+        cserver, _ = await create_candidate(CandidateConfig(port=0), artifacts_root)
+        proxy = DelayProxy(f"127.0.0.1:{cserver.port}")
+        pport = await proxy.start()
+        cfg = RankerConfig(
+            port=0,
+            candidate_address=f"127.0.0.1:{pport}",
+            item_refresh_s=0,
+            reload_check_s=0,
+            rerank=STATELESS,
+            reliability=ReliabilityConfig(metrics_port=0, **reliability),
+        )
+        rserver, pipeline = await create_ranker(cfg, artifacts_root)
+        started.append((rserver, cserver, proxy))
+        return Rig(
+            ranker=f"127.0.0.1:{rserver.port}",
+            proxy=proxy,
+            pipeline=pipeline,
+            server=rserver,
+            candidate=cserver,
+            candidate_port=cserver.port,
+            metrics_url=f"http://127.0.0.1:{rserver.metrics_port}/metrics",
+        )
+
+    yield start
+    for rserver, _, proxy in started:
+        await rserver.stop(0)
+        await proxy.stop()
+    for _, cserver, _ in started:
+        await cserver.stop(0)
+
+
+async def test_slow_candidate_degrades_opens_the_breaker_and_recovers(rig_with) -> None:  # type: ignore[no-untyped-def]
+    rig = await rig_with(breaker=BreakerConfig(failures=3, open_s=0.3))
+    full = await rank(rig.ranker, user_id=42, k=20)
+    assert list(full.rungs) == [] and len(full.items) == 20
+
+    rig.proxy.delay_s = 0.2  # past the retrieve deadline (28 ms)
+    again = await rank(rig.ranker, user_id=42, k=20)
+    assert list(again.rungs) == ["cached_response"]
+    assert again.degradations[0] == "retrieve_failed: DEADLINE_EXCEEDED"
+    assert [i.item_id for i in again.items] == [i.item_id for i in full.items]
+    fresh = await rank(rig.ranker, user_id=7, k=20)  # never answered: nothing cached
+    assert list(fresh.rungs) == ["popular_items"] and len(fresh.items) == 20
+    await rank(rig.ranker, user_id=8, k=20)  # the third failure in a row opens it
+    assert metric(rig.metrics_url, 'sieve_breaker_state{dependency="candidate"}') == 1.0
+    skipped = await rank(rig.ranker, user_id=42, k=20)
+    assert skipped.degradations[0] == "retrieve_failed: candidate breaker open"
+    assert list(skipped.rungs) == ["cached_response"]
+
+    rig.proxy.delay_s = 0.0
+
+    async def full_again() -> bool:
+        return list((await rank(rig.ranker, user_id=42, k=20)).rungs) == []
+
+    await until(full_again, 5.0, "full quality after the delay cleared")
+    assert metric(rig.metrics_url, 'sieve_breaker_state{dependency="candidate"}') == 0.0
+
+
+async def test_candidate_down_then_back_on_the_same_port(rig_with, artifacts_root) -> None:  # type: ignore[no-untyped-def]
+    rig = await rig_with(breaker=BreakerConfig(failures=2, open_s=0.2))
+    assert list((await rank(rig.ranker, user_id=414, k=10)).rungs) == []
+    await rig.candidate.stop(0)
+    for user in (414, 5, 6):
+        resp = await rank(rig.ranker, user_id=user, k=10)
+        assert len(resp.items) == 10
+        assert list(resp.rungs) == (["cached_response"] if user == 414 else ["popular_items"])
+        assert resp.degradations[0].startswith("retrieve_failed: ")
+    back, _ = await create_candidate(CandidateConfig(port=rig.candidate_port), artifacts_root)
+    rig.candidate = back
+    try:
+
+        async def full_again() -> bool:
+            return list((await rank(rig.ranker, user_id=5, k=10)).rungs) == []
+
+        took = await until(full_again, 5.0, "full quality after the candidate came back")
+        print(f"recovered {took:.2f} s after the candidate service came back")
+    finally:
+        await back.stop(0)
+
+
+async def test_late_retrieval_scores_fewer_candidates(rig_with) -> None:  # type: ignore[no-untyped-def]
+    # Lines of 200 ms for item features and scoring, no headroom: whenever
+    # retrieval ends, under 1.5x (600 ms) of them is left, so the rung is taken.
+    budget = StageBudgetMs(item_features=200.0, score=200.0, headroom=0.0)
+    rig = await rig_with(budget_ms=budget, degraded_candidates=100)
+    resp = await rank(rig.ranker, user_id=42, k=20, debug=True)
+    assert list(resp.rungs) == ["fewer_candidates"] and len(resp.items) == 20
+    assert "scored the top 100 of" in resp.degradations[0]
+    # the 100 kept are the best by ANN score: ANN ranks 0..99 or popular items
+    assert all(-1 <= i.candidate_rank < 100 for i in resp.items)
+    full = await rig_with()
+    assert list((await rank(full.ranker, user_id=42, k=20)).rungs) == []
+
+
+async def test_a_short_caller_deadline_gets_an_answer_not_an_error(rig_with) -> None:  # type: ignore[no-untyped-def]
+    rig = await rig_with()
+    # 25 ms cannot hold the later stages' 32 ms of budgets: no stage is tried
+    resp = await rank(rig.ranker, timeout=0.025, user_id=42, k=10)
+    assert len(resp.items) == 10 and list(resp.rungs) == ["popular_items"]
+    assert resp.degradations[0] == "user_features_failed: no time left"
+    # 40 ms leaves retrieval until 18 ms and scoring until 34 ms: an answer, full
+    # or with the rungs it took
+    resp = await rank(rig.ranker, timeout=0.040, user_id=42, k=10)
+    assert len(resp.items) == 10
+    assert set(resp.rungs) <= {"fewer_candidates", "ann_order", "popular_items"}
+
+
+async def test_scoring_without_time_left_falls_back_to_ann_order(rig_with) -> None:  # type: ignore[no-untyped-def]
+    rig = await rig_with()
+    state = rig.pipeline._state
+    assert state is not None
+    x = np.zeros((10, len(MODEL_FEATURES)), np.float32)
+    late = Deadlines(rig.pipeline.reliability.budget_ms, start=time.perf_counter() - 1.0)
+    scores, why = await rig.pipeline._score(state, x, late)
+    assert scores is None and why.startswith("ann_order: ")
+    on_time = Deadlines(rig.pipeline.reliability.budget_ms, start=time.perf_counter())
+    scores, why = await rig.pipeline._score(state, x, on_time)
+    assert scores is not None and scores.shape == (10,) and why == ""
+
+
+async def test_past_max_in_flight_rank_is_shed_at_once(rig_with) -> None:  # type: ignore[no-untyped-def]
+    rig = await rig_with(max_in_flight=2, budget_ms=StageBudgetMs(retrieve=2000.0))
+    assert list((await rank(rig.ranker, user_id=1, k=10)).rungs) == []  # connected
+    rig.proxy.delay_s = 0.5
+    held = [asyncio.create_task(rank(rig.ranker, user_id=u, k=10)) for u in (1, 2)]
+
+    async def both_in_flight() -> bool:
+        return metric(rig.metrics_url, "sieve_rank_in_flight") == 2.0
+
+    await until(both_in_flight, 5.0, "two Rank calls in flight")
+    shed_before = metric(rig.metrics_url, 'sieve_rank_answers_total{outcome="shed"}')
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await rank(rig.ranker, user_id=3, k=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "ranker.reliability.max_in_flight" in (err.value.details() or "")
+    assert metric(rig.metrics_url, 'sieve_rank_answers_total{outcome="shed"}') == shed_before + 1
+    for resp in await asyncio.gather(*held):  # the accepted ones are answered in full
+        assert len(resp.items) == 10 and list(resp.rungs) == []
+    rig.proxy.delay_s = 0.0
