@@ -7,6 +7,9 @@ module maps item ids to rows and back, so callers only see item ids.
 from __future__ import annotations
 
 import logging
+import threading
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,15 +148,41 @@ def prefetch(path: Path, chunk: int = 16 << 20) -> None:
             pass
 
 
+_READ_LOCK = threading.Lock()  # guards Faiss's process-wide deserialization limit
+
+
 def read_index(path: Path, mmap: bool) -> faiss.Index:
     """Read an index, memory-mapped where its type allows (a fast restart: pages
-    are loaded on first use and shared with the page cache), else into memory."""
-    if mmap:
+    are loaded on first use and shared with the page cache), else into memory.
+
+    No array in the file can be larger than the file: while reading, Faiss's
+    deserialization limit says so, so a corrupt header that claims terabytes is a
+    RuntimeError instead of an allocation that fails or gets the process killed.
+
+    Raises:
+        RuntimeError: Faiss cannot read the file (unknown type, truncated, or a
+            header that does not fit the file).
+    """
+    # Faiss refuses arrays of limit / 4 bytes or more: allow those of the file's size.
+    limit = 4 * (path.stat().st_size + 4096)
+    get = getattr(faiss, "get_deserialization_vector_byte_limit", None)  # Faiss >= 1.15
+    set_limit = getattr(faiss, "set_deserialization_vector_byte_limit", None)
+    with _READ_LOCK:
+        before = get() if get is not None else None
+        if set_limit is not None and before is not None:
+            set_limit(min(before, limit))
         try:
-            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-        except RuntimeError as e:
-            log.info("index %s cannot be memory-mapped (%s); reading it into memory", path, e)
-    return faiss.read_index(str(path))
+            if mmap:
+                try:
+                    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+                except RuntimeError as e:
+                    log.info(
+                        "index %s cannot be memory-mapped (%s); reading it into memory", path, e
+                    )
+            return faiss.read_index(str(path))
+        finally:
+            if set_limit is not None and before is not None:
+                set_limit(before)
 
 
 GPU_MAX_K = 2048
@@ -272,7 +301,7 @@ class CandidateIndex:
         """
         try:
             index = read_index(index_path, mmap)
-        except RuntimeError as e:
+        except (RuntimeError, MemoryError) as e:
             raise ArtifactError(
                 f"index file {index_path} is not a readable Faiss index: {e}"
             ) from e
@@ -283,11 +312,17 @@ class CandidateIndex:
         try:
             with np.load(users_path) as z:
                 user_ids, user_vectors = z["user_ids"], z["vectors"]
-        except (OSError, KeyError, ValueError) as e:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            # a truncated or garbled .npz fails in zipfile or zlib, not as an OSError
             raise ArtifactError(f"user vector file {users_path} is not readable: {e}") from e
-        if user_vectors.ndim != 2 or user_vectors.shape[1] != index.d:
+        if (
+            user_vectors.ndim != 2
+            or user_vectors.shape[1] != index.d
+            or user_ids.shape != (len(user_vectors),)
+        ):
             raise ArtifactError(
-                f"user vector file {users_path} has shape {user_vectors.shape}, index dim {index.d}"
+                f"user vector file {users_path} has vectors {user_vectors.shape} for user ids "
+                f"{user_ids.shape}, index dim {index.d}"
             )
         return cls(index, item_ids, user_ids, user_vectors, search_params, categories)
 

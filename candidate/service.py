@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from candidate.index import (
     CandidateIndex,
@@ -35,7 +36,7 @@ from sieve.errors import (
     grpc_errors,
 )
 from sieve.grpc_server import Server
-from sieve.validation import id_list
+from sieve.validation import echo, echo_list, id_list, query_vector
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = sieve_pb2.DESCRIPTOR.services_by_name["CandidateService"].full_name
@@ -72,12 +73,29 @@ def parse_retrieve(req: sieve_pb2.RetrieveRequest, config: CandidateConfig) -> R
         return RetrieveQuery(
             None, req.user_id, req.k, exclude, list(req.allow_categories), req.artifact_version
         )
-    vector = np.asarray(req.user_vector.values, dtype=np.float32)
-    if len(vector) == 0:
-        raise InvalidRequest("user_vector is empty")
+    vector = query_vector(req.user_vector.values, "user_vector")
     return RetrieveQuery(
         vector, 0, req.k, exclude, list(req.allow_categories), req.artifact_version
     )
+
+
+def check_on(index: CandidateIndex, q: RetrieveQuery) -> None:
+    """The checks that need the index: the vector's dimension and the categories.
+    Made before a search, so one bad request cannot fail the batch it would join.
+
+    Raises:
+        InvalidRequest: naming user_vector or allow_categories.
+    """
+    if q.vector is not None and len(q.vector) != index.dim:
+        raise InvalidRequest(
+            f"user_vector has {len(q.vector)} values, the index expects {index.dim}"
+        )
+    known = index.categories
+    unknown = [c for c in dict.fromkeys(q.allow) if c not in known]
+    if unknown:
+        raise InvalidRequest(
+            f"allow_categories holds unknown categories {echo_list(unknown)}; known: {known}"
+        )
 
 
 @dataclass(frozen=True)
@@ -108,7 +126,7 @@ def pick(loaded: tuple[_Live, ...], version: str) -> _Live:
             return live
     held = ", ".join(live.version for live in loaded)
     raise VersionNotLoaded(
-        f"artifact version {version!r} is not loaded here; loaded: {held} (newest first)"
+        f"artifact version {echo(version)} is not loaded here; loaded: {held} (newest first)"
     )
 
 
@@ -248,14 +266,29 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
 
         faiss.omp_set_num_threads(self.config.omp_threads)
         aset = artifacts.load(self.artifacts_root, version)
-        catalog = pd.read_parquet(aset.verified("catalog"), columns=["item_id", "genres"])
+        catalog_path = aset.verified("catalog")
+        try:
+            catalog = pd.read_parquet(catalog_path, columns=["item_id", "genres"])
+            item_ids = catalog["item_id"].to_numpy(np.int64)
+        except (pa.ArrowException, OSError, KeyError, ValueError, TypeError) as e:
+            raise ArtifactError(
+                f"catalog file {catalog_path} has no readable item_id and genres columns: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        spec = aset.manifest["index"].get("search_params", "")
+        try:
+            if not isinstance(spec, str):
+                raise ValueError(f"search_params is {spec!r}, not a string")
+            search_params = parse_search_params(spec)
+        except ValueError as e:
+            raise ArtifactError(f"{aset.root / artifacts.MANIFEST}: index: {e}") from e
         index_path = aset.verified("index")  # reading it for the checksum warms the cache too
         index = CandidateIndex.load(
             index_path,
-            catalog["item_id"].to_numpy(np.int64),
+            item_ids,
             aset.verified("user_vectors"),
             mmap=self.config.index_mmap,
-            search_params=parse_search_params(aset.manifest["index"].get("search_params", "")),
+            search_params=search_params,
             categories=category_masks(catalog["genres"]),
         )
         where = "CPU"
@@ -277,7 +310,7 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
             aset.version,
             index.index.ntotal,
             index.dim,
-            aset.manifest["index"]["factory"],
+            aset.manifest["index"].get("factory", "?"),
             where,
         )
         return index, aset.version
@@ -289,6 +322,7 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         q = parse_retrieve(request, self.config)
         live = pick(self._loaded, q.version)
         index = live.index
+        check_on(index, q)
         vector = q.vector
         if vector is None:
             vector = index.user_vector(q.user_id)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sieve.atomic import atomic_path, sha256_file
@@ -48,10 +48,13 @@ class ArtifactSet:
             raise ArtifactError(f"{self.root / MANIFEST} names no {role!r} file") from None
 
     def verified(self, role: str) -> Path:
-        """``path(role)``, after checking it exists and matches its checksum.
+        """``path(role)``, after checking it exists, matches its checksum and, for
+        the formats sieve reads whole (``.npy``, ``.parquet``), that its header
+        describes the file: a bad build whose checksum was taken of a truncated or
+        garbled file is refused here, naming it, not deep inside numpy or Arrow.
 
         Raises:
-            ArtifactError: naming the missing or corrupt file.
+            ArtifactError: naming the missing, corrupt or malformed file.
         """
         path = self.path(role)
         if not path.is_file():
@@ -59,7 +62,46 @@ class ArtifactSet:
         expected = self.manifest["files"][role]["sha256"]
         if sha256_file(path) != expected:
             raise ArtifactError(f"{role} file {path} does not match its checksum in {MANIFEST}")
+        problem = _format_problem(path)
+        if problem:
+            raise ArtifactError(f"{role} file {path} is malformed: {problem}")
         return path
+
+
+def _format_problem(path: Path) -> str:
+    """What is wrong with the header of an ``.npy`` or ``.parquet`` file ("" when
+    nothing is, or for other formats). Reads the header and footer only."""
+    if path.suffix == ".npy":
+        import numpy as np
+
+        try:
+            with open(path, "rb") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if major == 1
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = read_header(f)
+                offset = f.tell()
+        except (ValueError, OSError, EOFError) as e:
+            return f"not a .npy array ({e})"
+        if dtype.hasobject:
+            return f"holds Python objects ({dtype}), not numbers"
+        size = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        actual = path.stat().st_size
+        if actual != size:
+            return f"its header ({dtype} {shape}) needs {size} bytes, the file has {actual}"
+        return ""
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pq.read_metadata(path)
+        except (pa.ArrowException, OSError) as e:
+            return f"not a readable parquet file ({e})"
+    return ""
 
 
 def file_entry(root: Path, rel: str) -> dict[str, Any]:
@@ -111,6 +153,36 @@ def current_version(root: Path) -> str:
     return folder.name if folder != Path(root) else load(root).version
 
 
+def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Check the shape of a manifest whose required keys are present: a version
+    name, sections that are objects, and a files table whose every entry names a
+    path inside the set and a SHA-256.
+
+    Raises:
+        ArtifactError: naming ``path`` and the key that is wrong.
+    """
+    version = manifest["version"]
+    if not isinstance(version, str) or not _VERSION_RE.match(version):
+        raise ArtifactError(f"{path}: 'version' is {version!r}, not a version name")
+    for key in ("files", "index", "model", "feature_schema"):
+        if not isinstance(manifest[key], dict):
+            raise ArtifactError(
+                f"{path}: {key!r} is a {type(manifest[key]).__name__}, not an object"
+            )
+    for role, entry in manifest["files"].items():
+        where = f"{path}: files[{role!r}]"
+        if not isinstance(entry, dict):
+            raise ArtifactError(f"{where} is a {type(entry).__name__}, not an object")
+        rel, digest = entry.get("path"), entry.get("sha256")
+        if not isinstance(rel, str) or not rel:
+            raise ArtifactError(f"{where} has no 'path' string")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ArtifactError(f"{where} has no 'sha256' of 64 hex digits")
+        parts = PurePosixPath(rel).parts
+        if PurePosixPath(rel).is_absolute() or "\\" in rel or ".." in parts:
+            raise ArtifactError(f"{where} names {rel!r}, a path outside the artifact set")
+
+
 def load(root: Path, version: str | None = None) -> ArtifactSet:
     """Read and sanity-check the manifest of an artifact set under ``root``: the live
     one (what ``CURRENT`` names), or ``versions/<version>`` when ``version`` is given
@@ -119,7 +191,9 @@ def load(root: Path, version: str | None = None) -> ArtifactSet:
 
     Raises:
         ArtifactError: missing or unreadable manifest, a manifest of another format,
-            or one whose version is not the folder's.
+            one whose version is not the folder's (or ``version``), or one whose
+            keys have the wrong types or whose files leave the set
+            (``_check_manifest``).
     """
     if version is None or (Path(root) / MANIFEST).is_file():
         folder = resolve(root)
@@ -137,6 +211,9 @@ def load(root: Path, version: str | None = None) -> ArtifactSet:
     for key in ("version", "files", "index", "model", "feature_schema"):
         if key not in manifest:
             raise ArtifactError(f"{path} lacks {key!r}")
-    if version is not None and manifest["version"] != version:
-        raise ArtifactError(f"{path} is of version {manifest['version']!r}, not {version!r}")
+    _check_manifest(path, manifest)
+    # A set under versions/ is of its folder's version, whoever names it.
+    expected = folder.name if folder != Path(root) else version
+    if expected is not None and manifest["version"] != expected:
+        raise ArtifactError(f"{path} is of version {manifest['version']!r}, not {expected!r}")
     return ArtifactSet(root=folder, manifest=manifest)
