@@ -72,7 +72,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _config(work: Path, redis_port: int) -> Path:
+def bench_config(work: Path, redis_port: int) -> Path:
     """The run's sieve.toml: Redis online store and Redis shown-history."""
     path = work / "sieve.toml"
     path.write_text(
@@ -87,7 +87,7 @@ def _config(work: Path, redis_port: int) -> Path:
 
 
 @contextlib.contextmanager
-def _process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``cmd`` (output to ``log``); SIGTERM, then SIGKILL, on the way out."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -102,7 +102,7 @@ def _process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
                 proc.wait()
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, timeout_s: float) -> int:
+def wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, timeout_s: float) -> int:
     """The port a ``sieve serve --ready-file`` process reports once it serves."""
     deadline = time.monotonic() + timeout_s
     while not ready.exists():
@@ -114,31 +114,20 @@ def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, timeout_s
     return int(ready.read_text().split()[1])
 
 
-def _loadgen(address: str, rate: float, duration: float, warmup: float, users: Path,
-             out: Path, seed: int) -> dict[str, Any]:  # fmt: skip
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.loadgen",
-            "--address",
-            address,
-            "--rate",
-            str(rate),
-            "--duration",
-            str(duration),
-            "--warmup",
-            str(warmup),
-            "--users-file",
-            str(users),
-            "--out",
-            str(out),
-            "--seed",
-            str(seed),
-        ],  # fmt: skip
-        check=True,
-        cwd=ROOT,
-    )
+def loadgen_command(address: str, rate: float, duration: float, warmup: float, users: Path,
+                    out: Path, seed: int) -> list[str]:  # fmt: skip
+    """The command line of one load generator process."""
+    return [
+        sys.executable, "-m", "benchmarks.loadgen", "--address", address, "--rate", str(rate),
+        "--duration", str(duration), "--warmup", str(warmup), "--users-file", str(users),
+        "--out", str(out), "--seed", str(seed),
+    ]  # fmt: skip
+
+
+def loadgen(address: str, rate: float, duration: float, warmup: float, users: Path,
+            out: Path, seed: int) -> dict[str, Any]:  # fmt: skip
+    cmd = loadgen_command(address, rate, duration, warmup, users, out, seed)
+    subprocess.run(cmd, check=True, cwd=ROOT)
     return dict(json.loads(out.read_text()))
 
 
@@ -160,13 +149,13 @@ def _naive(root: Path, args: argparse.Namespace, users: Path, work: Path) -> dic
     """Serve the naive pipeline (its own process) and drive it like sieve."""
     ready, log = work / "naive.ready", work / "logs" / "naive.log"
     ready.unlink(missing_ok=True)
-    with _process(
+    with process(
         [sys.executable, "-m", "benchmarks.naive", "--artifacts", str(root),
          "--ready-file", str(ready)],
         log,
     ) as proc:  # fmt: skip
-        port = _wait_ready(proc, ready, log, args.start_timeout)
-        return _loadgen(f"127.0.0.1:{port}", args.naive_rate, args.naive_s, args.warmup, users,
+        port = wait_ready(proc, ready, log, args.start_timeout)
+        return loadgen(f"127.0.0.1:{port}", args.naive_rate, args.naive_s, args.warmup, users,
                         work / "naive.json", seed=7)  # fmt: skip
 
 
@@ -187,70 +176,83 @@ def naive_ratios(sieve: dict[str, Any], naive: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    work = Path(args.work).resolve()
+def redis_port_of(work: Path) -> int:
+    """The Redis port of a work folder (chosen once: the built feature store's
+    ``feature_store.yaml`` names it)."""
     (work / "redis").mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(exist_ok=True)
     port_file = work / "redis" / "port"
-    redis_port = int(port_file.read_text()) if port_file.exists() else free_port()
-    port_file.write_text(str(redis_port))
-    config = _config(work, redis_port)
+    port = int(port_file.read_text()) if port_file.exists() else free_port()
+    port_file.write_text(str(port))
+    return port
+
+
+def build_once(root: Path, items: int, config: Path, redis_address: str) -> float | None:
+    """Build a synthetic set of ``items`` items into ``root`` with the Redis online
+    store, unless one is there, and save the materialized store (``SAVE``) so a
+    restarted Redis loads it. Returns the build's seconds (None: reused)."""
+    if (root / artifacts.CURRENT).exists():
+        return None
+    import redis
+
+    t0 = time.perf_counter()
+    print(f"building {items} synthetic items with the Redis online store ...")
+    subprocess.run(
+        [*SIEVE, "--config", str(config), "build", "--synthetic", str(items), "--out", str(root)],
+        check=True,
+        cwd=ROOT,
+    )
+    host, port = redis_address.split(":")
+    redis.Redis(host=host, port=int(port)).save()  # keep the materialized store
+    return round(time.perf_counter() - t0, 1)
+
+
+def users_sample(aset: artifacts.ArtifactSet, work: Path, n: int = 5000) -> Path:
+    """A file of ``n`` user ids of the set (seeded sample), for the load generator."""
+    users = pd.read_parquet(aset.verified("user_features"), columns=["user_id"])["user_id"]
+    users_file = work / "users.txt"
+    np.savetxt(users_file, np.random.default_rng(0).permutation(users.to_numpy())[:n], fmt="%d")
+    return users_file
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(args.work).resolve()
+    redis_port = redis_port_of(work)
+    config = bench_config(work, redis_port)
     root = work / "artifacts"
     seconds: dict[str, float] = {}
     with local_redis(port=redis_port, data_dir=work / "redis") as redis_address:
-        import redis
-
-        if not (root / artifacts.CURRENT).exists():
-            t0 = time.perf_counter()
-            print(f"building {args.items} synthetic items with the Redis online store ...")
-            subprocess.run(
-                [
-                    *SIEVE,
-                    "--config",
-                    str(config),
-                    "build",
-                    "--synthetic",
-                    str(args.items),
-                    "--out",
-                    str(root),
-                ],  # fmt: skip
-                check=True,
-                cwd=ROOT,
-            )
-            host, port = redis_address.split(":")
-            redis.Redis(host=host, port=int(port)).save()  # keep the materialized store
-            seconds["build"] = round(time.perf_counter() - t0, 1)
+        built = build_once(root, args.items, config, redis_address)
+        if built is not None:
+            seconds["build"] = built
         aset = artifacts.load(root)
-        users = pd.read_parquet(aset.verified("user_features"), columns=["user_id"])["user_id"]
-        users_file = work / "users.txt"
-        sample = np.random.default_rng(0).permutation(users.to_numpy())[:5000]
-        np.savetxt(users_file, sample, fmt="%d")
+        users_file = users_sample(aset, work)
 
         logs = work / "logs"
         cready, rready = work / "candidate.ready", work / "ranker.ready"
         for f in (cready, rready):
             f.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        with _process(
+        with process(
             [*SIEVE, "--config", str(config), "serve", "--only", "candidate",
              "--artifacts", str(root), "--candidate-port", "0", "--ready-file", str(cready)],
             logs / "candidate.log",
         ) as cproc:  # fmt: skip
-            cport = _wait_ready(cproc, cready, logs / "candidate.log", args.start_timeout)
-            with _process(
+            cport = wait_ready(cproc, cready, logs / "candidate.log", args.start_timeout)
+            with process(
                 [*SIEVE, "--config", str(config), "serve", "--only", "ranker",
                  "--artifacts", str(root), "--ranker-port", "0",
                  "--candidate-address", f"127.0.0.1:{cport}", "--ready-file", str(rready)],
                 logs / "ranker.log",
             ) as rproc:  # fmt: skip
-                rport = _wait_ready(rproc, rready, logs / "ranker.log", args.start_timeout)
+                rport = wait_ready(rproc, rready, logs / "ranker.log", args.start_timeout)
                 seconds["services_ready"] = round(time.perf_counter() - t0, 1)
                 address = f"127.0.0.1:{rport}"
                 steps = []
                 for i, rate in enumerate(float(r) for r in args.rates.split(",")):
                     # long enough for min_samples answers: a p99 needs a few hundred
                     step_s = max(args.step_s, args.min_samples / rate)
-                    step = _loadgen(address, rate, step_s, args.warmup, users_file,
+                    step = loadgen(address, rate, step_s, args.warmup, users_file,
                                     work / f"step_{rate:g}.json", seed=i)  # fmt: skip
                     steps.append(step)
                     failing = [not _passes(s) for s in steps[-2:]]
@@ -260,10 +262,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if args.naive_rate > 0:
                     # the same arrivals and users (same seed) through both pipelines,
                     # before the held rate can leave sieve's processes behind
-                    paired = _loadgen(address, args.naive_rate, args.naive_s, args.warmup,
+                    paired = loadgen(address, args.naive_rate, args.naive_s, args.warmup,
                                       users_file, work / "paired_sieve.json", seed=7)  # fmt: skip
                     naive = _naive(root, args, users_file, work)
-                sustained = _loadgen(address, args.sustain_rate, args.sustain_s, args.warmup,
+                sustained = loadgen(address, args.sustain_rate, args.sustain_s, args.warmup,
                                      users_file, work / "sustained.json", seed=99)  # fmt: skip
                 for proc in (rproc, cproc):
                     if proc.poll() is not None:

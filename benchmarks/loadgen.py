@@ -77,8 +77,17 @@ async def run(
     seed: int = 0,
     timeout_s: float = 5.0,
     k: int = 50,
+    timeline: bool = False,
+    started_file: Path | None = None,
 ) -> dict[str, Any]:
-    """Drive ``Rank`` open-loop at ``rate`` per second; returns the measurements."""
+    """Drive ``Rank`` open-loop at ``rate`` per second; returns the measurements.
+
+    ``started_file`` is written (the Unix time) when the first request is due.
+    With ``timeline``, also every recorded request as ``[intended send time (Unix
+    s), latency ms, status code, rungs taken ("+"-joined; "" for full quality),
+    artifact version, degradation kinds ("+"-joined)]`` in send order, for lining
+    answers up with injected faults.
+    """
     host = address.rsplit(":", 1)[0]
     if host not in ("127.0.0.1", "localhost", "[::1]"):
         raise ValueError(f"loopback only, got {address!r}")
@@ -94,6 +103,8 @@ async def run(
     budget: dict[str, HdrHistogram] = {}  # per line of BUDGET_MS, summed per request
     codes: dict[str, int] = {}
     degraded: dict[str, int] = {}
+    rungs: dict[str, int] = {}
+    events: list[tuple[float, float, str, str, str, str]] = []
     recorded = [0]
     loop = asyncio.get_running_loop()
     channel = grpc.aio.insecure_channel(address)
@@ -112,11 +123,23 @@ async def run(
         recorded[0] += 1
         codes[code] = codes.get(code, 0) + 1
         total.record_value(min(latency_us, 60_000_000))
+        if timeline:
+            events.append((
+                wall0 + intended - start,
+                latency_us / 1e3,
+                code,
+                "+".join(resp.rungs) if resp is not None else "",
+                resp.artifact_version if resp is not None else "",
+                "+".join(sorted({d.split(":", 1)[0] for d in resp.degradations}))
+                if resp is not None else "",
+            ))  # fmt: skip
         if resp is None:
             return
         for d in resp.degradations:
             kind = d.split(":", 1)[0]
             degraded[kind] = degraded.get(kind, 0) + 1
+        for rung in resp.rungs:
+            rungs[rung] = rungs.get(rung, 0) + 1
         server_total = 0
         for t in resp.timings:
             stages.setdefault(t.stage, _histogram()).record_value(max(1, t.micros))
@@ -133,6 +156,9 @@ async def run(
                 budget.setdefault(line, _histogram()).record_value(us)
 
     start = loop.time() + 0.05
+    wall0 = time.time() + 0.05  # the wall-clock time of ``start``
+    if started_file is not None:
+        started_file.write_text(f"{wall0}\n")
     t0 = time.perf_counter()
     tasks = []
     for when, user in zip(at, who, strict=True):
@@ -156,6 +182,7 @@ async def run(
         "ok": n_ok,
         "errors": {c: n for c, n in codes.items() if c != "OK"},
         "degraded": degraded,
+        "rungs": rungs,
         "achieved_rps": recorded[0] / duration_s if duration_s else 0.0,
         "wall_s": wall,
         "sender_lag_s": late,
@@ -166,6 +193,7 @@ async def run(
             line: {"budget_p99": BUDGET_MS[line][0], **summary(h)} for line, h in budget.items()
         },
         "hdr": total.encode().decode(),
+        **({"timeline": sorted(events)} if timeline else {}),
     }
 
 
@@ -178,12 +206,16 @@ def main() -> None:
     ap.add_argument("--users-file", required=True, help="one user id per line")
     ap.add_argument("--timeout", type=float, default=5.0, help="deadline per request, s")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeline", action="store_true", help="record every request")
+    ap.add_argument("--started-file", help="written when sending starts")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     users = np.loadtxt(args.users_file, dtype=np.int64, ndmin=1)
     result = asyncio.run(
-        run(args.address, args.rate, args.duration, args.warmup, users, args.seed, args.timeout)
-    )
+        run(args.address, args.rate, args.duration, args.warmup, users, args.seed, args.timeout,
+            timeline=args.timeline,
+            started_file=Path(args.started_file) if args.started_file else None)
+    )  # fmt: skip
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     lat = result["latency_ms"]
     print(

@@ -34,11 +34,11 @@ def _well_formed(run: dict, rate: float) -> None:  # type: ignore[type-arg]
     assert run["stages_ms"]["total"]["max"] <= lat["max"] + 1e-3
 
 
-def test_latency_budget_harness_end_to_end(tmp_path: Path) -> None:
+def test_latency_budget_harness_end_to_end(bench_work: Path, tmp_path: Path) -> None:
     results = tmp_path / "results"
     cmd = [
         sys.executable, "-m", "benchmarks.latency_budget",
-        "--items", "20000", "--work", str(tmp_path / "work"), "--results", str(results),
+        "--items", "20000", "--work", str(bench_work), "--results", str(results),
         "--rates", "4,8", "--full-sweep", "--step-s", "2", "--min-samples", "1", "--warmup", "1",
         "--sustain-rate", "5", "--sustain-s", "3", "--naive-rate", "2", "--naive-s", "2",
     ]  # fmt: skip

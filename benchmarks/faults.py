@@ -1,0 +1,431 @@
+"""Fault injection under load: Rank keeps answering, says what it gave up, and
+comes back to full quality once the fault clears.
+
+    python -m benchmarks.faults                                  # 1M items, 5 Rank/s
+    python -m benchmarks.faults --items 20000 --rate 10 --pre-s 2 --fault-s 3 \\
+        --post-s 6                                               # the CI-sized run
+
+Every part is a real process on loopback, as in ``benchmarks.latency_budget``
+(whose work folder, synthetic set and saved Redis store it reuses):
+``redis-server`` (online store, shown-history and response cache), the candidate
+service, the ranker (talking to the candidate through ``DelayProxy``, which runs
+in this process), and one load generator per fault at a steady ``--rate`` (half
+the benchmark's maximum). For each fault: ``--pre-s`` seconds of load, the fault
+for ``--fault-s`` seconds, then ``--post-s`` seconds after it clears:
+
+- ``redis_kill``: SIGKILL redis-server; start it again (it loads its saved store);
+- ``candidate_stop``: stop the candidate service (SIGTERM); start it again;
+- ``candidate_slow``: 100 ms more on every candidate reply, then none;
+- ``artifact_swap``: publish a new artifact version; both services go live with it;
+- ``overload``: a second load generator adds twice ``--rate`` (3x in all).
+
+Per fault it records requests sent, OK, degraded (an answer that took a rung of
+the degradation ladder), shed (RESOURCE_EXHAUSTED), failed (any other non-OK),
+the p99 of the OK answers, and the seconds from the fault clearing (the restarted
+process answering, the delay removed) to the last answer that was not full
+quality. Writes ``RESULTS/faults.json`` and ``faults.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from benchmarks.faultproxy import DelayProxy
+from benchmarks.latency_budget import (
+    RESULTS,
+    ROOT,
+    SIEVE,
+    build_once,
+    loadgen_command,
+    machine,
+    process,
+    redis_port_of,
+    users_sample,
+    wait_ready,
+)
+from benchmarks.loadgen import TOTAL_BUDGET_MS
+from sieve import artifacts
+from sieve.local_redis import free_port, start_redis, wait_for_redis
+
+FAULTS = ("redis_kill", "candidate_stop", "candidate_slow", "artifact_swap", "overload")
+CAUSES = {
+    "redis_kill": ("user_features_failed", "history_unavailable"),
+    "candidate_stop": ("retrieve_failed",),
+    "candidate_slow": ("retrieve_failed",),
+    "artifact_swap": ("retrieve_failed", "version_mismatch"),
+    "overload": (),
+}
+"""The degradations each fault causes: recovery is judged on these (and on any
+non-OK answer), not on rungs a busy machine takes anyway (``fewer_candidates``
+when retrieval is slow), which are counted as ``degraded`` all the same."""
+
+
+def fault_config(work: Path, redis_port: int, reload_s: float) -> Path:
+    """Production settings on Redis, with the services looking for new sets often."""
+    path = work / "faults.toml"
+    path.write_text(
+        "[build.online_store]\n"
+        'type = "redis"\n'
+        f'connection_string = "127.0.0.1:{redis_port}"\n\n'
+        f"[candidate]\nreload_check_s = {reload_s}\n\n"
+        f"[ranker]\nreload_check_s = {reload_s}\n\n"
+        "[ranker.rerank.history]\n"
+        'store = "redis"\n'
+        f'redis_url = "redis://127.0.0.1:{redis_port}/1"\n\n'
+        "[ranker.reliability.response_cache]\n"
+        'store = "redis"\n'
+        f'redis_url = "redis://127.0.0.1:{redis_port}/2"\n'
+    )
+    return path
+
+
+def clone_version(root: Path, new: str) -> str:
+    """Publish a copy of the live set as version ``new`` (a rebuilt set would
+    look the same to the services); returns the version it replaced."""
+    src = artifacts.resolve(root)
+    folder = root / "versions" / new
+    # hard links: set files are never written in place (a 1M set is ~2 GB)
+    shutil.copytree(src, folder, copy_function=os.link)
+    manifest = json.loads((folder / artifacts.MANIFEST).read_text())
+    manifest["version"] = new
+    artifacts.write_manifest(folder, manifest)
+    artifacts.publish(root, new)
+    return src.name
+
+
+class ProxyThread:
+    """``DelayProxy`` on an event loop of its own thread, so this (blocking)
+    driver can change its delay while it forwards."""
+
+    def __init__(self, target: str) -> None:
+        self.proxy = DelayProxy(target)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start(self) -> int:
+        self._thread.start()
+        return asyncio.run_coroutine_threadsafe(self.proxy.start(), self.loop).result(10)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.proxy.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def summarize(
+    events: list[list[Any]], inject: float, clear: float, causes: tuple[str, ...]
+) -> dict[str, Any]:
+    """The table row of one fault from the load generators' timelines.
+
+    ``events``: [send time, latency ms, code, rungs, version, degradation kinds]
+    per request; ``causes``: the degradation kinds the fault causes.
+    """
+
+    def hit(e: list[Any]) -> bool:  # failed, or degraded by this fault
+        return bool(e[2] != "OK" or set(e[5].split("+")) & set(causes))
+
+    codes = [e[2] for e in events]
+    ok = [e for e in events if e[2] == "OK"]
+    degraded = [e for e in ok if e[3]]
+    during = [e for e in events if inject <= e[0] < clear]
+    after = [e for e in events if e[0] >= clear]
+    bad_after = [e for e in after if hit(e)]
+    lat = np.array([e[1] for e in ok]) if ok else np.zeros(1)
+    rungs: dict[str, int] = {}
+    for e in degraded:
+        for r in e[3].split("+"):
+            rungs[r] = rungs.get(r, 0) + 1
+    return {
+        "sent": len(events),
+        "ok": len(ok),
+        "degraded": len(degraded),
+        "shed": codes.count("RESOURCE_EXHAUSTED"),
+        "failed": sum(c not in ("OK", "RESOURCE_EXHAUSTED") for c in codes),
+        "failed_codes": sorted({c for c in codes if c not in ("OK", "RESOURCE_EXHAUSTED")}),
+        "ok_p50_ms": float(np.percentile(lat, 50)),
+        "ok_p99_ms": float(np.percentile(lat, 99)),
+        "degraded_during_fault": sum(1 for e in during if e[3]),
+        "by_fault_during": sum(1 for e in during if hit(e)),
+        "degraded_before": sum(1 for e in events if e[0] < inject and e[3]),
+        "sent_before": sum(1 for e in events if e[0] < inject),
+        "sent_during_fault": len(during),
+        "fault_s": round(clear - inject, 2),
+        "recovery_s": round(max(e[0] for e in bad_after) - clear, 2) if bad_after else 0.0,
+        "unaffected_after": len(after) - len(bad_after),
+        # answers after the last one the fault degraded: the run ended recovered
+        "unaffected_at_end": sum(1 for e in after if e[0] > max(e[0] for e in bad_after))
+        if bad_after
+        else len(after),
+        "sent_after": len(after),
+        "rungs": rungs,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(args.work).resolve()
+    redis_port = redis_port_of(work)
+    config = fault_config(work, redis_port, args.reload_s)
+    root = work / "artifacts"
+    logs = work / "logs"
+    redis_dir = work / "redis"
+    rows: dict[str, Any] = {}
+    with ExitStack() as stack:
+        redis_proc = [start_redis(redis_port, redis_dir)]
+
+        def stop_redis() -> None:
+            redis_proc[0].terminate()
+            redis_proc[0].wait(10)
+
+        stack.callback(stop_redis)
+        wait_for_redis(redis_proc[0], redis_port, args.start_timeout)
+        build_once(root, args.items, config, f"127.0.0.1:{redis_port}")
+        aset = artifacts.load(root)
+        users = users_sample(aset, work)
+
+        cport = free_port()
+        cready = work / "candidate.ready"
+
+        @contextmanager
+        def candidate() -> Iterator[subprocess.Popen[bytes]]:
+            cready.unlink(missing_ok=True)
+            with process(
+                [*SIEVE, "--config", str(config), "serve", "--only", "candidate",
+                 "--artifacts", str(root), "--candidate-port", str(cport),
+                 "--ready-file", str(cready)],
+                logs / "faults_candidate.log",
+            ) as proc:  # fmt: skip
+                wait_ready(proc, cready, logs / "faults_candidate.log", args.start_timeout)
+                yield proc
+
+        cand = [stack.enter_context(candidate())]
+        proxy = ProxyThread(f"127.0.0.1:{cport}")
+        pport = proxy.start()
+        stack.callback(proxy.stop)
+        rready = work / "ranker.ready"
+        rready.unlink(missing_ok=True)
+        rproc = stack.enter_context(
+            process(
+                [*SIEVE, "--config", str(config), "serve", "--only", "ranker",
+                 "--artifacts", str(root), "--ranker-port", "0",
+                 "--candidate-address", f"127.0.0.1:{pport}", "--ready-file", str(rready)],
+                logs / "faults_ranker.log",
+            )
+        )  # fmt: skip
+        rport = wait_ready(rproc, rready, logs / "faults_ranker.log", args.start_timeout)
+        address = f"127.0.0.1:{rport}"
+        cand_stack = [ExitStack()]
+
+        def kill_redis() -> None:
+            redis_proc[0].send_signal(signal.SIGKILL)
+            redis_proc[0].wait(10)
+
+        def restart_redis() -> None:
+            redis_proc[0] = start_redis(redis_port, redis_dir)
+            wait_for_redis(redis_proc[0], redis_port, args.start_timeout)
+
+        def stop_candidate() -> None:
+            # the first candidate belongs to ``stack``; later ones to cand_stack
+            proc = cand[0]
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+        def start_candidate() -> None:
+            cand_stack[0] = ExitStack()
+            cand[0] = cand_stack[0].enter_context(candidate())
+
+        def slow() -> None:
+            proxy.proxy.delay_s = args.delay_ms / 1e3
+
+        def fast() -> None:
+            proxy.proxy.delay_s = 0.0
+
+        versions: dict[str, str] = {}
+
+        def swap() -> None:
+            new = f"faults_{int(time.time())}"
+            versions["old"], versions["new"] = clone_version(root, new), new
+
+        def swapped() -> None:
+            # the fault "clears" when answers carry the new version; wait for it
+            deadline = time.monotonic() + args.fault_s + args.post_s
+            user = int(np.loadtxt(users, dtype=np.int64, ndmin=1)[0])
+            while time.monotonic() < deadline and not _serves(address, user, versions["new"]):
+                time.sleep(0.1)
+
+        extra: list[subprocess.Popen[bytes]] = []
+
+        def overload() -> None:
+            out = work / "faults_overload_extra.json"
+            cmd = loadgen_command(address, 2 * args.rate, args.fault_s, 0.0, users, out, seed=77)
+            extra.append(subprocess.Popen([*cmd, "--timeline"], cwd=ROOT))
+
+        def overload_end() -> None:
+            if extra:
+                extra[0].wait(60 + args.fault_s)
+
+        plan: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
+            "redis_kill": (kill_redis, restart_redis),
+            "candidate_stop": (stop_candidate, start_candidate),
+            "candidate_slow": (slow, fast),
+            "artifact_swap": (swap, swapped),
+            "overload": (overload, overload_end),
+        }
+        for i, name in enumerate(args.faults.split(",")):
+            inject_fn, clear_fn = plan[name]
+            extra.clear()
+            out, started = work / f"faults_{name}.json", work / f"faults_{name}.started"
+            started.unlink(missing_ok=True)
+            total = args.pre_s + args.fault_s + args.post_s
+            cmd = loadgen_command(address, args.rate, total, args.warmup, users, out, seed=i)
+            gen = subprocess.Popen(
+                [*cmd, "--timeline", "--started-file", str(started)], cwd=ROOT
+            )  # fmt: skip
+            while not started.exists():
+                if gen.poll() is not None:
+                    raise RuntimeError(f"load generator for {name} exited early")
+                time.sleep(0.05)
+            t0 = float(started.read_text())
+            time.sleep(max(0.0, t0 + args.warmup + args.pre_s - time.time()))
+            inject = time.time()
+            inject_fn()
+            time.sleep(max(0.0, inject + args.fault_s - time.time()))
+            clear_fn()
+            clear = time.time()
+            if gen.wait(120 + total) != 0:
+                raise RuntimeError(f"load generator for {name} failed")
+            events = json.loads(out.read_text())["timeline"]
+            if name == "overload" and extra:
+                events += json.loads((work / "faults_overload_extra.json").read_text())["timeline"]
+            row = summarize(events, inject, clear, CAUSES[name])
+            row["offered_rps"] = args.rate * (3 if name == "overload" else 1)
+            if name == "artifact_swap":
+                row["versions"] = dict(versions)
+                row["answers_of_new_version"] = sum(e[4] == versions["new"] for e in events)
+            rows[name] = {**row, "timeline": events}
+            print(
+                f"{name:<15} sent {row['sent']:>5} ok {row['ok']:>5} degraded "
+                f"{row['degraded']:>4} shed {row['shed']:>3} failed {row['failed']:>3}  "
+                f"p99(ok) {row['ok_p99_ms']:7.1f} ms  recovery {row['recovery_s']:5.2f} s",
+                flush=True,
+            )
+            if rproc.poll() is not None:
+                raise RuntimeError("the ranker exited during the fault run")
+        cand_stack[0].close()
+    return {
+        "machine": machine(),
+        "items": len(pd.read_parquet(aset.verified("catalog"), columns=["item_id"])),
+        "artifact_version": aset.version,
+        "settings": {
+            "rate_rps": args.rate,
+            "pre_s": args.pre_s,
+            "fault_s": args.fault_s,
+            "post_s": args.post_s,
+            "delay_ms": args.delay_ms,
+            "processes": "redis-server, candidate, ranker (candidate via a delay proxy), "
+            "load generator per fault (a second one for overload)",
+            "degraded": "an OK answer that took a rung of the degradation ladder",
+            "recovery_s": "from the fault clearing to the last answer sent that the fault "
+            "still degraded (its degradation kinds: causes) or that failed; 0: none after it "
+            "cleared",
+            "causes": CAUSES,
+        },
+        "faults": rows,
+    }
+
+
+def _serves(address: str, user: int, version: str) -> bool:
+    import grpc
+
+    from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        try:
+            resp = sieve_pb2_grpc.RankerServiceStub(ch).Rank(
+                sieve_pb2.RankRequest(user_id=user, k=1), timeout=5
+            )
+        except grpc.RpcError:
+            return False
+    return bool(resp.artifact_version == version)
+
+
+def plot(result: dict[str, Any], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    faults = result["faults"]
+    fig, axes = plt.subplots(len(faults), 1, figsize=(9, 2.2 * len(faults)), squeeze=False)
+    for ax, (name, row) in zip(axes[:, 0], faults.items(), strict=True):
+        ev = row["timeline"]
+        t0 = ev[0][0] if ev else 0.0
+        for label, color, pick in (
+            ("full quality", "C0", lambda e: e[2] == "OK" and not e[3]),
+            ("degraded", "C1", lambda e: e[2] == "OK" and e[3]),
+            ("shed", "C7", lambda e: e[2] == "RESOURCE_EXHAUSTED"),
+            ("failed", "red", lambda e: e[2] not in ("OK", "RESOURCE_EXHAUSTED")),
+        ):
+            pts = [(e[0] - t0, e[1]) for e in ev if pick(e)]
+            if pts:
+                x, y = zip(*pts, strict=True)
+                ax.scatter(x, y, s=6, color=color, label=label)
+        start = result["settings"]["pre_s"]
+        ax.axvspan(start, start + row["fault_s"], color="red", alpha=0.08)
+        ax.axhline(TOTAL_BUDGET_MS, color="red", ls="--", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms")
+        ax.set_title(
+            f"{name}: {row['ok']}/{row['sent']} OK, {row['degraded']} degraded, "
+            f"{row['failed']} failed, recovery {row['recovery_s']:.1f} s",
+            fontsize=9,
+        )
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("seconds since the load started (fault shaded)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "faults.png", dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--work", help="kept between runs (default .bench/latency_ITEMS)")
+    ap.add_argument("--rate", type=float, default=5.0, help="steady Rank/s (Poisson)")
+    ap.add_argument("--faults", default=",".join(FAULTS))
+    ap.add_argument("--pre-s", type=float, default=5.0)
+    ap.add_argument("--fault-s", type=float, default=10.0)
+    ap.add_argument("--post-s", type=float, default=15.0)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--delay-ms", type=float, default=100.0)
+    ap.add_argument("--reload-s", type=float, default=1.0, help="services' reload check")
+    ap.add_argument("--start-timeout", type=float, default=300.0)
+    ap.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args()
+    args.work = args.work or str(ROOT / ".bench" / f"latency_{args.items}")
+    result = run(args)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(result, out)
+    slim = {**result, "faults": {k: {**v, "timeline": None} for k, v in result["faults"].items()}}
+    for v in slim["faults"].values():
+        v.pop("timeline")
+    (out / "faults.json").write_text(json.dumps(slim, indent=1) + "\n")
+    print(f"wrote {out / 'faults.json'} and faults.png")
+
+
+if __name__ == "__main__":
+    main()
