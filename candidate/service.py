@@ -35,7 +35,7 @@ from sieve.errors import (
     VersionNotLoaded,
     grpc_errors,
 )
-from sieve.grpc_server import Server
+from sieve.grpc_server import Server, add_servicer
 from sieve.validation import echo, echo_list, id_list, query_vector
 
 log = logging.getLogger(__name__)
@@ -358,6 +358,6 @@ async def create_server(
     server = Server(SERVICE_NAME, config.host, config.port)
     server.every(config.reload_check_s, servicer.reload, "artifact reload")
     server.on_stop(servicer.close)
-    sieve_pb2_grpc.add_CandidateServiceServicer_to_server(servicer, server.server)
+    add_servicer(server.server, servicer, sieve_pb2, "CandidateService")
     await server.start_serving(servicer.start)
     return server, servicer

@@ -11,7 +11,7 @@ from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from ranker.pipeline import RankPipeline, parse_rank
 from sieve.config import RankerConfig
 from sieve.errors import InvalidRequest, Overloaded, grpc_errors
-from sieve.grpc_server import Server
+from sieve.grpc_server import Server, add_servicer
 from sieve.metrics import IN_FLIGHT, RANK_ANSWERS, RANK_RUNGS, serve_metrics
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,6 @@ async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[Ser
             metrics.server_close()
 
         server.on_stop(stop_metrics)
-    sieve_pb2_grpc.add_RankerServiceServicer_to_server(
-        RankerServicer(config, pipeline), server.server
-    )
+    add_servicer(server.server, RankerServicer(config, pipeline), sieve_pb2, "RankerService")
     await server.start_serving(pipeline.start)
     return server, pipeline

@@ -6,14 +6,54 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from types import ModuleType
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def add_servicer(server: grpc.aio.Server, servicer: object, pb2: ModuleType, service: str) -> None:
+    """Register ``servicer``'s unary methods for ``service`` (a name in ``pb2``),
+    decoding each request here rather than in gRPC: bytes that are not a valid
+    request answer INVALID_ARGUMENT naming the message type (gRPC's own decoding
+    answers UNKNOWN), and the servicer sees only decoded messages."""
+    descriptor = pb2.DESCRIPTOR.services_by_name[service]
+    handlers = {}
+    for method in descriptor.methods:
+        request_cls = getattr(pb2, method.input_type.name)
+        response_cls = getattr(pb2, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _decoding(getattr(servicer, method.name), request_cls),
+            request_deserializer=None,  # raw bytes
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
+    )
+
+
+def _decoding(
+    method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], request_cls: Any
+) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
+    name = request_cls.DESCRIPTOR.full_name
+
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            request = request_cls.FromString(raw)
+        except DecodeError as e:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {name}: {e}"
+            )
+        return await method(request, context)
+
+    return handle
 
 
 class Server:

@@ -551,10 +551,10 @@ def check(call: Call, status: grpc.StatusCode, details: str, resp: Any, world: W
         try:
             request = kind.FromString(request)
         except DecodeError:
-            # grpc's aio server answers bytes it cannot decode itself, before sieve
-            # sees them: UNKNOWN, naming the decode error.
-            assert status == grpc.StatusCode.UNKNOWN, (status, details)
-            assert "Error parsing message" in details, details
+            # sieve decodes requests itself (sieve/grpc_server.py add_servicer):
+            # INVALID_ARGUMENT, naming the message type.
+            assert status == grpc.StatusCode.INVALID_ARGUMENT, (status, details)
+            assert "the request is not a valid sieve.v1." in details, details
             return
         resp_kind = sieve_pb2.RankResponse if call.method == RANK else sieve_pb2.RetrieveResponse
         resp = None if resp is None else resp_kind.FromString(resp)
