@@ -17,7 +17,8 @@ for ``--fault-s`` seconds, then ``--post-s`` seconds after it clears:
 - ``candidate_stop``: stop the candidate service (SIGTERM); start it again;
 - ``candidate_slow``: 100 ms more on every candidate reply, then none;
 - ``artifact_swap``: publish a new artifact version; both services go live with it;
-- ``overload``: a second load generator adds twice ``--rate`` (3x in all).
+- ``overload``: a second load generator brings the rate to 3x ``--max-rate``
+  (the benchmark's highest rate within budget).
 
 Per fault it records requests sent, OK, degraded (an answer that took a rung of
 the degradation ladder), shed (RESOURCE_EXHAUSTED), failed (any other non-OK),
@@ -141,6 +142,7 @@ def summarize(
 
     codes = [e[2] for e in events]
     ok = [e for e in events if e[2] == "OK"]
+    shed = [e for e in events if e[2] == "RESOURCE_EXHAUSTED"]
     degraded = [e for e in ok if e[3]]
     during = [e for e in events if inject <= e[0] < clear]
     after = [e for e in events if e[0] >= clear]
@@ -159,13 +161,22 @@ def summarize(
         "failed_codes": sorted({c for c in codes if c not in ("OK", "RESOURCE_EXHAUSTED")}),
         "ok_p50_ms": float(np.percentile(lat, 50)),
         "ok_p99_ms": float(np.percentile(lat, 99)),
+        "shed_p99_ms": float(np.percentile([e[1] for e in shed], 99)) if shed else None,
+        "ok_p99_during_ms": float(np.percentile([e[1] for e in during if e[2] == "OK"], 99))
+        if any(e[2] == "OK" for e in during)
+        else None,
         "degraded_during_fault": sum(1 for e in during if e[3]),
         "by_fault_during": sum(1 for e in during if hit(e)),
         "degraded_before": sum(1 for e in events if e[0] < inject and e[3]),
         "sent_before": sum(1 for e in events if e[0] < inject),
         "sent_during_fault": len(during),
         "fault_s": round(clear - inject, 2),
-        "recovery_s": round(max(e[0] for e in bad_after) - clear, 2) if bad_after else 0.0,
+        "inject_unix_s": inject,
+        "clear_unix_s": clear,
+        "recovery_s": recovery_s(after, clear, hit),
+        "last_hit_after_clear_s": round(max(e[0] for e in bad_after) - clear, 2)
+        if bad_after
+        else None,
         "unaffected_after": len(after) - len(bad_after),
         # answers after the last one the fault degraded: the run ended recovered
         "unaffected_at_end": sum(1 for e in after if e[0] > max(e[0] for e in bad_after))
@@ -174,6 +185,25 @@ def summarize(
         "sent_after": len(after),
         "rungs": rungs,
     }
+
+
+RUN = 10
+"""Recovered: the first of ``RUN`` answers in a row that the fault no longer hits."""
+
+
+def recovery_s(
+    after: list[list[Any]], clear: float, hit: Callable[[list[Any]], bool]
+) -> float | None:
+    """Seconds from ``clear`` to the send time of the first answer that starts a
+    run of ``RUN`` unaffected answers (fewer if the run ends first); None if there
+    is no such answer. An isolated hit later (a stall that times one call out) is
+    reported in ``last_hit_after_clear_s``, not here."""
+    streak = 0
+    for i, e in enumerate(after):
+        streak = 0 if hit(e) else streak + 1
+        if streak == RUN or (streak and i == len(after) - 1):
+            return round(max(0.0, after[i - streak + 1][0] - clear), 2)
+    return None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -271,7 +301,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def overload() -> None:
             out = work / "faults_overload_extra.json"
-            cmd = loadgen_command(address, 2 * args.rate, args.fault_s, 0.0, users, out, seed=77)
+            extra_rate = 3 * args.max_rate - args.rate
+            cmd = loadgen_command(address, extra_rate, args.fault_s, 0.0, users, out, seed=77)
             extra.append(subprocess.Popen([*cmd, "--timeline"], cwd=ROOT))
 
         def overload_end() -> None:
@@ -312,7 +343,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if name == "overload" and extra:
                 events += json.loads((work / "faults_overload_extra.json").read_text())["timeline"]
             row = summarize(events, inject, clear, CAUSES[name])
-            row["offered_rps"] = args.rate * (3 if name == "overload" else 1)
+            row["offered_rps"] = 3 * args.max_rate if name == "overload" else args.rate
             if name == "artifact_swap":
                 row["versions"] = dict(versions)
                 row["answers_of_new_version"] = sum(e[4] == versions["new"] for e in events)
@@ -320,7 +351,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(
                 f"{name:<15} sent {row['sent']:>5} ok {row['ok']:>5} degraded "
                 f"{row['degraded']:>4} shed {row['shed']:>3} failed {row['failed']:>3}  "
-                f"p99(ok) {row['ok_p99_ms']:7.1f} ms  recovery {row['recovery_s']:5.2f} s",
+                f"p99(ok) {row['ok_p99_ms']:7.1f} ms  recovery {row['recovery_s']} s",
                 flush=True,
             )
             if rproc.poll() is not None:
@@ -332,6 +363,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "artifact_version": aset.version,
         "settings": {
             "rate_rps": args.rate,
+            "max_rate_rps": args.max_rate,
             "pre_s": args.pre_s,
             "fault_s": args.fault_s,
             "post_s": args.post_s,
@@ -339,9 +371,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "processes": "redis-server, candidate, ranker (candidate via a delay proxy), "
             "load generator per fault (a second one for overload)",
             "degraded": "an OK answer that took a rung of the degradation ladder",
-            "recovery_s": "from the fault clearing to the last answer sent that the fault "
-            "still degraded (its degradation kinds: causes) or that failed; 0: none after it "
-            "cleared",
+            "recovery_s": f"from the fault clearing to the first of {RUN} answers in a row "
+            "that the fault no longer degraded (its degradation kinds: causes) and that did "
+            "not fail; last_hit_after_clear_s: the last answer it still hit",
             "causes": CAUSES,
         },
         "faults": rows,
@@ -391,7 +423,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> None:
         ax.set_ylabel("ms")
         ax.set_title(
             f"{name}: {row['ok']}/{row['sent']} OK, {row['degraded']} degraded, "
-            f"{row['failed']} failed, recovery {row['recovery_s']:.1f} s",
+            f"{row['failed']} failed, recovery {row['recovery_s']} s",
             fontsize=9,
         )
         ax.legend(fontsize=7, loc="upper right")
@@ -405,6 +437,9 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=1_000_000)
     ap.add_argument("--work", help="kept between runs (default .bench/latency_ITEMS)")
     ap.add_argument("--rate", type=float, default=5.0, help="steady Rank/s (Poisson)")
+    ap.add_argument(
+        "--max-rate", type=float, default=10.0, help="latency benchmark's max (overload: 3x)"
+    )
     ap.add_argument("--faults", default=",".join(FAULTS))
     ap.add_argument("--pre-s", type=float, default=5.0)
     ap.add_argument("--fault-s", type=float, default=10.0)

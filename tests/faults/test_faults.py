@@ -21,8 +21,8 @@ def test_every_fault_degrades_never_fails_and_recovers(bench_work: Path, tmp_pat
     results = tmp_path / "results"
     cmd = [
         sys.executable, "-m", "benchmarks.faults", "--items", "20000", "--work", str(bench_work),
-        "--results", str(results), "--rate", "8", "--pre-s", "2", "--fault-s", "3",
-        "--post-s", str(POST_S), "--warmup", "1", "--reload-s", "0.5",
+        "--results", str(results), "--rate", "8", "--max-rate", "12", "--pre-s", "2",
+        "--fault-s", "3", "--post-s", str(POST_S), "--warmup", "1", "--reload-s", "0.5",
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -33,8 +33,7 @@ def test_every_fault_degrades_never_fails_and_recovers(bench_work: Path, tmp_pat
         assert row["sent"] > 0 and row["sent"] == row["ok"] + row["shed"] + row["failed"], name
         assert row["failed"] == 0, (name, row["failed_codes"])
         assert row["ok"] > 0 and 0 < row["ok_p50_ms"] <= row["ok_p99_ms"], name
-        assert row["unaffected_at_end"] > 0, (name, row)  # recovered before the run ended
-        assert 0.0 <= row["recovery_s"] < POST_S, (name, row["recovery_s"])
+        assert row["recovery_s"] is not None and 0.0 <= row["recovery_s"] < POST_S, (name, row)
     for name in ("redis_kill", "candidate_stop", "candidate_slow"):
         row = r["faults"][name]
         assert row["by_fault_during"] > 0 and row["degraded_during_fault"] > 0, (name, row)
@@ -44,5 +43,5 @@ def test_every_fault_degrades_never_fails_and_recovers(bench_work: Path, tmp_pat
         assert r["faults"][name]["rungs"].keys() & {"cached_response", "popular_items"}, name
     swap = r["faults"]["artifact_swap"]
     assert swap["answers_of_new_version"] > 0 and swap["versions"]["new"].startswith("faults_")
-    assert r["faults"]["overload"]["offered_rps"] == 24.0
+    assert r["faults"]["overload"]["offered_rps"] == 36.0
     assert (results / "faults.png").stat().st_size > 10_000
