@@ -72,16 +72,23 @@ def machine() -> dict[str, Any]:
     }
 
 
-def bench_config(work: Path, redis_port: int) -> Path:
-    """The run's sieve.toml: Redis online store and Redis shown-history."""
+def bench_config(work: Path, redis_port: int, max_in_flight: int | None = None) -> Path:
+    """The run's sieve.toml: Redis online store and Redis shown-history (and the
+    ranker's in-flight bound, when given)."""
     path = work / "sieve.toml"
+    shed = (
+        f"\n[ranker.reliability]\nmax_in_flight = {max_in_flight}\n"
+        f"max_accepted = {max_in_flight + 4}\n"
+        if max_in_flight
+        else ""
+    )
     path.write_text(
         "[build.online_store]\n"
         'type = "redis"\n'
         f'connection_string = "127.0.0.1:{redis_port}"\n\n'
         "[ranker.rerank.history]\n"
         'store = "redis"\n'
-        f'redis_url = "redis://127.0.0.1:{redis_port}/1"\n'
+        f'redis_url = "redis://127.0.0.1:{redis_port}/1"\n' + shed
     )
     return path
 
@@ -218,7 +225,7 @@ def users_sample(aset: artifacts.ArtifactSet, work: Path, n: int = 5000) -> Path
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work).resolve()
     redis_port = redis_port_of(work)
-    config = bench_config(work, redis_port)
+    config = bench_config(work, redis_port, args.max_in_flight)
     root = work / "artifacts"
     seconds: dict[str, float] = {}
     with local_redis(port=redis_port, data_dir=work / "redis") as redis_address:
@@ -280,6 +287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "online_store": "redis",
             "shown_history": "redis",
+            "max_in_flight": args.max_in_flight or "default",
             "processes": "redis-server, candidate, ranker, load generator (one per step)",
             "warmup_s": args.warmup,
             "step_s": args.step_s,
@@ -400,6 +408,7 @@ def main() -> None:
     ap.add_argument("--naive-rate", type=float, default=4.0, help="0 skips the naive pipeline")
     ap.add_argument("--naive-s", type=float, default=30.0)
     ap.add_argument("--start-timeout", type=float, default=300.0)
+    ap.add_argument("--max-in-flight", type=int, help="ranker.reliability.max_in_flight")
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args()
     args.work = args.work or str(ROOT / ".bench" / f"latency_{args.items}")

@@ -85,16 +85,16 @@ async def serve(
     try:
         if only in (None, "candidate"):
             server, _ = await create_candidate(cfg.candidate, artifacts_root)
-            servers.append(("candidate", server, cfg.candidate.grace_s))
+            servers.append(("candidate", server, cfg.candidate.grace_s, cfg.candidate.drain_s))
             if only is None:  # the ranker talks to the port actually bound
                 ranker_cfg = ranker_cfg.model_copy(
                     update={"candidate_address": f"{cfg.candidate.host}:{server.port}"}
                 )
         if only in (None, "ranker"):
             rserver, pipeline = await create_ranker(ranker_cfg, artifacts_root)
-            servers.append(("ranker", rserver, ranker_cfg.grace_s))
+            servers.append(("ranker", rserver, ranker_cfg.grace_s, ranker_cfg.drain_s))
     except BaseException:
-        for _, s, _ in servers:
+        for _, s, _, _ in servers:
             await s.stop(0)
         raise
     # Start-up garbage (Feast's import alone leaves ~177k objects) must not be
@@ -108,16 +108,16 @@ async def serve(
     lines = [
         f"{name} serving on {ranker_cfg.host if name == 'ranker' else cfg.candidate.host}:{s.port}"
         + (f" (metrics on :{s.metrics_port}/metrics)" if s.metrics_port >= 0 else "")
-        for name, s, _ in servers
+        for name, s, _, _ in servers
     ]
     print("; ".join(lines), flush=True)
     if ready_file is not None:
-        ready_file.write_text("\n".join(f"{name} {s.port}" for name, s, _ in servers) + "\n")
+        ready_file.write_text("\n".join(f"{name} {s.port}" for name, s, _, _ in servers) + "\n")
     await stop.wait()
     print("shutting down (grace period for in-flight calls)", flush=True)
     # The entry point first, so it stops taking calls before its backend goes.
-    for _, s, grace in reversed(servers):
-        await s.stop(grace)
+    for _, s, grace, drain in reversed(servers):
+        await s.stop(grace, drain)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

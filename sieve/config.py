@@ -133,6 +133,9 @@ class CandidateConfig(_Frozen):
     """Faiss OpenMP threads; concurrency across requests is the better use of cores."""
     grace_s: float = Field(5.0, ge=0.0)
     """Time in-flight RPCs get to finish on shutdown."""
+    drain_s: float = Field(1.0, ge=0.0)
+    """On SIGTERM, health reports NOT_SERVING this long before new RPCs are refused
+    (so load balancers that watch health stop sending first)."""
 
 
 class HistoryConfig(_Frozen):
@@ -223,6 +226,11 @@ class ReliabilityConfig(_Frozen):
     max_in_flight: int = Field(32, ge=1)
     """Rank calls being served at once; past it Rank answers RESOURCE_EXHAUSTED at
     once, so the accepted ones keep their latency."""
+    max_accepted: int = Field(64, ge=2)
+    """RPCs gRPC holds at once, those still waiting for the event loop included
+    (health checks count too); past it gRPC itself answers RESOURCE_EXHAUSTED
+    without running any Python. ``max_in_flight`` cannot see calls queued in
+    front of a saturated loop; this bound can."""
     degraded_candidates: int = Field(200, ge=1, le=2048)
     """The ``fewer_candidates`` rung: candidates kept (best ANN scores) when
     retrieval left under 1.5x the item-feature and score lines before the score
@@ -287,6 +295,9 @@ class RankerConfig(_Frozen):
     is loaded beside the live one and goes live once the candidate service holds
     it too, so index, model and features change as one unit."""
     grace_s: float = Field(5.0, ge=0.0)
+    """Time in-flight Rank calls get to finish on shutdown."""
+    drain_s: float = Field(1.0, ge=0.0)
+    """On SIGTERM, health reports NOT_SERVING this long before new RPCs are refused."""
     reliability: ReliabilityConfig = ReliabilityConfig()
 
 

@@ -59,16 +59,23 @@ def _decoding(
 class Server:
     """A ``grpc.aio`` server whose health starts NOT_SERVING until ``ready()``."""
 
-    def __init__(self, service_name: str, host: str, port: int) -> None:
+    def __init__(
+        self, service_name: str, host: str, port: int, max_concurrent_rpcs: int | None = None
+    ) -> None:
+        """``max_concurrent_rpcs``: gRPC's own bound on RPCs accepted and not yet
+        answered, those waiting for the event loop included; past it gRPC answers
+        RESOURCE_EXHAUSTED without running any Python (None: no bound)."""
         self.service_name = service_name
         self.server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)]
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)],
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._address = f"{host}:{port}"
         self.port = 0
         self.metrics_port = -1  # /metrics over HTTP, where the service serves it
+        self._stopped = False
         self._jobs: list[tuple[float, Callable[[], Awaitable[object]], str]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
@@ -124,13 +131,21 @@ class Server:
             await self.health.set(name, SERVING)
         self._tasks = [asyncio.create_task(self._periodic(*job)) for job in self._jobs]
 
-    async def stop(self, grace_s: float) -> None:
-        """Stop periodic jobs, report NOT_SERVING, let in-flight RPCs finish, run hooks."""
+    async def stop(self, grace_s: float, drain_s: float = 0.0) -> None:
+        """Stop periodic jobs and report NOT_SERVING; keep answering for ``drain_s``
+        (load balancers watching health stop sending meanwhile); then refuse new
+        RPCs, give in-flight ones ``grace_s`` to finish, and run the stop hooks.
+        A second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.health.enter_graceful_shutdown()
+        if drain_s > 0:
+            await asyncio.sleep(drain_s)
         await self.server.stop(grace_s)
         for hook in self._on_stop:
             await hook()

@@ -220,3 +220,31 @@ async def test_past_max_in_flight_rank_is_shed_at_once(rig_with) -> None:  # typ
     for resp in await asyncio.gather(*held):  # the accepted ones are answered in full
         assert len(resp.items) == 10 and list(resp.rungs) == []
     rig.proxy.delay_s = 0.0
+
+
+async def test_stop_reports_not_serving_drains_then_lets_calls_finish(rig_with) -> None:  # type: ignore[no-untyped-def]
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    rig = await rig_with(budget_ms=StageBudgetMs(retrieve=3000.0))
+    assert list((await rank(rig.ranker, user_id=1, k=10)).rungs) == []  # connected
+    rig.proxy.delay_s = 1.0
+    held = asyncio.create_task(rank(rig.ranker, user_id=42, k=10))
+
+    async def in_flight() -> bool:
+        return metric(rig.metrics_url, "sieve_rank_in_flight") == 1.0
+
+    await until(in_flight, 5.0, "a Rank call in flight")
+    stopping = asyncio.create_task(rig.server.stop(grace_s=10.0, drain_s=0.5))
+    async with grpc.aio.insecure_channel(rig.ranker) as ch:
+
+        async def not_serving() -> bool:
+            check = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            return bool(check.status == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        await until(not_serving, 0.5, "NOT_SERVING while draining")
+    await stopping  # drained, then waited for the call in flight
+    resp = await held
+    assert len(resp.items) == 10 and list(resp.rungs) == []  # it finished, in full
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await rank(rig.ranker, timeout=2.0, user_id=3, k=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
