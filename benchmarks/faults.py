@@ -32,14 +32,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +48,13 @@ from benchmarks.faultproxy import DelayProxy
 from benchmarks.latency_budget import (
     RESULTS,
     ROOT,
-    SIEVE,
+    bench_config,
     build_once,
     loadgen_command,
     machine,
-    process,
     redis_port_of,
+    serving,
     users_sample,
-    wait_ready,
 )
 from benchmarks.loadgen import TOTAL_BUDGET_MS
 from sieve import artifacts
@@ -77,34 +74,23 @@ when retrieval is slow), which are counted as ``degraded`` all the same."""
 
 
 def fault_config(work: Path, redis_port: int, reload_s: float) -> Path:
-    """Production settings on Redis, with the services looking for new sets often."""
-    path = work / "faults.toml"
-    path.write_text(
-        "[build.online_store]\n"
-        'type = "redis"\n'
-        f'connection_string = "127.0.0.1:{redis_port}"\n\n'
-        f"[candidate]\nreload_check_s = {reload_s}\n\n"
+    """The benchmark's production settings on Redis, the response cache there too,
+    and the services looking for new sets every ``reload_s``."""
+    extra = (
+        f"\n[candidate]\nreload_check_s = {reload_s}\n\n"
         f"[ranker]\nreload_check_s = {reload_s}\n\n"
-        "[ranker.rerank.history]\n"
-        'store = "redis"\n'
-        f'redis_url = "redis://127.0.0.1:{redis_port}/1"\n\n'
         "[ranker.reliability.response_cache]\n"
         'store = "redis"\n'
         f'redis_url = "redis://127.0.0.1:{redis_port}/2"\n'
     )
-    return path
+    return bench_config(work, redis_port, extra, name="faults.toml")
 
 
 def clone_version(root: Path, new: str) -> str:
     """Publish a copy of the live set as version ``new`` (a rebuilt set would
     look the same to the services); returns the version it replaced."""
     src = artifacts.resolve(root)
-    folder = root / "versions" / new
-    # hard links: set files are never written in place (a 1M set is ~2 GB)
-    shutil.copytree(src, folder, copy_function=os.link)
-    manifest = json.loads((folder / artifacts.MANIFEST).read_text())
-    manifest["version"] = new
-    artifacts.write_manifest(folder, manifest)
+    artifacts.clone_version(src, root / "versions" / new, link=True)  # a 1M set is ~2 GB
     artifacts.publish(root, new)
     return src.name
 
@@ -211,7 +197,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     redis_port = redis_port_of(work)
     config = fault_config(work, redis_port, args.reload_s)
     root = work / "artifacts"
-    logs = work / "logs"
     redis_dir = work / "redis"
     rows: dict[str, Any] = {}
     with ExitStack() as stack:
@@ -227,38 +212,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         aset = artifacts.load(root)
         users = users_sample(aset, work)
 
-        cport = free_port()
-        cready = work / "candidate.ready"
+        cport = free_port()  # fixed: the candidate restarts where the proxy points
+        candidate = [ExitStack()]  # the running candidate process's exit
 
-        @contextmanager
-        def candidate() -> Iterator[subprocess.Popen[bytes]]:
-            cready.unlink(missing_ok=True)
-            with process(
-                [*SIEVE, "--config", str(config), "serve", "--only", "candidate",
-                 "--artifacts", str(root), "--candidate-port", str(cport),
-                 "--ready-file", str(cready)],
-                logs / "faults_candidate.log",
-            ) as proc:  # fmt: skip
-                wait_ready(proc, cready, logs / "faults_candidate.log", args.start_timeout)
-                yield proc
+        def start_candidate() -> None:
+            candidate[0] = ExitStack()
+            candidate[0].enter_context(
+                serving("candidate", config, root, work, "faults_candidate.log",
+                        args.start_timeout, "--candidate-port", str(cport))
+            )  # fmt: skip
 
-        cand = [stack.enter_context(candidate())]
+        def stop_candidate() -> None:
+            candidate[0].close()  # SIGTERM, and wait for it to exit
+
+        start_candidate()
+        stack.callback(stop_candidate)
         proxy = ProxyThread(f"127.0.0.1:{cport}")
         pport = proxy.start()
         stack.callback(proxy.stop)
-        rready = work / "ranker.ready"
-        rready.unlink(missing_ok=True)
-        rproc = stack.enter_context(
-            process(
-                [*SIEVE, "--config", str(config), "serve", "--only", "ranker",
-                 "--artifacts", str(root), "--ranker-port", "0",
-                 "--candidate-address", f"127.0.0.1:{pport}", "--ready-file", str(rready)],
-                logs / "faults_ranker.log",
-            )
+        rproc, rport = stack.enter_context(
+            serving("ranker", config, root, work, "faults_ranker.log", args.start_timeout,
+                    "--ranker-port", "0", "--candidate-address", f"127.0.0.1:{pport}")
         )  # fmt: skip
-        rport = wait_ready(rproc, rready, logs / "faults_ranker.log", args.start_timeout)
         address = f"127.0.0.1:{rport}"
-        cand_stack = [ExitStack()]
 
         def kill_redis() -> None:
             redis_proc[0].send_signal(signal.SIGKILL)
@@ -267,16 +243,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def restart_redis() -> None:
             redis_proc[0] = start_redis(redis_port, redis_dir)
             wait_for_redis(redis_proc[0], redis_port, args.start_timeout)
-
-        def stop_candidate() -> None:
-            # the first candidate belongs to ``stack``; later ones to cand_stack
-            proc = cand[0]
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-
-        def start_candidate() -> None:
-            cand_stack[0] = ExitStack()
-            cand[0] = cand_stack[0].enter_context(candidate())
 
         def slow() -> None:
             proxy.proxy.delay_s = args.delay_ms / 1e3
@@ -356,7 +322,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             if rproc.poll() is not None:
                 raise RuntimeError("the ranker exited during the fault run")
-        cand_stack[0].close()
     return {
         "machine": machine(),
         "items": len(pd.read_parquet(aset.verified("catalog"), columns=["item_id"])),

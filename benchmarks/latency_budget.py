@@ -72,23 +72,17 @@ def machine() -> dict[str, Any]:
     }
 
 
-def bench_config(work: Path, redis_port: int, max_in_flight: int | None = None) -> Path:
-    """The run's sieve.toml: Redis online store and Redis shown-history (and the
-    ranker's in-flight bound, when given)."""
-    path = work / "sieve.toml"
-    shed = (
-        f"\n[ranker.reliability]\nmax_in_flight = {max_in_flight}\n"
-        f"max_accepted = {max_in_flight + 4}\n"
-        if max_in_flight
-        else ""
-    )
+def bench_config(work: Path, redis_port: int, extra: str = "", name: str = "sieve.toml") -> Path:
+    """``work/name``: Redis online store and Redis shown-history, then ``extra``
+    (more TOML tables)."""
+    path = work / name
     path.write_text(
         "[build.online_store]\n"
         'type = "redis"\n'
         f'connection_string = "127.0.0.1:{redis_port}"\n\n'
         "[ranker.rerank.history]\n"
         'store = "redis"\n'
-        f'redis_url = "redis://127.0.0.1:{redis_port}/1"\n' + shed
+        f'redis_url = "redis://127.0.0.1:{redis_port}/1"\n' + extra
     )
     return path
 
@@ -107,6 +101,20 @@ def process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def serving(
+    only: str, config: Path, root: Path, work: Path, log_name: str, timeout_s: float, *flags: str
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``sieve serve --only ONLY`` as a process (output to ``work/logs/log_name``);
+    yields it and its port once it serves, SIGTERM on the way out."""
+    ready, log = work / f"{only}.ready", work / "logs" / log_name
+    ready.unlink(missing_ok=True)
+    cmd = [*SIEVE, "--config", str(config), "serve", "--only", only, "--artifacts", str(root),
+           "--ready-file", str(ready), *flags]  # fmt: skip
+    with process(cmd, log) as proc:
+        yield proc, wait_ready(proc, ready, log, timeout_s)
 
 
 def wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, timeout_s: float) -> int:
@@ -225,7 +233,13 @@ def users_sample(aset: artifacts.ArtifactSet, work: Path, n: int = 5000) -> Path
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work).resolve()
     redis_port = redis_port_of(work)
-    config = bench_config(work, redis_port, args.max_in_flight)
+    shed = args.max_in_flight
+    extra = (
+        f"\n[ranker.reliability]\nmax_in_flight = {shed}\nmax_accepted = {shed + 4}\n"
+        if shed
+        else ""
+    )
+    config = bench_config(work, redis_port, extra)
     root = work / "artifacts"
     seconds: dict[str, float] = {}
     with local_redis(port=redis_port, data_dir=work / "redis") as redis_address:
@@ -235,48 +249,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         aset = artifacts.load(root)
         users_file = users_sample(aset, work)
 
-        logs = work / "logs"
-        cready, rready = work / "candidate.ready", work / "ranker.ready"
-        for f in (cready, rready):
-            f.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        with process(
-            [*SIEVE, "--config", str(config), "serve", "--only", "candidate",
-             "--artifacts", str(root), "--candidate-port", "0", "--ready-file", str(cready)],
-            logs / "candidate.log",
-        ) as cproc:  # fmt: skip
-            cport = wait_ready(cproc, cready, logs / "candidate.log", args.start_timeout)
-            with process(
-                [*SIEVE, "--config", str(config), "serve", "--only", "ranker",
-                 "--artifacts", str(root), "--ranker-port", "0",
-                 "--candidate-address", f"127.0.0.1:{cport}", "--ready-file", str(rready)],
-                logs / "ranker.log",
-            ) as rproc:  # fmt: skip
-                rport = wait_ready(rproc, rready, logs / "ranker.log", args.start_timeout)
-                seconds["services_ready"] = round(time.perf_counter() - t0, 1)
-                address = f"127.0.0.1:{rport}"
-                steps = []
-                for i, rate in enumerate(float(r) for r in args.rates.split(",")):
-                    # long enough for min_samples answers: a p99 needs a few hundred
-                    step_s = max(args.step_s, args.min_samples / rate)
-                    step = loadgen(address, rate, step_s, args.warmup, users_file,
-                                    work / f"step_{rate:g}.json", seed=i)  # fmt: skip
-                    steps.append(step)
-                    failing = [not _passes(s) for s in steps[-2:]]
-                    if len(failing) == 2 and all(failing) and not args.full_sweep:
-                        break  # two rates past the budget: higher ones only queue
-                naive = paired = None
-                if args.naive_rate > 0:
-                    # the same arrivals and users (same seed) through both pipelines,
-                    # before the held rate can leave sieve's processes behind
-                    paired = loadgen(address, args.naive_rate, args.naive_s, args.warmup,
-                                      users_file, work / "paired_sieve.json", seed=7)  # fmt: skip
-                    naive = _naive(root, args, users_file, work)
-                sustained = loadgen(address, args.sustain_rate, args.sustain_s, args.warmup,
-                                     users_file, work / "sustained.json", seed=99)  # fmt: skip
-                for proc in (rproc, cproc):
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"{proc.args!r} exited during the run")
+        with (
+            serving("candidate", config, root, work, "candidate.log", args.start_timeout,
+                    "--candidate-port", "0") as (cproc, cport),
+            serving("ranker", config, root, work, "ranker.log", args.start_timeout,
+                    "--ranker-port", "0", "--candidate-address",
+                    f"127.0.0.1:{cport}") as (rproc, rport),
+        ):  # fmt: skip
+            seconds["services_ready"] = round(time.perf_counter() - t0, 1)
+            address = f"127.0.0.1:{rport}"
+            steps = []
+            for i, rate in enumerate(float(r) for r in args.rates.split(",")):
+                # long enough for min_samples answers: a p99 needs a few hundred
+                step_s = max(args.step_s, args.min_samples / rate)
+                step = loadgen(address, rate, step_s, args.warmup, users_file,
+                                work / f"step_{rate:g}.json", seed=i)  # fmt: skip
+                steps.append(step)
+                failing = [not _passes(s) for s in steps[-2:]]
+                if len(failing) == 2 and all(failing) and not args.full_sweep:
+                    break  # two rates past the budget: higher ones only queue
+            naive = paired = None
+            if args.naive_rate > 0:
+                # the same arrivals and users (same seed) through both pipelines,
+                # before the held rate can leave sieve's processes behind
+                paired = loadgen(address, args.naive_rate, args.naive_s, args.warmup,
+                                  users_file, work / "paired_sieve.json", seed=7)  # fmt: skip
+                naive = _naive(root, args, users_file, work)
+            sustained = loadgen(address, args.sustain_rate, args.sustain_s, args.warmup,
+                                 users_file, work / "sustained.json", seed=99)  # fmt: skip
+            for proc in (rproc, cproc):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{proc.args!r} exited during the run")
     for s in steps:
         s.pop("hdr", None)
     return {

@@ -37,11 +37,7 @@ class ItemTable:
 
 
 async def load_item_table(reader: OnlineReader, item_ids: np.ndarray) -> ItemTable:
-    """Read every item's features through ``reader`` into an ``ItemTable``.
-
-    In batches of 500 items, so that a load beside live requests (a reload, a new
-    materialization) holds the event loop for a few ms at a time; the table's id
-    index is sorted in a worker thread.
-    """
-    frame = await read_all(reader, ITEM_VIEW, np.asarray(item_ids, np.int64), batch=500)
+    """Read every item's features through ``reader`` into an ``ItemTable`` (in
+    ``read_all``'s small batches; the id index is sorted in a worker thread)."""
+    frame = await read_all(reader, ITEM_VIEW, np.asarray(item_ids, np.int64))
     return await asyncio.to_thread(ItemTable.from_frame, frame)

@@ -377,9 +377,11 @@ def open_reader(repo_dir: Path, max_connections: int = 64, timeout_s: float = 1.
 
 
 async def read_all(
-    reader: OnlineReader, view: ViewSpec, ids: np.ndarray, batch: int = 2000
+    reader: OnlineReader, view: ViewSpec, ids: np.ndarray, batch: int = 500
 ) -> FeatureFrame:
-    """Read many ids in batches (start-up loads of the whole item table)."""
+    """Read many ids in batches (loads of the whole item table). 500 ids a batch
+    holds the event loop for a few ms at a time, so a load beside live requests
+    (a reload, a new materialization) does not stall them."""
     frames = [await reader.read(view, ids[lo : lo + batch]) for lo in range(0, len(ids), batch)]
     columns: dict[str, np.ndarray | list[np.ndarray]] = {}
     for f in view.features:

@@ -6,8 +6,11 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import asyncio  # noqa: E402
+import inspect  # noqa: E402
 import shutil  # noqa: E402
-from collections.abc import AsyncIterator, Iterator  # noqa: E402
+import time  # noqa: E402
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -65,6 +68,21 @@ def artifacts_root(built: BuildReport) -> Path:
 @pytest.fixture(scope="session")
 def artifact_set(artifacts_root: Path) -> artifacts.ArtifactSet:
     return artifacts.load(artifacts_root)
+
+
+async def until(check: Callable[[], bool | Awaitable[bool]], within_s: float, what: str) -> float:
+    """Poll ``check`` (sync or async) until it is true; seconds it took. Fails
+    after ``within_s``."""
+    t0 = time.monotonic()
+    while True:
+        ok = check()
+        if inspect.isawaitable(ok):
+            ok = await ok
+        if ok:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > within_s:
+            raise AssertionError(f"{what}: not within {within_s} s")
+        await asyncio.sleep(0.02)
 
 
 def copy_artifacts(artifacts_root: Path, dest: Path) -> Path:

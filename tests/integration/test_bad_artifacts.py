@@ -11,12 +11,9 @@ reload (a running pair of servers refuses the new set and answers from the old).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import os
 import re
-import shutil
 import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -36,7 +33,7 @@ from sieve import artifacts
 from sieve.config import CandidateConfig, RankerConfig
 from sieve.errors import ArtifactError
 from sieve.grpc_server import Server
-from tests.conftest import STATELESS, copy_artifacts
+from tests.conftest import RELAXED, STATELESS, copy_artifacts, until
 
 CANDIDATE, RANKER = "candidate", "ranker"
 RELOAD_S = 0.1  # the reload check interval of the running pair
@@ -319,11 +316,9 @@ def _params(per_service: bool) -> list[Any]:
 def make_bad_version(root: Path, good: Path, case: Case) -> Path:
     """``root/versions/zz_<case>``: the good set's files hard-linked (a damaged file is
     replaced, never written through its link), then the case's damage."""
-    folder = root / "versions" / f"zz_{case.name}"
-    shutil.copytree(good, folder, copy_function=os.link)
+    folder = artifacts.clone_version(good, root / "versions" / f"zz_{case.name}", link=True)
     manifest_path = folder / artifacts.MANIFEST
     manifest = json.loads(manifest_path.read_text())
-    manifest["version"] = folder.name
     if case.damage is not None:
         path = folder / manifest["files"][case.role]["path"]
         data = case.damage(path.read_bytes(), path)
@@ -398,11 +393,7 @@ class Pair:
 
 
 async def _wait(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(int(WAIT_S / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"not within {WAIT_S} s: {what}")
+    await until(condition, WAIT_S, what)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -426,6 +417,7 @@ async def pair(
         item_refresh_s=0,
         reload_check_s=RELOAD_S,
         rerank=STATELESS,
+        reliability=RELAXED,
     )
     rserver, pipeline = await create_ranker(rconfig, root)
     cchannel = grpc.aio.insecure_channel(f"127.0.0.1:{cserver.port}")

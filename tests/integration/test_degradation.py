@@ -34,7 +34,7 @@ from sieve.config import (
     StageBudgetMs,
 )
 from sieve.grpc_server import Server
-from tests.conftest import STATELESS
+from tests.conftest import STATELESS, until
 
 
 @dataclass
@@ -62,16 +62,6 @@ def metric(url: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise KeyError(f"{name} not in /metrics")
-
-
-async def until(check: Callable[[], Awaitable[bool]], within_s: float, what: str) -> float:
-    """Poll ``check`` until it is true; seconds it took. Fails after ``within_s``."""
-    t0 = time.monotonic()
-    while not await check():
-        if time.monotonic() - t0 > within_s:
-            raise AssertionError(f"{what}: not within {within_s} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - t0
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,8 @@ from tests.conftest import RELAXED, STATELESS, copy_artifacts
 
 
 def clone_version(root: Path, src: str, new: str) -> Path:
-    """A new version folder with the same files (a rebuilt set would look the same)."""
-    folder = root / "versions" / new
-    shutil.copytree(root / "versions" / src, folder)
-    manifest = json.loads((folder / artifacts.MANIFEST).read_text())
-    manifest["version"] = new
-    artifacts.write_manifest(folder, manifest)
-    return folder
+    """A copy of version ``src`` as ``new`` (copies: rescaled_version writes into it)."""
+    return artifacts.clone_version(root / "versions" / src, root / "versions" / new)
 
 
 def rescaled_version(root: Path, src: str, new: str, factor: float) -> Path:
