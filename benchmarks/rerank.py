@@ -167,9 +167,14 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--naive-calls", type=int, default=3)
     args = ap.parse_args()
-    lat = run(args.calls, args.naive_calls)
+    from threadpoolctl import threadpool_limits
+
+    # As `sieve serve` runs it: one BLAS thread (see sieve.cli.serve).
+    with threadpool_limits(1, user_api="blas"):
+        lat = run(args.calls, args.naive_calls)
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "blas_threads": 1,
         "candidates": N,
         "k": K,
         "dim": DIM,
