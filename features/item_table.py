@@ -4,13 +4,24 @@ microseconds instead of reading the online store per request."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from features.definitions import ITEM_VIEW
-from features.reader import FeatureFrame, OnlineReader, read_all
+from features.reader import FeatureFrame, OnlineReader, open_reader, read_all
 from sieve.ids import IdIndex
+
+log = logging.getLogger(__name__)
+
+CHILD_NICE = 10
+"""CPU priority the reading child gives up: live requests come first."""
 
 
 @dataclass(frozen=True)
@@ -36,8 +47,57 @@ class ItemTable:
         return len(self.ids)
 
 
-async def load_item_table(reader: OnlineReader, item_ids: np.ndarray) -> ItemTable:
-    """Read every item's features through ``reader`` into an ``ItemTable`` (in
-    ``read_all``'s small batches; the id index is sorted in a worker thread)."""
-    frame = await read_all(reader, ITEM_VIEW, np.asarray(item_ids, np.int64))
+async def load_item_table(
+    reader: OnlineReader,
+    item_ids: np.ndarray,
+    repo: Path | None = None,
+    process_min_items: int | None = None,
+) -> ItemTable:
+    """Read every item's features into an ``ItemTable``.
+
+    With ``repo`` (the feature repo ``reader`` reads) and at least
+    ``process_min_items`` ids, a child process opens its own reader on ``repo``
+    and does the reading at low CPU priority: decoding a million rows holds the
+    GIL for tens of seconds, which would stall the live requests of this
+    process. Otherwise ``reader`` reads here, in ``read_all``'s small batches.
+    Either way the id index is sorted in a worker thread.
+    """
+    ids = np.asarray(item_ids, np.int64)
+    frame: FeatureFrame | None = None
+    if repo is not None and process_min_items is not None and len(ids) >= process_min_items:
+        frame = await _read_in_child(repo, ids)
+    if frame is None:
+        frame = await read_all(reader, ITEM_VIEW, ids)
     return await asyncio.to_thread(ItemTable.from_frame, frame)
+
+
+async def _read_in_child(repo: Path, ids: np.ndarray) -> FeatureFrame | None:
+    """``read_all`` of ``ids`` in a spawned child (gRPC and asyncio do not
+    survive a fork). None when the child could not run (then the caller reads in
+    process); the store's own errors (a refused connection) propagate."""
+    loop = asyncio.get_running_loop()
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        return await loop.run_in_executor(pool, read_items, str(repo), ids)
+    except (BrokenProcessPool, OSError) as e:
+        log.warning("item table: the reading child failed (%s); reading in process", e)
+        return None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def read_items(repo: str, ids: np.ndarray, nice: int = CHILD_NICE) -> FeatureFrame:
+    """Every item of ``ids`` from the online store of feature repo ``repo`` (the
+    child's entry point; lowers its own CPU priority by ``nice`` first)."""
+    if nice:
+        os.nice(nice)
+
+    async def read() -> FeatureFrame:
+        reader = open_reader(Path(repo), max_connections=2, timeout_s=30.0)
+        await reader.start()
+        try:
+            return await read_all(reader, ITEM_VIEW, ids, batch=5000)
+        finally:
+            await reader.close()
+
+    return asyncio.run(read())

@@ -462,7 +462,9 @@ class RankPipeline:
             raise ArtifactError(
                 f"catalog file {paths['catalog']} has no readable item_id column: {e}"
             ) from e
-        items = await load_item_table(reader, catalog_ids)
+        items = await load_item_table(
+            reader, catalog_ids, repo, self.config.item_load_process_min_items
+        )
         if len(items) == 0:
             raise ArtifactError(f"online store of {repo} holds no item features (materialized?)")
         for i, name, groups in self._rule_attributes:
@@ -519,7 +521,12 @@ class RankPipeline:
         mtime = state.registry_path.stat().st_mtime if state.registry_path.exists() else 0.0
         if not force and mtime == state.registry_mtime:
             return False
-        items = await load_item_table(state.reader, state.items.ids)
+        items = await load_item_table(
+            state.reader,
+            state.items.ids,
+            state.registry_path.parent,
+            self.config.item_load_process_min_items,
+        )
         if self._state is not state:
             return False  # a reload swapped sets meanwhile: this table is of the old one
         popular, popular_ids = await asyncio.to_thread(_popularity_order, items)

@@ -290,6 +290,12 @@ class RankerConfig(_Frozen):
     stage deadline of ``reliability.budget_ms``)."""
     item_refresh_s: float = Field(30.0, ge=0.0)
     """How often to check for a new materialization of item features (0: never)."""
+    item_load_process_min_items: int = Field(100_000, ge=0)
+    """Catalogs of at least this many items are read from the online store into the
+    in-process item table by a child process at low CPU priority, so a load beside
+    live requests (a new artifact set, a new materialization) does not hold this
+    process's event loop: at 1M items the read takes about 30 s of CPU. Smaller
+    catalogs are read in process (a child costs about a second to start)."""
     reload_check_s: float = Field(5.0, ge=0.0)
     """How often to look for a new artifact set in ``CURRENT`` (0: never). A new set
     is loaded beside the live one and goes live once the candidate service holds

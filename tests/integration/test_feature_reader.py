@@ -10,6 +10,7 @@ import pytest
 import pytest_asyncio
 
 from features.definitions import FEATURE_SERVICE, ITEM_VIEW, USER_VIEW, ViewSpec
+from features.item_table import load_item_table
 from features.materialize import materialize_into
 from features.reader import OnlineReader, RedisReader, SqliteReader, open_reader
 from sieve import artifacts
@@ -122,3 +123,45 @@ def test_feature_service_is_registered(sqlite_repo: Path) -> None:
     assert sorted(p.name for p in service.feature_view_projections) == sorted(
         [USER_VIEW.name, ITEM_VIEW.name]
     )
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+async def test_item_table_read_by_a_child_equals_the_one_read_here(  # type: ignore[no-untyped-def]
+    store: str, sqlite_reader, redis_reader, sqlite_repo: Path, redis_repo: Path
+) -> None:
+    reader, repo = (sqlite_reader, sqlite_repo) if store == "sqlite" else (redis_reader, redis_repo)
+    ids = pd.read_parquet(repo / "data" / "item_features.parquet", columns=["item_id"])
+    ids = np.concatenate([ids["item_id"].to_numpy(np.int64), [10**9 + 7]])  # one unknown
+    here = await load_item_table(reader, ids, repo, process_min_items=len(ids) + 1)
+    child = await load_item_table(reader, ids, repo, process_min_items=len(ids))
+    assert len(here) == len(ids) - 1 > 9000
+    np.testing.assert_array_equal(child.ids, here.ids)
+    names = sorted(f.name for f in ITEM_VIEW.features)
+    assert sorted(child.columns) == sorted(here.columns) == names
+    for name, col in here.columns.items():
+        assert child.columns[name].dtype == col.dtype
+        np.testing.assert_array_equal(child.columns[name], col, err_msg=name)
+
+
+async def test_item_table_child_reports_the_store_error(tmp_path: Path, redis_repo: Path) -> None:
+    """A child that cannot reach the store fails the load (the caller keeps its
+    last good table), with Redis's own error, not a hang or a silent empty table."""
+    import redis.exceptions
+    import yaml
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    cfg = yaml.safe_load((redis_repo / "feature_store.yaml").read_text())
+    cfg["online_store"]["connection_string"] = f"127.0.0.1:{_closed_port()}"
+    (repo / "feature_store.yaml").write_text(yaml.safe_dump(cfg))
+    reader = open_reader(repo)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await load_item_table(reader, np.arange(1, 10, dtype=np.int64), repo, process_min_items=0)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
