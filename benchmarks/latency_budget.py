@@ -427,6 +427,11 @@ def main() -> None:
             f"{s['offered_rps']:>6g}/s  ok {s['ok']:>6}  errors {s['errors']}  p50 "
             f"{lat.get('p50', 0):7.2f}  p99 {lat.get('p99', 0):7.2f}  "
             f"max {lat.get('max', 0):8.2f} ms"
+            + (
+                f"  shed {shed['n']} (p99 {shed['p99']:.2f} ms)"
+                if (shed := s.get("shed_latency_ms"))
+                else ""
+            )
         )
     sus = result["sustained"]
     print(f"sweep: {result['sweep_summary']}")

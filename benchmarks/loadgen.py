@@ -100,6 +100,7 @@ async def run(
 
     total = _histogram()
     total_ok = _histogram()  # the answered ones: what accepted calls saw
+    total_shed = _histogram()  # RESOURCE_EXHAUSTED: how fast a refusal comes back
     stages: dict[str, HdrHistogram] = {}
     budget: dict[str, HdrHistogram] = {}  # per line of BUDGET_MS, summed per request
     codes: dict[str, int] = {}
@@ -135,6 +136,8 @@ async def run(
                 if resp is not None else "",
             ))  # fmt: skip
         if resp is None:
+            if code == "RESOURCE_EXHAUSTED":
+                total_shed.record_value(min(latency_us, 60_000_000))
             return
         total_ok.record_value(min(latency_us, 60_000_000))
         for d in resp.degradations:
@@ -190,6 +193,7 @@ async def run(
         "sender_lag_s": late,
         "latency_ms": summary(total),
         "ok_latency_ms": summary(total_ok),
+        **({"shed_latency_ms": summary(total_shed)} if total_shed.get_total_count() else {}),
         "cdf_ms": cdf(total),
         "stages_ms": {name: summary(h) for name, h in stages.items()},
         "budget_ms": {
