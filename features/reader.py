@@ -191,6 +191,14 @@ class OnlineReader(abc.ABC):
         self.key_version = key_version
         self._keys: dict[str, EntityKeys] = {}
 
+    def prepare(self, views: Sequence[ViewSpec]) -> None:
+        """Build the entity-key encoders of ``views`` now. The first one imports
+        Feast to check the key layout (seconds of CPU): a reader prepared at load
+        does not make the first request after start pay for it. Blocking: call
+        it from a worker thread."""
+        for view in views:
+            self.entity_keys(view.join_key, np.empty(0, np.int64))
+
     def entity_keys(self, join_key: str, ids: np.ndarray) -> list[bytes]:
         """Serialized Feast entity keys of ``ids`` under ``join_key``."""
         enc = self._keys.get(join_key)

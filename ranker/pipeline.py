@@ -47,7 +47,7 @@ import pyarrow as pa
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from features.definitions import USER_VIEW
+from features.definitions import USER_VIEW, VIEWS
 from features.item_table import ItemTable, load_item_table
 from features.reader import FeatureFrame, OnlineReader, open_reader
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
@@ -432,6 +432,7 @@ class RankPipeline:
         )
         await reader.start()
         try:
+            await asyncio.to_thread(reader.prepare, VIEWS)
             return await self._state_of(aset, paths, model, scorer, reader, repo)
         except BaseException:
             await reader.close()  # a refused set leaves no open connection behind

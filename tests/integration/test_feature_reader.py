@@ -165,3 +165,18 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def test_a_prepared_reader_needs_no_feast_call_to_read(redis_repo: Path) -> None:
+    """``prepare`` builds every view's key encoder up front (the ranker calls it at
+    load), so the first request does not import Feast (seconds of CPU)."""
+    reader = open_reader(redis_repo)
+    await reader.start()
+    try:
+        reader.prepare([USER_VIEW, ITEM_VIEW])
+        encoders = dict(reader._keys)
+        assert sorted(encoders) == sorted([USER_VIEW.join_key, ITEM_VIEW.join_key])
+        await reader.read(USER_VIEW, np.array([1, 2], np.int64))
+        assert reader._keys == encoders  # the same objects: nothing built on the read
+    finally:
+        await reader.close()
