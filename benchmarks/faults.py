@@ -73,12 +73,22 @@ non-OK answer), not on rungs a busy machine takes anyway (``fewer_candidates``
 when retrieval is slow), which are counted as ``degraded`` all the same."""
 
 
-def fault_config(work: Path, redis_port: int, reload_s: float) -> Path:
+def fault_config(
+    work: Path, redis_port: int, reload_s: float, max_in_flight: int | None = None
+) -> Path:
     """The benchmark's production settings on Redis, the response cache there too,
-    and the services looking for new sets every ``reload_s``."""
+    and the services looking for new sets every ``reload_s``; with
+    ``max_in_flight``, the ranker's bound on calls in flight (gRPC's own bound 4
+    above it)."""
+    shed = (
+        f"max_in_flight = {max_in_flight}\nmax_accepted = {max_in_flight + 4}\n"
+        if max_in_flight
+        else ""
+    )
     extra = (
         f"\n[candidate]\nreload_check_s = {reload_s}\n\n"
         f"[ranker]\nreload_check_s = {reload_s}\n\n"
+        f"[ranker.reliability]\n{shed}\n"
         "[ranker.reliability.response_cache]\n"
         'store = "redis"\n'
         f'redis_url = "redis://127.0.0.1:{redis_port}/2"\n'
@@ -195,7 +205,7 @@ def recovery_s(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work).resolve()
     redis_port = redis_port_of(work)
-    config = fault_config(work, redis_port, args.reload_s)
+    config = fault_config(work, redis_port, args.reload_s, args.max_in_flight)
     root = work / "artifacts"
     redis_dir = work / "redis"
     rows: dict[str, Any] = {}
@@ -333,6 +343,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "fault_s": args.fault_s,
             "post_s": args.post_s,
             "delay_ms": args.delay_ms,
+            "max_in_flight": args.max_in_flight or "default",
             "processes": "redis-server, candidate, ranker (candidate via a delay proxy), "
             "load generator per fault (a second one for overload)",
             "degraded": "an OK answer that took a rung of the degradation ladder",
@@ -413,6 +424,7 @@ def main() -> None:
     ap.add_argument("--delay-ms", type=float, default=100.0)
     ap.add_argument("--reload-s", type=float, default=1.0, help="services' reload check")
     ap.add_argument("--start-timeout", type=float, default=300.0)
+    ap.add_argument("--max-in-flight", type=int, help="ranker.reliability.max_in_flight")
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args()
     args.work = args.work or str(ROOT / ".bench" / f"latency_{args.items}")
