@@ -155,6 +155,21 @@ class _Loaded:
     n_popular: int  # popular unseen items added to the ANN candidates
     registry_mtime: float
     registry_path: Path
+    popular_embeddings: np.ndarray  # float32 [<= POPULAR_HEAD, d] of popular_ids' head
+
+
+POPULAR_HEAD = 4096
+"""Embeddings of this many of the most popular items are kept in memory, gathered
+once per set: the popular candidates of a request come from them."""
+
+
+def _popular_head(embeddings: np.ndarray, catalog: IdIndex, popular_ids: np.ndarray) -> np.ndarray:
+    """Embeddings of the first ``POPULAR_HEAD`` of ``popular_ids`` (catalog rows;
+    zeros for ids the catalog lacks), as one in-memory array."""
+    rows, found = catalog.rows(popular_ids[:POPULAR_HEAD])
+    out = np.array(embeddings[rows], np.float32)
+    out[~found] = 0.0
+    return out
 
 
 def _popularity_order(items: ItemTable) -> tuple[np.ndarray, np.ndarray]:
@@ -498,6 +513,8 @@ class RankPipeline:
         # Map every page now: requests gather ~400 random rows (popular candidates,
         # MMR), and each first touch of a page is a fault (~1 ms per 200 rows at 1M).
         await asyncio.to_thread(touch_pages, embeddings)
+        catalog = await asyncio.to_thread(IdIndex, catalog_ids)
+        head = await asyncio.to_thread(_popular_head, embeddings, catalog, popular_ids)
         return _Loaded(
             version=aset.version,
             reader=reader,
@@ -507,10 +524,11 @@ class RankPipeline:
             popular_ids=popular_ids,
             feature_defaults=defaults,
             embeddings=embeddings,
-            catalog=await asyncio.to_thread(IdIndex, catalog_ids),
+            catalog=catalog,
             n_popular=int(model.get("popular_candidates", 0)),
             registry_mtime=mtime,
             registry_path=registry,
+            popular_embeddings=head,
         )
 
     async def refresh_item_features(self, force: bool = False) -> bool:
@@ -528,11 +546,17 @@ class RankPipeline:
             state.registry_path.parent,
             self.config.item_load_process_min_items,
         )
+        popular, popular_ids = await asyncio.to_thread(_popularity_order, items)
+        head = await asyncio.to_thread(_popular_head, state.embeddings, state.catalog, popular_ids)
         if self._state is not state:
             return False  # a reload swapped sets meanwhile: this table is of the old one
-        popular, popular_ids = await asyncio.to_thread(_popularity_order, items)
         self._state = dataclasses.replace(
-            state, items=items, popular=popular, popular_ids=popular_ids, registry_mtime=mtime
+            state,
+            items=items,
+            popular=popular,
+            popular_ids=popular_ids,
+            popular_embeddings=head,
+            registry_mtime=mtime,
         )
         return True
 
@@ -623,6 +647,7 @@ class RankPipeline:
             state.n_popular,
             vector,
             lambda ids: _embeddings_of(state, ids),
+            state.popular_embeddings,
         )
         budget = self.reliability.budget_ms
         left = deadlines.left("score")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from ranker.features import MODEL_FEATURES, NOT_RETRIEVED, assemble, with_popular
 from sieve.data import GENRES
@@ -82,3 +83,35 @@ def test_with_popular_adds_only_what_the_search_missed() -> None:
         None,  # type: ignore[arg-type]
     )
     assert same[0].tolist() == [1]
+
+
+def _with_popular_by_isin(ann_ids, popular_ids, exclude, n_popular):  # type: ignore[no-untyped-def]
+    """The first version: one np.isin over the whole head that could be needed."""
+    head = popular_ids[: n_popular + len(exclude) + len(ann_ids)]
+    return head[~np.isin(head, exclude) & ~np.isin(head, ann_ids)][:n_popular]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_with_popular_equals_the_isin_version(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_items = int(rng.integers(50, 3000))
+    emb = rng.normal(size=(n_items, 8)).astype(np.float32)
+    popular = rng.permutation(n_items).astype(np.int64)
+    # heavy users: most of the popular head seen, so the head must grow
+    n_seen = int(rng.integers(0, n_items // 2 + 1))
+    seen = popular[:n_seen] if seed % 3 == 0 else rng.choice(n_items, n_seen, replace=False)
+    exclude = np.asarray(seen, np.int64) if seed % 2 else np.sort(seen).astype(np.int64)
+    ann = rng.choice(np.setdiff1d(np.arange(n_items), exclude), min(40, n_items - n_seen),
+                     replace=False)  # fmt: skip
+    n_popular = int(rng.integers(0, 60))
+    user = rng.normal(size=8).astype(np.float32)
+    head_len = int(rng.integers(0, n_items))
+    for head in (None, emb[popular[:head_len]]):
+        ids, scores, ranks = with_popular(
+            ann, rng.random(len(ann)).astype(np.float32), popular, exclude, n_popular, user,
+            lambda i: emb[np.asarray(i)], head,
+        )  # fmt: skip
+        want = _with_popular_by_isin(ann, popular, exclude, n_popular) if n_popular else []
+        assert ids[len(ann) :].tolist() == list(want)
+        np.testing.assert_allclose(scores[len(ann) :], emb[want] @ user, rtol=1e-5, atol=1e-5)
+        assert (ranks[len(ann) :] == NOT_RETRIEVED).all()
