@@ -50,15 +50,23 @@ def within_group_rank(groups: np.ndarray) -> np.ndarray:
     return out
 
 
-def mmr(relevance: np.ndarray, embeddings: np.ndarray, k: int, lam: float) -> np.ndarray:
+def mmr(
+    relevance: np.ndarray,
+    embeddings: np.ndarray,
+    k: int,
+    lam: float,
+    penalty: Literal["max", "mean"] = "max",
+) -> np.ndarray:
     """Greedy maximal marginal relevance (Carbonell and Goldstein, 1998).
 
     Picks ``k`` of ``m`` items one at a time, each maximising
-    ``lam * relevance - (1 - lam) * max cosine to the items already picked``
-    (negative cosines count as 0, so the objective never rises). Vectorised:
-    the cosines come from one m x m matrix product when m <= 4k, else from one
-    matrix-vector product per pick (O(k m d)); each pick is then three numpy
-    calls on m values.
+    ``lam * relevance - (1 - lam) * similarity to the items already picked``,
+    where the similarity is the largest cosine (``penalty="max"``, the original;
+    negative cosines count as 0) or the mean cosine (``"mean"``: the greedy for
+    max-sum diversification, whose objective is the list's mean pairwise
+    distance itself). Vectorised: the cosines come from one m x m matrix product
+    when m <= 4k, else from one matrix-vector product per pick (O(k m d)); each
+    pick is then three numpy calls on m values.
 
     Args:
         relevance: float [m], higher is better (the chain scales it to [0, 1]).
@@ -76,6 +84,9 @@ def mmr(relevance: np.ndarray, embeddings: np.ndarray, k: int, lam: float) -> np
     emb = np.asarray(embeddings, np.float32)
     base = np.float32(lam) * rel
     c = np.float32(lam - 1.0)
+    picked = np.empty(k, np.int64)
+    if penalty == "mean":
+        return _mmr_mean(base, c, emb, k, picked)
     # objective[j] = base[j] + c * max(0, max cosine of j to the picked) is the
     # running minimum of base + c * cos(i, .) over picked i (c < 0), started at base.
     if m <= 4 * k:  # one matrix product beats k matrix-vector ones (3x the flop rate)
@@ -93,13 +104,33 @@ def mmr(relevance: np.ndarray, embeddings: np.ndarray, k: int, lam: float) -> np
             r += base
             return r
 
-    picked = np.empty(k, np.int64)
     objective = base.copy()
     for t in range(k):
         i = int(objective.argmax())  # the first of equals, as a loop would pick
         picked[t] = i
         np.minimum(objective, row(i), out=objective)
         objective[i] = -np.inf
+    return picked
+
+
+def _mmr_mean(
+    base: np.ndarray, c: np.float32, emb: np.ndarray, k: int, picked: np.ndarray
+) -> np.ndarray:
+    """``mmr`` with the mean cosine to the picked items as the penalty:
+    objective = base + c * (sum of cosines) / (items picked)."""
+    m = len(base)
+    table = emb @ emb.T if m <= 4 * k else None
+    total = np.zeros(m, np.float32)
+    taken = np.zeros(m, bool)
+    objective = base.copy()
+    for t in range(k):
+        i = int(objective.argmax())  # the first of equals, as a loop would pick
+        picked[t] = i
+        taken[i] = True
+        total += table[i] if table is not None else emb @ emb[i]
+        np.multiply(total, c / np.float32(t + 1), out=objective)
+        objective += base
+        objective[taken] = -np.inf
     return picked
 
 
@@ -402,6 +433,9 @@ class Mmr(Rule):
     lambda_: float = Field(0.7, ge=0.0, le=1.0, alias="lambda")
     pool: int = Field(200, ge=1, le=2048)
     """Only the best ``pool`` items compete (bounds the cost: O(k pool d))."""
+    penalty: Literal["max", "mean"] = "max"
+    """Similarity to the picked items: the largest cosine (MMR as published) or
+    the mean (max-sum diversification: the list's mean pairwise distance)."""
 
     def reorder(
         self, slate: Slate, idx: np.ndarray, score: np.ndarray, k: int
@@ -410,7 +444,7 @@ class Mmr(Rule):
         s = score[idx[:m]]
         span = float(s.max() - s.min()) if m else 0.0
         rel = (s - s.min()) / span if span > 0 else np.ones(m, np.float32)
-        picked = mmr(rel, slate.embeddings_of(idx[:m]), k, self.lambda_)
+        picked = mmr(rel, slate.embeddings_of(idx[:m]), k, self.lambda_, self.penalty)
         return np.concatenate([picked, _rest(len(idx), picked)]), ""
 
 
