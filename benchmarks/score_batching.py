@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,9 @@ async def drive(score, blocks: list[np.ndarray], level: int) -> dict[str, Any]: 
     return {"rps": len(blocks) / (time.perf_counter() - t0), **percentiles(lat)}
 
 
-async def run(scorer: OnnxScorer, n: int, levels: list[int], wait_us: int) -> dict[str, Any]:
+async def run(
+    scorer: OnnxScorer, n: int, levels: list[int], wait_us: int, threads: int = 2
+) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     blocks = [rng.normal(size=(1000, len(MODEL_FEATURES))).astype(np.float32) for _ in range(64)]
     work = [blocks[i % len(blocks)] for i in range(n)]
@@ -70,10 +73,18 @@ async def run(scorer: OnnxScorer, n: int, levels: list[int], wait_us: int) -> di
     async def on(x: np.ndarray) -> np.ndarray:
         return await batcher.submit((scorer, x))
 
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="score")
+    loop = asyncio.get_running_loop()
+
+    async def pooled(x: np.ndarray) -> np.ndarray:
+        # ranker.score_threads > 0: each call on a worker thread (ONNX Runtime
+        # releases the GIL, so calls overlap on the cores and the loop goes on)
+        return await loop.run_in_executor(pool, scorer.score, x)
+
     out: dict[str, Any] = {}
     for level in levels:
         row: dict[str, Any] = {}
-        for name, fn in (("off", off), ("on", on)):
+        for name, fn in (("off", off), ("on", on), ("threads", pooled)):
             await drive(fn, work[:100], level)  # warm-up
             batcher.batch_sizes.clear()
             row[name] = await drive(fn, work, level)
@@ -86,9 +97,12 @@ async def run(scorer: OnnxScorer, n: int, levels: list[int], wait_us: int) -> di
             f"concurrency {level:>3}: "
             f"off {off_['rps']:6.0f} req/s p50 {off_['p50']:6.3f} p99 {off_['p99']:6.3f} ms | "
             f"on {on_['rps']:6.0f} req/s p50 {on_['p50']:6.3f} p99 {on_['p99']:6.3f} ms, "
-            f"mean batch {on_['mean_batch']:.1f} | on/off {row['rps_ratio_on_off']:.2f}x"
+            f"mean batch {on_['mean_batch']:.1f} | on/off {row['rps_ratio_on_off']:.2f}x | "
+            f"{threads} threads {row['threads']['rps']:6.0f} req/s p50 "
+            f"{row['threads']['p50']:6.3f} p99 {row['threads']['p99']:6.3f} ms"
         )
     await batcher.stop()
+    pool.shutdown()
     return out
 
 
