@@ -54,6 +54,7 @@ from benchmarks.latency_budget import (
     machine,
     redis_port_of,
     serving,
+    shedding,
     users_sample,
 )
 from benchmarks.loadgen import TOTAL_BUDGET_MS
@@ -80,15 +81,10 @@ def fault_config(
     and the services looking for new sets every ``reload_s``; with
     ``max_in_flight``, the ranker's bound on calls in flight (gRPC's own bound 4
     above it)."""
-    shed = (
-        f"max_in_flight = {max_in_flight}\nmax_accepted = {max_in_flight + 4}\n"
-        if max_in_flight
-        else ""
-    )
     extra = (
         f"\n[candidate]\nreload_check_s = {reload_s}\n\n"
         f"[ranker]\nreload_check_s = {reload_s}\n\n"
-        f"[ranker.reliability]\n{shed}\n"
+        f"[ranker.reliability]\n{shedding(max_in_flight)}\n"
         "[ranker.reliability.response_cache]\n"
         'store = "redis"\n'
         f'redis_url = "redis://127.0.0.1:{redis_port}/2"\n'

@@ -87,16 +87,23 @@ def slate(seed: int = 0) -> tuple[Slate, np.ndarray]:
     return s, rng.random(N).astype(np.float32)
 
 
-def naive_mmr(rel: np.ndarray, emb: np.ndarray, k: int, lam: float) -> list[int]:
+def naive_mmr(
+    rel: np.ndarray, emb: np.ndarray, k: int, lam: float, penalty: str = "max"
+) -> list[int]:
     """MMR as first written: a Python loop over items and over the picked ones
-    (the oracle of the vectorised ``mmr`` in the unit tests)."""
+    (the oracle of the vectorised ``mmr`` in the unit tests). ``penalty`` "max":
+    the largest cosine to the picked (negatives as 0); "mean": their mean."""
     picked: list[int] = []
     for _ in range(min(k, len(rel))):
         best, best_value = -1, -np.inf
         for i in range(len(rel)):
             if i in picked:
                 continue
-            sim = max([max(0.0, float(emb[i] @ emb[j])) for j in picked], default=0.0)
+            sims = [float(emb[i] @ emb[j]) for j in picked]
+            if penalty == "max":
+                sim = max([max(0.0, x) for x in sims], default=0.0)
+            else:
+                sim = float(np.mean(sims)) if sims else 0.0
             value = lam * rel[i] - (1 - lam) * sim
             if value > best_value:
                 best, best_value = i, value

@@ -77,8 +77,8 @@ async def run(
     loop = asyncio.get_running_loop()
 
     async def pooled(x: np.ndarray) -> np.ndarray:
-        # ranker.score_threads > 0: each call on a worker thread (ONNX Runtime
-        # releases the GIL, so calls overlap on the cores and the loop goes on)
+        # each call on a worker thread (ONNX Runtime releases the GIL, so calls
+        # overlap on the cores and the loop goes on); the ranker does not do this
         return await loop.run_in_executor(pool, scorer.score, x)
 
     out: dict[str, Any] = {}

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from sieve.data import GENRES
+from sieve.ids import member
 
 NOT_RETRIEVED = -1
 """Candidate rank of an item that came from the popular source, not the ANN search."""
@@ -152,7 +153,7 @@ def with_popular(
     take = min(limit, 2 * n_popular + 64)
     while True:
         head = np.asarray(popular_ids[:take], np.int64)
-        keep = ~(_member(head, exclude) | _member(head, found))
+        keep = ~(member(head, exclude) | member(head, found))
         if take >= limit or int(keep.sum()) >= n_popular:
             break
         take = min(limit, 4 * take)
@@ -168,11 +169,3 @@ def with_popular(
         np.concatenate([np.asarray(ann_scores, np.float32), extra_scores.astype(np.float32)]),
         np.concatenate([ranks, np.full(len(extra), NOT_RETRIEVED, np.int32)]),
     )
-
-
-def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """bool [n]: which ``values`` are in ``sorted_set`` (ascending)."""
-    if len(sorted_set) == 0:
-        return np.zeros(len(values), bool)
-    pos = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
-    return np.asarray(sorted_set[pos] == values)

@@ -163,15 +163,6 @@ POPULAR_HEAD = 4096
 once per set: the popular candidates of a request come from them."""
 
 
-def _popular_head(embeddings: np.ndarray, catalog: IdIndex, popular_ids: np.ndarray) -> np.ndarray:
-    """Embeddings of the first ``POPULAR_HEAD`` of ``popular_ids`` (catalog rows;
-    zeros for ids the catalog lacks), as one in-memory array."""
-    rows, found = catalog.rows(popular_ids[:POPULAR_HEAD])
-    out = np.array(embeddings[rows], np.float32)
-    out[~found] = 0.0
-    return out
-
-
 def _popularity_order(items: ItemTable) -> tuple[np.ndarray, np.ndarray]:
     """(item table rows, item ids), most popular first."""
     rows = np.argsort(-items.columns["log_popularity"], kind="stable")
@@ -180,8 +171,14 @@ def _popularity_order(items: ItemTable) -> tuple[np.ndarray, np.ndarray]:
 
 def _embeddings_of(state: _Loaded, item_ids: np.ndarray) -> np.ndarray:
     """Embeddings of catalog items (ids the catalog lacks get zeros)."""
-    rows, found = state.catalog.rows(item_ids)
-    out = np.asarray(state.embeddings[rows], np.float32)
+    return _embeddings_by_id(state.embeddings, state.catalog, item_ids)
+
+
+def _embeddings_by_id(embeddings: np.ndarray, catalog: IdIndex, item_ids: np.ndarray) -> np.ndarray:
+    """Rows of ``embeddings`` (catalog order) for ``item_ids``, in memory; zeros
+    for ids the catalog lacks."""
+    rows, found = catalog.rows(item_ids)
+    out = np.asarray(embeddings[rows], np.float32)
     out[~found] = 0.0
     return out
 
@@ -514,7 +511,9 @@ class RankPipeline:
         # MMR), and each first touch of a page is a fault (~1 ms per 200 rows at 1M).
         await asyncio.to_thread(touch_pages, embeddings)
         catalog = await asyncio.to_thread(IdIndex, catalog_ids)
-        head = await asyncio.to_thread(_popular_head, embeddings, catalog, popular_ids)
+        head = await asyncio.to_thread(
+            _embeddings_by_id, embeddings, catalog, popular_ids[:POPULAR_HEAD]
+        )
         return _Loaded(
             version=aset.version,
             reader=reader,
@@ -547,7 +546,9 @@ class RankPipeline:
             self.config.item_load_process_min_items,
         )
         popular, popular_ids = await asyncio.to_thread(_popularity_order, items)
-        head = await asyncio.to_thread(_popular_head, state.embeddings, state.catalog, popular_ids)
+        head = await asyncio.to_thread(
+            _embeddings_by_id, state.embeddings, state.catalog, popular_ids[:POPULAR_HEAD]
+        )
         if self._state is not state:
             return False  # a reload swapped sets meanwhile: this table is of the old one
         self._state = dataclasses.replace(

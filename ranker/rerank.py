@@ -29,6 +29,8 @@ from typing import Annotated, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from sieve.ids import member
+
 # -------------------------------------------------------------- pure functions --
 
 
@@ -84,9 +86,8 @@ def mmr(
     emb = np.asarray(embeddings, np.float32)
     base = np.float32(lam) * rel
     c = np.float32(lam - 1.0)
-    picked = np.empty(k, np.int64)
     if penalty == "mean":
-        return _mmr_mean(base, c, emb, k, picked)
+        return _mmr_mean(base, c, emb, k)
     # objective[j] = base[j] + c * max(0, max cosine of j to the picked) is the
     # running minimum of base + c * cos(i, .) over picked i (c < 0), started at base.
     if m <= 4 * k:  # one matrix product beats k matrix-vector ones (3x the flop rate)
@@ -104,6 +105,7 @@ def mmr(
             r += base
             return r
 
+    picked = np.empty(k, np.int64)
     objective = base.copy()
     for t in range(k):
         i = int(objective.argmax())  # the first of equals, as a loop would pick
@@ -113,13 +115,12 @@ def mmr(
     return picked
 
 
-def _mmr_mean(
-    base: np.ndarray, c: np.float32, emb: np.ndarray, k: int, picked: np.ndarray
-) -> np.ndarray:
+def _mmr_mean(base: np.ndarray, c: np.float32, emb: np.ndarray, k: int) -> np.ndarray:
     """``mmr`` with the mean cosine to the picked items as the penalty:
     objective = base + c * (sum of cosines) / (items picked)."""
     m = len(base)
     table = emb @ emb.T if m <= 4 * k else None
+    picked = np.empty(k, np.int64)
     total = np.zeros(m, np.float32)
     taken = np.zeros(m, bool)
     objective = base.copy()
@@ -132,16 +133,6 @@ def _mmr_mean(
         objective += base
         objective[taken] = -np.inf
     return picked
-
-
-def member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """bool [n]: which ``values`` are in ``sorted_set`` (ascending), by binary
-    search (np.isin sorts both sides on every call)."""
-    values = np.asarray(values)
-    if len(sorted_set) == 0:
-        return np.zeros(len(values), bool)
-    pos = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
-    return sorted_set[pos] == values
 
 
 def _count_in(values: np.ndarray, sample: np.ndarray) -> np.ndarray:

@@ -47,3 +47,13 @@ class IdIndex:
         pos = np.minimum(np.searchsorted(self._sorted, q), len(self.ids) - 1)
         found = self._sorted[pos] == q
         return np.where(found, self._sorter[pos], 0), found
+
+
+def member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """bool [n]: which ``values`` are in ``sorted_set`` (ascending), by binary
+    search (np.isin sorts both sides on every call)."""
+    values = np.asarray(values)
+    if len(sorted_set) == 0:
+        return np.zeros(len(values), bool)
+    pos = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[pos] == values
