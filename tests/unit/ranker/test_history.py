@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -20,7 +21,7 @@ async def make(request, redis_server: str) -> AsyncIterator:  # type: ignore[no-
             MemoryHistory(ttl_s, max_items, max_users=3)
             if request.param == "memory"
             else RedisHistory(
-                f"redis://{redis_server}/0", ttl_s, max_items, f"test:{len(opened)}:{id(opened)}"
+                f"redis://{redis_server}/0", ttl_s, max_items, f"test:{uuid.uuid4().hex}"
             )
         )
         opened.append(h)
