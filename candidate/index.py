@@ -29,13 +29,15 @@ DEFAULT_SEARCH = {"nprobe": 16, "k_factor": 2, "efSearch": 256}
 """Used when a factory is given without a value for a parameter it takes."""
 AUTO_SMALL = ("Flat", "")
 """Below AUTO_THRESHOLD items exact search costs a few ms: no approximation."""
-AUTO_LARGE = ("IVF4096,PQ192x4fs,Refine(SQ8)", "nprobe=320,k_factor=4")
-"""The measured CPU default at 1M x 384 (benchmarks/results/ann.json): recall@1000
-0.954, p50 / p99 3.2 / 4.3 ms and 3.7 / 6.1 ms on one thread in two runs of this
-shared machine, 15-18x faster than exact Flat in the same runs, 500 MB, built in
-66 s. 4-bit fast-scan PQ shortlists 4k candidates cheaply; SQ8 codes re-rank
-them. IVF4096,SQ8 needs 4.3 / 5.7 ms for recall 0.94; recall 0.99 costs
-nprobe=2048,k_factor=10 (0.992, 12.6 / 15.1 ms)."""
+AUTO_LARGE = ("IVF4096,PQ192x4fs,Refine(SQfp16)", "nprobe=320,k_factor=4")
+"""The measured CPU default at 1M x 384 (benchmarks/results/ann.json, 2026-11-29,
+index in memory, one thread, three interleaved rounds): recall@1000 0.956, p50 /
+p99 3.00 / 3.77 ms, 21.8x faster than exact Flat in the same run; 885 MB, built
+in 74 s. 4-bit fast-scan PQ shortlists 4k candidates cheaply; fp16 codes re-rank
+them. Re-ranking is random reads, one row per candidate: fp16 rows cost about
+0.2 us less than SQ8 rows here (no per-dimension decode), so the same shortlist
+with Refine(SQ8) took 3.78 / 4.39 ms. nprobe=288 gives 0.953 at 2.83 / 3.47 ms
+(23.2x); recall 0.99 costs nprobe=1536,k_factor=8 (0.993, 8.0 / 10.4 ms)."""
 AUTO_THRESHOLD = 200_000
 
 
