@@ -183,6 +183,15 @@ def _embeddings_by_id(embeddings: np.ndarray, catalog: IdIndex, item_ids: np.nda
     return out
 
 
+def _popular_of(
+    items: ItemTable, embeddings: np.ndarray, catalog: IdIndex
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``_popularity_order`` of ``items`` and the embeddings of its first
+    ``POPULAR_HEAD`` ids (blocking: call it from a worker thread)."""
+    popular, popular_ids = _popularity_order(items)
+    return popular, popular_ids, _embeddings_by_id(embeddings, catalog, popular_ids[:POPULAR_HEAD])
+
+
 def touch_pages(array: np.ndarray, page_bytes: int = 4096) -> None:
     """Read one value per memory page of ``array`` (a memory-mapped file), so the
     process has every page mapped before requests need them."""
@@ -488,7 +497,6 @@ class RankPipeline:
                     f"ranker.rerank.rules[{i}] ({self.rules[i].name}) reads item attribute "
                     f"{name!r}, which the item features of {repo} lack; one of {one_d}"
                 )
-        popular, popular_ids = await asyncio.to_thread(_popularity_order, items)
         registry = repo / "registry.db"
         mtime = registry.stat().st_mtime if registry.exists() else 0.0
         log.info("ranker loaded %s: %d items, model %s", aset.version, len(items), scorer.path)
@@ -511,8 +519,8 @@ class RankPipeline:
         # MMR), and each first touch of a page is a fault (~1 ms per 200 rows at 1M).
         await asyncio.to_thread(touch_pages, embeddings)
         catalog = await asyncio.to_thread(IdIndex, catalog_ids)
-        head = await asyncio.to_thread(
-            _embeddings_by_id, embeddings, catalog, popular_ids[:POPULAR_HEAD]
+        popular, popular_ids, head = await asyncio.to_thread(
+            _popular_of, items, embeddings, catalog
         )
         return _Loaded(
             version=aset.version,
@@ -545,9 +553,8 @@ class RankPipeline:
             state.registry_path.parent,
             self.config.item_load_process_min_items,
         )
-        popular, popular_ids = await asyncio.to_thread(_popularity_order, items)
-        head = await asyncio.to_thread(
-            _embeddings_by_id, state.embeddings, state.catalog, popular_ids[:POPULAR_HEAD]
+        popular, popular_ids, head = await asyncio.to_thread(
+            _popular_of, items, state.embeddings, state.catalog
         )
         if self._state is not state:
             return False  # a reload swapped sets meanwhile: this table is of the old one
