@@ -84,7 +84,7 @@ def fault_config(
     extra = (
         f"\n[candidate]\nreload_check_s = {reload_s}\n\n"
         f"[ranker]\nreload_check_s = {reload_s}\n\n"
-        f"[ranker.reliability]\n{shedding(max_in_flight)}\n"
+        f"{shedding(max_in_flight)}\n"
         "[ranker.reliability.response_cache]\n"
         'store = "redis"\n'
         f'redis_url = "redis://127.0.0.1:{redis_port}/2"\n'

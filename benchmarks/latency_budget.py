@@ -88,11 +88,14 @@ def bench_config(work: Path, redis_port: int, extra: str = "", name: str = "siev
 
 
 def shedding(max_in_flight: int | None) -> str:
-    """``[ranker.reliability]`` keys bounding Rank calls in flight (gRPC's own bound
-    4 above it), or "" for the defaults."""
+    """A ``[ranker.reliability]`` table bounding Rank calls in flight (gRPC's own
+    bound 4 above it), or "" for the defaults."""
     if not max_in_flight:
         return ""
-    return f"max_in_flight = {max_in_flight}\nmax_accepted = {max_in_flight + 4}\n"
+    return (
+        f"\n[ranker.reliability]\nmax_in_flight = {max_in_flight}\n"
+        f"max_accepted = {max_in_flight + 4}\n"
+    )
 
 
 @contextlib.contextmanager
@@ -241,8 +244,7 @@ def users_sample(aset: artifacts.ArtifactSet, work: Path, n: int = 5000) -> Path
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work).resolve()
     redis_port = redis_port_of(work)
-    shed = shedding(args.max_in_flight)
-    config = bench_config(work, redis_port, f"\n[ranker.reliability]\n{shed}" if shed else "")
+    config = bench_config(work, redis_port, shedding(args.max_in_flight))
     root = work / "artifacts"
     seconds: dict[str, float] = {}
     with local_redis(port=redis_port, data_dir=work / "redis") as redis_address:
