@@ -17,11 +17,19 @@ def percentiles(values: Sequence[float] | np.ndarray) -> dict[str, float]:
     return out
 
 
-def plot_on_off(rows: dict[str, Any], path: Path, rate_label: str, title: str) -> None:
+def plot_on_off(
+    rows: dict[str, Any],
+    path: Path,
+    rate_label: str,
+    title: str,
+    modes: dict[str, str] | None = None,
+) -> None:
     """Throughput and latency against concurrency, batching off beside on.
 
     Args:
         rows: ``{"concurrency_N": {"off": {...}, "on": {...}}}`` with ``rps``, ``p50``, ``p99``.
+        modes: the keys of each row to plot, with their legend labels (default:
+            ``off`` and ``on``).
     """
     import matplotlib
 
@@ -30,11 +38,13 @@ def plot_on_off(rows: dict[str, Any], path: Path, rate_label: str, title: str) -
 
     levels = [int(k.split("_")[1]) for k in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for mode, color in (("off", "C0"), ("on", "C1")):
+    modes = modes or {"off": "batching off", "on": "batching on"}
+    for n, (mode, label) in enumerate(modes.items()):
+        color = f"C{n}"
         r = [rows[f"concurrency_{lv}"][mode] for lv in levels]
-        axes[0].plot(levels, [x["rps"] for x in r], "o-", color=color, label=f"batching {mode}")
-        axes[1].plot(levels, [x["p99"] for x in r], "o-", color=color, label=f"{mode} p99")
-        axes[1].plot(levels, [x["p50"] for x in r], "o--", color=color, label=f"{mode} p50")
+        axes[0].plot(levels, [x["rps"] for x in r], "o-", color=color, label=label)
+        axes[1].plot(levels, [x["p99"] for x in r], "o-", color=color, label=f"{label} p99")
+        axes[1].plot(levels, [x["p50"] for x in r], "o--", color=color, label=f"{label} p50")
     axes[0].set_ylabel(rate_label)
     axes[1].set_ylabel("latency, ms")
     for ax in axes:

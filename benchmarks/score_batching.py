@@ -7,8 +7,10 @@ First the cost of one 1000-row call for the DCN-v2 teacher, the served student
 (FP32) and its INT8 twin, side by side (median, p99 and the ratios). Then, for
 the student in FP32 and INT8 and for 1, 8 and 32 concurrent callers, scores
 ``--requests`` blocks of 1000 rows either directly (what the ranker does with
-batching off) or through the MicroBatcher (on), and one model call on 1000 x m
-rows against m calls of 1000 rows. Reports throughput and p50/p95/p99 per
+batching off), through the MicroBatcher (on), through a MicroBatcher with two
+batches in flight at once (``on_overlapped``: one per core here), or each on a
+pool of two worker threads; and one model call on 1000 x m rows against m calls
+of 1000 rows. Reports throughput and p50/p95/p99 per
 request; writes ``benchmarks/results/score_batching.{json,png}``.
 """
 
@@ -53,7 +55,13 @@ async def drive(score, blocks: list[np.ndarray], level: int) -> dict[str, Any]: 
 
 
 async def run(
-    scorer: OnnxScorer, n: int, levels: list[int], wait_us: int, threads: int = 2
+    scorer: OnnxScorer,
+    n: int,
+    levels: list[int],
+    wait_us: int,
+    threads: int = 2,
+    concurrent_batches: int = 2,
+    overlapped_max_batch: int = 4,
 ) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     blocks = [rng.normal(size=(1000, len(MODEL_FEATURES))).astype(np.float32) for _ in range(64)]
@@ -62,6 +70,16 @@ async def run(
         score_batch, 32, wait_us, 4096
     )
     batcher.start()
+    # a batch per core in flight (Ray Serve's max_concurrent_batches), each of at
+    # most ``overlapped_max_batch`` requests, so that 8 callers make two batches
+    overlapped: MicroBatcher[tuple[OnnxScorer, np.ndarray], np.ndarray] = MicroBatcher(
+        score_batch,
+        overlapped_max_batch,
+        wait_us,
+        4096,
+        max_concurrent_batches=concurrent_batches,
+    )
+    overlapped.start()
 
     async def off(x: np.ndarray) -> np.ndarray:
         # The ranker scores on its event loop: a request waits for the loop, then
@@ -72,6 +90,9 @@ async def run(
 
     async def on(x: np.ndarray) -> np.ndarray:
         return await batcher.submit((scorer, x))
+
+    async def on_overlapped(x: np.ndarray) -> np.ndarray:
+        return await overlapped.submit((scorer, x))
 
     pool = ThreadPoolExecutor(threads, thread_name_prefix="score")
     loop = asyncio.get_running_loop()
@@ -84,12 +105,15 @@ async def run(
     out: dict[str, Any] = {}
     for level in levels:
         row: dict[str, Any] = {}
-        for name, fn in (("off", off), ("on", on), ("threads", pooled)):
+        modes = (("off", off, None), ("on", on, batcher), ("on_overlapped", on_overlapped,
+                 overlapped), ("threads", pooled, None))  # fmt: skip
+        for name, fn, b in modes:
             await drive(fn, work[:100], level)  # warm-up
-            batcher.batch_sizes.clear()
+            if b is not None:
+                b.batch_sizes.clear()
             row[name] = await drive(fn, work, level)
-            if name == "on":
-                row[name]["mean_batch"] = float(np.mean(batcher.batch_sizes))
+            if b is not None:
+                row[name]["mean_batch"] = float(np.mean(b.batch_sizes))
         row["rps_ratio_on_off"] = row["on"]["rps"] / row["off"]["rps"]
         out[f"concurrency_{level}"] = row
         off_, on_ = row["off"], row["on"]
@@ -98,10 +122,14 @@ async def run(
             f"off {off_['rps']:6.0f} req/s p50 {off_['p50']:6.3f} p99 {off_['p99']:6.3f} ms | "
             f"on {on_['rps']:6.0f} req/s p50 {on_['p50']:6.3f} p99 {on_['p99']:6.3f} ms, "
             f"mean batch {on_['mean_batch']:.1f} | on/off {row['rps_ratio_on_off']:.2f}x | "
+            f"on, {concurrent_batches} of <= {overlapped_max_batch} at once "
+            f"{row['on_overlapped']['rps']:6.0f} req/s p50 "
+            f"{row['on_overlapped']['p50']:6.3f} p99 {row['on_overlapped']['p99']:6.3f} ms | "
             f"{threads} threads {row['threads']['rps']:6.0f} req/s p50 "
             f"{row['threads']['p50']:6.3f} p99 {row['threads']['p99']:6.3f} ms"
         )
     await batcher.stop()
+    await overlapped.stop()
     pool.shutdown()
     return out
 
@@ -159,6 +187,9 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--max-wait-us", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    ap.add_argument(
+        "--concurrent-batches", type=int, default=2, help="batches in flight, overlapped variant"
+    )
     args = ap.parse_args()
     aset = artifacts.load(Path(args.artifacts))
     m = aset.manifest["model"]
@@ -174,7 +205,10 @@ def main() -> None:
     for name in ("student_fp32", "student_int8"):
         print(f"-- {name}")
         sizes = call_sizes(scorers[name], [1, 4, 8, 32])
-        rows = asyncio.run(run(scorers[name], args.requests, levels, args.max_wait_us))
+        rows = asyncio.run(
+            run(scorers[name], args.requests, levels, args.max_wait_us,
+                concurrent_batches=args.concurrent_batches)
+        )  # fmt: skip
         by_variant[name] = {"call_sizes": sizes, "rows": rows}
     result = {
         "artifact_version": aset.version,
@@ -182,6 +216,7 @@ def main() -> None:
         "providers": providers(),
         "intra_op_threads": args.threads,
         "max_wait_us": args.max_wait_us,
+        "on_overlapped": {"max_concurrent_batches": args.concurrent_batches, "max_batch": 4},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "model_costs_1000_rows": costs,
         "batching": by_variant,
@@ -194,6 +229,12 @@ def main() -> None:
         RESULTS / "score_batching.png",
         "1000-row requests scored / s",
         f"Scoring the student (FP32), {result['providers'][0]}, {args.threads} intra-op thread",
+        {
+            "off": "batching off",
+            "on": "batching on",
+            "on_overlapped": f"on, {args.concurrent_batches} batches of <= 4 at once",
+            "threads": "off, 2 worker threads",
+        },
     )
     print(f"wrote {RESULTS / 'score_batching.json'} and .png")
 

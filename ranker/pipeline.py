@@ -257,6 +257,7 @@ class RankPipeline:
                 config.score_batch_max_requests,
                 config.score_batch_max_wait_us,
                 config.score_batch_max_queue,
+                config.score_batch_concurrency,
             )
             if on
             else None

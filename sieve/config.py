@@ -285,6 +285,10 @@ class RankerConfig(_Frozen):
     score_batch_max_wait_us: int = Field(200, ge=0, le=100_000)
     score_batch_max_queue: int = Field(1024, ge=1)
     """Rank calls that may wait for scoring; past it Rank answers RESOURCE_EXHAUSTED."""
+    score_batch_concurrency: int = Field(1, ge=1, le=64)
+    """Batches scored at once, each on its own thread (Ray Serve's
+    ``max_concurrent_batches``, Triton's instance count). The next batch is
+    formed when a slot frees, from whatever waited meanwhile."""
     retrieve_timeout_s: float = Field(1.0, gt=0.0)
     """Longest Retrieve call of the artifact-reload probe (requests use the
     stage deadline of ``reliability.budget_ms``)."""

@@ -242,7 +242,10 @@ async def test_batched_server_answers_like_the_unbatched_one(
         await server.stop(0)
 
 
-async def test_score_batching_gives_the_same_rankings(servers, artifacts_root) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("concurrency", "max_requests"), [(1, 32), (2, 4)])
+async def test_score_batching_gives_the_same_rankings(  # type: ignore[no-untyped-def]
+    servers, artifacts_root, concurrency: int, max_requests: int
+) -> None:
     from ranker.pipeline import RankPipeline, RankQuery
     from sieve.config import RankerConfig
 
@@ -253,6 +256,8 @@ async def test_score_batching_gives_the_same_rankings(servers, artifacts_root) -
         reliability=RELAXED,
         score_batching="on",
         score_batch_max_wait_us=5000,
+        score_batch_max_requests=max_requests,
+        score_batch_concurrency=concurrency,
         rerank=STATELESS,
     )
     batched = RankPipeline(cfg, artifacts_root)

@@ -82,6 +82,58 @@ async def test_stop_answers_callers_of_the_batch_in_flight() -> None:
     gate.set()
 
 
+async def test_concurrent_batches_overlap_and_the_next_waits_for_a_slot() -> None:
+    gates = [threading.Event() for _ in range(3)]
+    running: list[list[int]] = []
+
+    def gated(xs: list[int]) -> list[int]:
+        running.append(xs)
+        gates[xs[0]].wait(10)
+        return [x * 10 for x in xs]
+
+    b: MicroBatcher[int, int] = MicroBatcher(gated, 1, 0, 8, max_concurrent_batches=2)
+    b.start()
+    calls = [asyncio.create_task(b.submit(i)) for i in range(3)]
+    for _ in range(1000):  # two batches in fn at once, the third held back
+        if len(running) == 2:
+            break
+        await asyncio.sleep(0.001)
+    assert sorted(x for xs in running for x in xs) == [0, 1]
+    await asyncio.sleep(0.05)
+    assert len(running) == 2, "a third batch started with both slots busy"
+    gates[1].set()  # the second finishes first: its caller need not wait for the first
+    assert await asyncio.wait_for(calls[1], 10) == 10
+    assert not calls[0].done()
+    for _ in range(1000):  # its slot went to the third
+        if len(running) == 3:
+            break
+        await asyncio.sleep(0.001)
+    assert running[2] == [2]
+    gates[0].set()
+    gates[2].set()
+    assert await asyncio.gather(*calls) == [0, 10, 20]
+    await b.stop()
+
+
+async def test_stop_answers_callers_of_every_batch_in_flight() -> None:
+    gate = threading.Event()
+
+    def slow(xs: list[int]) -> list[int]:
+        gate.wait(10)
+        return xs
+
+    b: MicroBatcher[int, int] = MicroBatcher(slow, 1, 0, 8, max_concurrent_batches=2)
+    b.start()
+    callers = [asyncio.create_task(b.submit(i)) for i in range(3)]
+    while len(b.batch_sizes) < 2:
+        await asyncio.sleep(0)
+    await b.stop()
+    for caller in callers:
+        with pytest.raises(NotReady, match="shutting down"):
+            await asyncio.wait_for(caller, 10)
+    gate.set()
+
+
 def test_knobs_are_validated() -> None:
     with pytest.raises(ValueError, match="max_batch"):
         MicroBatcher(lambda xs: xs, 0, 10, 10)
@@ -89,3 +141,5 @@ def test_knobs_are_validated() -> None:
         MicroBatcher(lambda xs: xs, 1, -1, 10)
     with pytest.raises(ValueError, match="max_queue"):
         MicroBatcher(lambda xs: xs, 8, 10, 4)
+    with pytest.raises(ValueError, match="max_concurrent_batches"):
+        MicroBatcher(lambda xs: xs, 8, 10, 8, max_concurrent_batches=0)
