@@ -29,15 +29,19 @@ DEFAULT_SEARCH = {"nprobe": 16, "k_factor": 2, "efSearch": 256}
 """Used when a factory is given without a value for a parameter it takes."""
 AUTO_SMALL = ("Flat", "")
 """Below AUTO_THRESHOLD items exact search costs a few ms: no approximation."""
-AUTO_LARGE = ("IVF4096,PQ192x4fs,Refine(SQfp16)", "nprobe=320,k_factor=4")
+AUTO_LARGE = ("IVF4096,PQ192x4fsr,Refine(SQfp16)", "nprobe=320,k_factor=3")
 """The measured CPU default at 1M x 384 (benchmarks/results/ann.json, 2026-11-29,
 index in memory, one thread, three interleaved rounds): recall@1000 0.956, p50 /
-p99 3.00 / 3.77 ms, 21.8x faster than exact Flat in the same run; 885 MB, built
-in 74 s. 4-bit fast-scan PQ shortlists 4k candidates cheaply; fp16 codes re-rank
-them. Re-ranking is random reads, one row per candidate: fp16 rows cost about
-0.2 us less than SQ8 rows here (no per-dimension decode), so the same shortlist
-with Refine(SQ8) took 3.78 / 4.39 ms. nprobe=288 gives 0.953 at 2.83 / 3.47 ms
-(23.2x); recall 0.99 costs nprobe=1536,k_factor=8 (0.993, 8.0 / 10.4 ms)."""
+p99 2.68 / 3.32 ms, 23.5x faster than exact Flat in the same run; 885 MB, built
+in about 75 s. 4-bit fast-scan PQ shortlists 3k candidates cheaply; fp16 codes
+re-rank them. The codes encode each vector's residual to its list centroid
+(``fsr``): for inner product the look-up table is still one per query (each
+list adds its centroid's score, which the coarse search computed), and the
+finer codes keep the recall with a shortlist of 3k instead of 4k, each
+shortlisted row being one random read (the vector-encoded ``PQ192x4fs`` at
+nprobe=320,k_factor=4 gave the same recall at 3.20 / 4.21 ms, 19.7x). nprobe=272
+gives 0.951 at 2.45 ms (25.7x); recall 0.99 costs nprobe=1536,k_factor=6 (0.992,
+7.4 / 10.7 ms)."""
 AUTO_THRESHOLD = 200_000
 
 

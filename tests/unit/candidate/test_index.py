@@ -66,7 +66,8 @@ def test_flat_matches_exact_search_with_exclusions() -> None:
         ("IVF32,SQ8", "nprobe=16", 100, 0.9),
         ("IVF32,SQ8,RFlat", "nprobe=16,k_factor=2", 100, 0.95),
         ("IVF32,PQ16x4fs,RFlat", "nprobe=16,k_factor=4", 100, 0.9),
-        ("IVF32,PQ16x4fs,Refine(SQfp16)", "nprobe=16,k_factor=4", 100, 0.9),  # 1M default
+        ("IVF32,PQ16x4fs,Refine(SQfp16)", "nprobe=16,k_factor=4", 100, 0.9),
+        ("IVF32,PQ16x4fsr,Refine(SQfp16)", "nprobe=16,k_factor=3", 100, 0.9),  # 1M default
         ("HNSW16", "efSearch=64", 1000, 0.9),  # efSearch is raised to k
     ],
 )
