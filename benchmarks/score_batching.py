@@ -36,6 +36,8 @@ from sieve import artifacts
 from sieve.batcher import MicroBatcher
 
 RESULTS = Path(__file__).resolve().parent / "results"
+OVERLAPPED_MAX_BATCH = 4
+"""Requests per batch of the overlapped variant: 8 callers make two batches."""
 
 
 async def drive(score, blocks: list[np.ndarray], level: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
@@ -61,7 +63,6 @@ async def run(
     wait_us: int,
     threads: int = 2,
     concurrent_batches: int = 2,
-    overlapped_max_batch: int = 4,
 ) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     blocks = [rng.normal(size=(1000, len(MODEL_FEATURES))).astype(np.float32) for _ in range(64)]
@@ -71,10 +72,10 @@ async def run(
     )
     batcher.start()
     # a batch per core in flight (Ray Serve's max_concurrent_batches), each of at
-    # most ``overlapped_max_batch`` requests, so that 8 callers make two batches
+    # most OVERLAPPED_MAX_BATCH requests
     overlapped: MicroBatcher[tuple[OnnxScorer, np.ndarray], np.ndarray] = MicroBatcher(
         score_batch,
-        overlapped_max_batch,
+        OVERLAPPED_MAX_BATCH,
         wait_us,
         4096,
         max_concurrent_batches=concurrent_batches,
@@ -122,7 +123,7 @@ async def run(
             f"off {off_['rps']:6.0f} req/s p50 {off_['p50']:6.3f} p99 {off_['p99']:6.3f} ms | "
             f"on {on_['rps']:6.0f} req/s p50 {on_['p50']:6.3f} p99 {on_['p99']:6.3f} ms, "
             f"mean batch {on_['mean_batch']:.1f} | on/off {row['rps_ratio_on_off']:.2f}x | "
-            f"on, {concurrent_batches} of <= {overlapped_max_batch} at once "
+            f"on, {concurrent_batches} of <= {OVERLAPPED_MAX_BATCH} at once "
             f"{row['on_overlapped']['rps']:6.0f} req/s p50 "
             f"{row['on_overlapped']['p50']:6.3f} p99 {row['on_overlapped']['p99']:6.3f} ms | "
             f"{threads} threads {row['threads']['rps']:6.0f} req/s p50 "
@@ -216,7 +217,10 @@ def main() -> None:
         "providers": providers(),
         "intra_op_threads": args.threads,
         "max_wait_us": args.max_wait_us,
-        "on_overlapped": {"max_concurrent_batches": args.concurrent_batches, "max_batch": 4},
+        "on_overlapped": {
+            "max_concurrent_batches": args.concurrent_batches,
+            "max_batch": OVERLAPPED_MAX_BATCH,
+        },
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "model_costs_1000_rows": costs,
         "batching": by_variant,
@@ -232,7 +236,9 @@ def main() -> None:
         {
             "off": "batching off",
             "on": "batching on",
-            "on_overlapped": f"on, {args.concurrent_batches} batches of <= 4 at once",
+            "on_overlapped": (
+                f"on, {args.concurrent_batches} batches of <= {OVERLAPPED_MAX_BATCH} at once"
+            ),
             "threads": "off, 2 worker threads",
         },
     )
