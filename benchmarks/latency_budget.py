@@ -215,12 +215,18 @@ def redis_port_of(work: Path) -> int:
 
 def build_once(root: Path, items: int, config: Path, redis_address: str) -> float | None:
     """Build a synthetic set of ``items`` items into ``root`` with the Redis online
-    store, unless one is there, and save the materialized store (``SAVE``) so a
-    restarted Redis loads it. Returns the build's seconds (None: reused)."""
-    if (root / artifacts.CURRENT).exists():
-        return None
+    store, unless one is there whose model reads the features this code computes,
+    and save the materialized store (``SAVE``) so a restarted Redis loads it.
+    Returns the build's seconds (None: reused)."""
     import redis
 
+    from ranker.features import MODEL_FEATURES
+
+    if (root / artifacts.CURRENT).exists():
+        features = artifacts.load(root).manifest["model"]["features"]
+        if list(features) == list(MODEL_FEATURES):
+            return None
+        print(f"the set in {root} was built for other model features: building a new version")
     t0 = time.perf_counter()
     print(f"building {items} synthetic items with the Redis online store ...")
     subprocess.run(

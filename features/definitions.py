@@ -42,6 +42,9 @@ class ViewSpec:
 
 EMBEDDING_DIM = 384
 N_GENRES = 20
+HISTORY_YEARS = 24
+"""Length of an item's ``rating_history``: bin k counts its ratings in the k-th year
+before the training cut-off (0: the last year); the last bin gathers all older."""
 
 USER_VIEW = ViewSpec(
     name="user_features",
@@ -53,6 +56,7 @@ USER_VIEW = ViewSpec(
         FeatureSpec("rating_count", "int64"),
         FeatureSpec("rating_mean", "float"),
         FeatureSpec("rating_std", "float"),
+        FeatureSpec("idle_years", "float"),
         FeatureSpec("seen_item_ids", "int64_list"),
     ),
 )
@@ -69,11 +73,13 @@ ITEM_VIEW = ViewSpec(
         FeatureSpec("log_popularity", "float"),
         FeatureSpec("rating_mean", "float"),
         FeatureSpec("age_years", "float"),
+        FeatureSpec("rating_history", "float_list", HISTORY_YEARS),
     ),
 )
 VIEWS = (USER_VIEW, ITEM_VIEW)
-FEATURE_SERVICE = "ranker_v1"
-"""The FeatureService the first ranking model reads; its name goes in the manifest."""
+FEATURE_SERVICE = "ranker_v2"
+"""The FeatureService the ranking model reads; its name goes in the manifest (v2:
+the user's idle time and the item's rating history, for the features of time)."""
 TIMESTAMP_FIELD = "event_timestamp"
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from features.definitions import feature_definitions
 
-user, user_features, item, item_features, ranker_v1 = feature_definitions(
+user, user_features, item, item_features, ranker_service = feature_definitions(
     Path(__file__).parent / "data"
 )
 '''

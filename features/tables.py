@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from features.definitions import ITEM_VIEW, USER_VIEW
+from features.definitions import HISTORY_YEARS, ITEM_VIEW, USER_VIEW
 from sieve.data import GENRE_INDEX, genre_multi_hot
 
 SECONDS_PER_YEAR = 365.25 * 86400
@@ -31,6 +31,7 @@ def item_table(movies: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
     # years on the platform at the cut-off; an item nobody rated yet is new (0)
     age = np.nan_to_num((cutoff - first_rated) / SECONDS_PER_YEAR, nan=0.0)
     genres = genre_multi_hot(movies["genres"])
+    history = rating_history(movies["movieId"], train, cutoff)
     first = movies["genres"].fillna("").str.split("|").str[0]
     primary = first.map(GENRE_INDEX).fillna(GENRE_INDEX["(no genres listed)"])
     frame = pd.DataFrame(
@@ -41,9 +42,30 @@ def item_table(movies: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
             "log_popularity": np.log1p(count).astype(np.float32),
             "rating_mean": shrunk.astype(np.float32),
             "age_years": age.astype(np.float32),
+            "rating_history": list(history),
         }
     )
     return frame
+
+
+def rating_history(item_ids: pd.Series, train: pd.DataFrame, cutoff: float) -> np.ndarray:
+    """float32 [len(item_ids), HISTORY_YEARS]: each item's ratings per year before
+    ``cutoff`` (bin 0 the last year, the last bin everything older).
+
+    With the user's ``idle_years`` it places an item in the user's time: what was
+    popular when the user was last active, which popularity at the cut-off misses
+    for the many users whose ratings stop years before it.
+    """
+    out = np.zeros((len(item_ids), HISTORY_YEARS), np.float32)
+    if len(train) == 0:
+        return out
+    row_of = pd.Series(np.arange(len(item_ids)), index=item_ids.to_numpy())
+    rated = train["movieId"].isin(row_of.index).to_numpy()
+    rows = row_of.loc[train["movieId"].to_numpy()[rated]].to_numpy()
+    years = (cutoff - train["timestamp"].to_numpy(np.float64)[rated]) / SECONDS_PER_YEAR
+    bins = np.clip(years.astype(np.int64), 0, HISTORY_YEARS - 1)
+    np.add.at(out, (rows, bins), 1.0)
+    return out
 
 
 def user_table(
@@ -56,11 +78,14 @@ def user_table(
 
     ``user_vector`` is the L2-normalised mean embedding of the user's positively
     rated items (all rated items when none is positive); ``genre_affinity`` is the
-    share of those items in each genre.
+    share of those items in each genre; ``idle_years`` the time from the user's
+    last rating to the cut-off (the latest rating in ``train``), the cut-off of
+    ``item_table``'s ages and histories.
     """
+    cutoff = float(train["timestamp"].max()) if len(train) else 0.0
     row_of = pd.Series(np.arange(len(movies)), index=movies["movieId"].to_numpy())
     genres = genre_multi_hot(movies["genres"])
-    users, vectors, affinities, counts, means, stds, seen = [], [], [], [], [], [], []
+    users, vectors, affinities, counts, means, stds, idle, seen = [], [], [], [], [], [], [], []
     for user_id, group in train.groupby("userId", sort=True):
         rows = row_of.loc[group["movieId"].to_numpy()].to_numpy()
         liked = rows[group["rating"].to_numpy() >= positive_rating]
@@ -73,6 +98,7 @@ def user_table(
         counts.append(len(group))
         means.append(float(group["rating"].mean()))
         stds.append(float(group["rating"].std(ddof=0)))
+        idle.append((cutoff - float(group["timestamp"].max())) / SECONDS_PER_YEAR)
         seen.append(np.sort(group["movieId"].to_numpy(np.int64)))
     return pd.DataFrame(
         {
@@ -82,6 +108,7 @@ def user_table(
             "rating_count": np.asarray(counts, np.int64),
             "rating_mean": np.asarray(means, np.float32),
             "rating_std": np.asarray(stds, np.float32),
+            "idle_years": np.asarray(idle, np.float32),
             "seen_item_ids": seen,
         }
     )

@@ -31,6 +31,11 @@ CROSS = (
     "genre_match",  # user's genre affinity . item's genre multi-hot
     "genre_cosine",  # the same, as a cosine
     "rating_gap",  # item_rating_mean - user_rating_mean
+    # the item at the user's time (the year of the user's last rating, ``idle_years``
+    # before the cut-off), from its per-year rating history
+    "era_log_popularity",  # log1p of its ratings in that year and the year before
+    "era_share_rated",  # share of its ratings made by the end of that year
+    "era_age_years",  # item_age_years - user idle_years: its age then (< 0: not out yet)
 )
 ITEM = (
     "item_log_popularity",
@@ -46,8 +51,8 @@ USER = (
 )
 MODEL_FEATURES: tuple[str, ...] = (*CROSS, *ITEM, *USER)
 """Column order of the model's ``features`` input; versioned in the manifest."""
-USER_INPUTS = ("genre_affinity", "rating_count", "rating_mean", "rating_std")
-ITEM_INPUTS = ("genres", "log_popularity", "rating_mean", "age_years")
+USER_INPUTS = ("genre_affinity", "rating_count", "rating_mean", "rating_std", "idle_years")
+ITEM_INPUTS = ("genres", "log_popularity", "rating_mean", "age_years", "rating_history")
 """The online features ``assemble`` reads (names of the Feast views' fields)."""
 
 
@@ -83,6 +88,17 @@ def assemble(
     out[:, 3] = match
     out[:, 4] = match / np.maximum(norms, 1e-6)
     out[:, 5] = item_mean - user_mean
+    history = np.asarray(item["rating_history"], np.float32)
+    idle = np.broadcast_to(np.asarray(user["idle_years"], np.float32), (n,))
+    # suffix sums: by_then[:, k] = ratings in year k before the cut-off and earlier
+    by_then = np.cumsum(history[:, ::-1], axis=1)[:, ::-1]
+    last = history.shape[1] - 1
+    year = np.clip(np.nan_to_num(idle, nan=0.0), 0, last).astype(np.int64)
+    at = np.arange(n)
+    before = np.where(year < last, history[at, np.minimum(year + 1, last)], 0.0)
+    out[:, 6] = np.log1p(history[at, year] + before)
+    out[:, 7] = by_then[at, year] / np.maximum(by_then[:, 0], 1.0)
+    out[:, 8] = np.asarray(item["age_years"], np.float32) - idle
     c = len(CROSS)
     out[:, c] = item["log_popularity"]
     out[:, c + 1] = item_mean

@@ -56,7 +56,7 @@ def test_manifest_names_what_belongs_together(artifact_set: artifacts.ArtifactSe
     # held-out users of the training rows: the models learned something
     assert all(v > 0.75 for v in m["model"]["val_auc"].values()), m["model"]["val_auc"]
     assert m["index"]["ntotal"] == 9742 and m["index"]["dim"] == 384
-    assert m["feature_schema"]["feature_service"] == "ranker_v1"
+    assert m["feature_schema"]["feature_service"] == "ranker_v2"
     assert m["index"]["factory"] == "Flat" and m["index"]["search_params"] == ""  # auto, 9.7k items
     assert set(m["build"]["stage_seconds"]) >= {"faiss index (Flat)", "feast apply + materialize"}
     stats = m["build"]["stats"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from features.definitions import HISTORY_YEARS
 from ranker.features import MODEL_FEATURES, NOT_RETRIEVED, assemble, with_popular
 from sieve.data import GENRES
 
@@ -14,6 +15,9 @@ def test_assemble_exact_values() -> None:
     genres = np.zeros((2, g), np.float32)
     genres[0, [0, 2]] = 1
     genres[1, [1, 2]] = 1
+    history = np.zeros((2, HISTORY_YEARS), np.float32)
+    history[0, [0, 1, 2, -1]] = [5, 3, 2, 4]
+    history[1, 0] = 1
     x = assemble(
         np.array([0.5, 0.25], np.float32),
         np.array([0, NOT_RETRIEVED]),
@@ -22,12 +26,14 @@ def test_assemble_exact_values() -> None:
             "rating_count": np.array([3]),
             "rating_mean": np.array([3.5], np.float32),
             "rating_std": np.array([0.75], np.float32),
+            "idle_years": np.array([1.5], np.float32),
         },
         {
             "genres": genres,
             "log_popularity": np.array([1.0, 2.0], np.float32),
             "rating_mean": np.array([4.0, 3.0], np.float32),
             "age_years": np.array([10.0, 0.5], np.float32),
+            "rating_history": history,
         },
     )
     assert x.dtype == np.float32 and x.shape == (2, len(MODEL_FEATURES))
@@ -40,10 +46,49 @@ def test_assemble_exact_values() -> None:
     np.testing.assert_allclose(col["genre_cosine"], [0.5, 0.5], rtol=1e-5)
     np.testing.assert_array_equal(col["rating_gap"], [0.5, -0.5])
     np.testing.assert_array_equal(col["item_age_years"], [10.0, 0.5])
+    # the user's last rating was 1.5 years before the cut-off: year bin 1 (and 2 before it)
+    np.testing.assert_allclose(col["era_log_popularity"], [np.log1p(3 + 2), 0.0], rtol=1e-6)
+    np.testing.assert_allclose(col["era_share_rated"], [(3 + 2 + 4) / 14, 0.0], rtol=1e-6)
+    np.testing.assert_array_equal(col["era_age_years"], [8.5, -1.0])
     np.testing.assert_array_equal(col["item_genre=Action"], [1, 0])
     np.testing.assert_array_equal(col["user_genre=Adventure"], [0.5, 0.5])
     np.testing.assert_allclose(col["user_log_rating_count"], np.log1p(3), rtol=1e-6)
     np.testing.assert_array_equal(col["user_rating_std"], [0.75, 0.75])
+
+
+def test_era_features_of_a_user_idle_past_the_history() -> None:
+    """Idle longer than the history: the oldest bin (everything older) stands for
+    the user's year, with nothing before it; NaN idle time counts as now."""
+    g = len(GENRES)
+    history = np.zeros((1, HISTORY_YEARS), np.float32)
+    history[0, [0, -2, -1]] = [7, 2, 3]
+    item = {
+        "genres": np.zeros((1, g), np.float32),
+        "log_popularity": np.array([1.0], np.float32),
+        "rating_mean": np.array([3.0], np.float32),
+        "age_years": np.array([30.0], np.float32),
+        "rating_history": history,
+    }
+
+    def era(idle: float) -> dict[str, float]:
+        user = {
+            "genre_affinity": np.zeros((1, g), np.float32),
+            "rating_count": np.array([1]),
+            "rating_mean": np.array([3.0], np.float32),
+            "rating_std": np.array([0.0], np.float32),
+            "idle_years": np.array([idle], np.float32),
+        }
+        x = assemble(np.array([0.1], np.float32), np.array([0]), user, item)
+        return {n: float(x[0, j]) for j, n in enumerate(MODEL_FEATURES) if n.startswith("era_")}
+
+    old = era(40.0)
+    assert old["era_log_popularity"] == pytest.approx(np.log1p(3))
+    assert old["era_share_rated"] == pytest.approx(3 / 12)
+    assert old["era_age_years"] == pytest.approx(-10.0)
+    now = era(float("nan"))
+    assert now["era_log_popularity"] == pytest.approx(np.log1p(7 + 0))
+    assert now["era_share_rated"] == pytest.approx(1.0)
+    assert np.isnan(now["era_age_years"])  # the scorer puts its default in
 
 
 def test_with_popular_adds_only_what_the_search_missed() -> None:
