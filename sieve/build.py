@@ -186,6 +186,7 @@ def build(
             teacher_epochs=config.teacher_epochs,
             distill_alpha=config.distill_alpha,
             distill_top_weight=config.distill_top_weight,
+            distill_list_weight=config.distill_list_weight,
             seed=config.seed,
         )
         result = train_and_export(rows, vdir, spec)

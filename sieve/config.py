@@ -81,6 +81,9 @@ class BuildConfig(_Frozen):
     """Weight of matching the teacher's logits in the student's loss (0: labels only)."""
     distill_top_weight: float = Field(3.0, ge=0.0, le=100.0)
     """Rows among the teacher's top 5% logits weigh 1 + this in the matching loss."""
+    distill_list_weight: float = Field(20.0, ge=0.0, le=1000.0)
+    """Weight of the listwise term: KL from the teacher's softmax over each user's
+    candidates to the student's (0: none, batches of random rows)."""
     seed: int = 0
     online_store: OnlineStoreConfig = SqliteStoreConfig()
     feast_project: str = Field("sieve", pattern=r"^[a-z][a-z0-9_]*$")

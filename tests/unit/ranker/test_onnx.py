@@ -82,8 +82,14 @@ def test_int8_student_is_smaller_and_close_to_fp32(tmp_path: Path) -> None:
     fp32, int8 = tmp_path / "s.onnx", tmp_path / "s8.onnx"
     export_onnx(model, n, fp32)
     quantize_int8(fp32, int8)
-    ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
-    assert "MatMulInteger" in ops  # it really is quantized
+    graph = onnx.load(str(int8)).graph
+    ops = [node.op_type for node in graph.node]
+    # it really is quantized: the cross layer and the tower's second layer; the
+    # tower's first layer and the output layer keep FP32 weights
+    assert ops.count("MatMulInteger") == 2 and ops.count("MatMul") == 2
+    fp32_weights = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert {"deep.0.weight", "head.weight"} <= fp32_weights
+    assert "cross.0.weight" not in fp32_weights and "deep.2.weight" not in fp32_weights
     x = np.random.default_rng(5).normal(size=(1000, n)).astype(np.float32)
     a, b = onnx_scores(fp32, x), onnx_scores(int8, x)
     assert np.abs(a - b).max() < 0.05
