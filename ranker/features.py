@@ -89,15 +89,19 @@ def assemble(
     out[:, 4] = match / np.maximum(norms, 1e-6)
     out[:, 5] = item_mean - user_mean
     history = np.asarray(item["rating_history"], np.float32)
-    idle = np.broadcast_to(np.asarray(user["idle_years"], np.float32), (n,))
-    # suffix sums: by_then[:, k] = ratings in year k before the cut-off and earlier
-    by_then = np.cumsum(history[:, ::-1], axis=1)[:, ::-1]
+    idle = np.asarray(user["idle_years"], np.float32).reshape(-1)
     last = history.shape[1] - 1
     year = np.clip(np.nan_to_num(idle, nan=0.0), 0, last).astype(np.int64)
-    at = np.arange(n)
-    before = np.where(year < last, history[at, np.minimum(year + 1, last)], 0.0)
-    out[:, 6] = np.log1p(history[at, year] + before)
-    out[:, 7] = by_then[at, year] / np.maximum(by_then[:, 0], 1.0)
+    if len(year) == 1:  # one user, as served: column slices, a third of the cost
+        k = int(year[0])
+        era = history[:, k] + (history[:, k + 1] if k < last else 0.0)
+        by_then = history[:, k:].sum(axis=1)
+    else:  # a user per row, as in training
+        at = np.arange(n)
+        era = history[at, year] + np.where(year < last, history[at, np.minimum(year + 1, last)], 0)
+        by_then = np.einsum("ij,ij->i", history, np.arange(last + 1) >= year[:, None])
+    out[:, 6] = np.log1p(era)
+    out[:, 7] = by_then / np.maximum(history.sum(axis=1), 1.0)
     out[:, 8] = np.asarray(item["age_years"], np.float32) - idle
     c = len(CROSS)
     out[:, c] = item["log_popularity"]

@@ -91,6 +91,34 @@ def test_era_features_of_a_user_idle_past_the_history() -> None:
     assert np.isnan(now["era_age_years"])  # the scorer puts its default in
 
 
+def test_one_user_broadcast_equals_a_user_per_row() -> None:
+    """Serving passes one user row for all candidates, training a user per row:
+    both paths must give the same features."""
+    rng = np.random.default_rng(3)
+    n, g = 50, len(GENRES)
+    history = rng.poisson(0.5, (n, HISTORY_YEARS)).astype(np.float32)
+    item = {
+        "genres": (rng.random((n, g)) < 0.2).astype(np.float32),
+        "log_popularity": rng.random(n).astype(np.float32),
+        "rating_mean": rng.random(n).astype(np.float32),
+        "age_years": 10 * rng.random(n).astype(np.float32),
+        "rating_history": history,
+    }
+    scores, ranks = rng.random(n).astype(np.float32), np.arange(n)
+    for idle in (0.0, 2.7, float(HISTORY_YEARS) - 0.5, 99.0):
+        one = {
+            "genre_affinity": rng.random((1, g)).astype(np.float32),
+            "rating_count": np.array([12]),
+            "rating_mean": np.array([3.2], np.float32),
+            "rating_std": np.array([0.9], np.float32),
+            "idle_years": np.array([idle], np.float32),
+        }
+        per_row = {k: np.repeat(v, n, axis=0) for k, v in one.items()}
+        np.testing.assert_allclose(
+            assemble(scores, ranks, one, item), assemble(scores, ranks, per_row, item), rtol=1e-6
+        )
+
+
 def test_with_popular_adds_only_what_the_search_missed() -> None:
     emb = np.eye(6, dtype=np.float32)
     user = np.arange(6, dtype=np.float32)
