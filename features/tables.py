@@ -17,6 +17,12 @@ RATING_PRIOR_WEIGHT = 5.0
 """Item rating means shrink toward the global mean as if from this many ratings."""
 
 
+def cutoff_of(train: pd.DataFrame) -> float:
+    """The training cut-off, the latest rating's time: the "now" of every age,
+    rating history and idle time in both tables."""
+    return float(train["timestamp"].max()) if len(train) else 0.0
+
+
 def item_table(movies: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
     """One row per movie (in ``movies`` order) with the ``ITEM_VIEW`` features."""
     stats = train.groupby("movieId").agg(
@@ -26,7 +32,7 @@ def item_table(movies: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
     total = movies["movieId"].map(stats["sum"]).fillna(0).to_numpy(np.float64)
     global_mean = float(train["rating"].mean()) if len(train) else 3.5
     shrunk = (total + RATING_PRIOR_WEIGHT * global_mean) / (count + RATING_PRIOR_WEIGHT)
-    cutoff = float(train["timestamp"].max()) if len(train) else 0.0
+    cutoff = cutoff_of(train)
     first_rated = movies["movieId"].map(stats["first"]).to_numpy(np.float64)
     # years on the platform at the cut-off; an item nobody rated yet is new (0)
     age = np.nan_to_num((cutoff - first_rated) / SECONDS_PER_YEAR, nan=0.0)
@@ -56,16 +62,13 @@ def rating_history(item_ids: pd.Series, train: pd.DataFrame, cutoff: float) -> n
     popular when the user was last active, which popularity at the cut-off misses
     for the many users whose ratings stop years before it.
     """
-    out = np.zeros((len(item_ids), HISTORY_YEARS), np.float32)
-    if len(train) == 0:
-        return out
     row_of = pd.Series(np.arange(len(item_ids)), index=item_ids.to_numpy())
     rated = train["movieId"].isin(row_of.index).to_numpy()
     rows = row_of.loc[train["movieId"].to_numpy()[rated]].to_numpy()
     years = (cutoff - train["timestamp"].to_numpy(np.float64)[rated]) / SECONDS_PER_YEAR
     bins = np.clip(years.astype(np.int64), 0, HISTORY_YEARS - 1)
-    np.add.at(out, (rows, bins), 1.0)
-    return out
+    counts = np.bincount(rows * HISTORY_YEARS + bins, minlength=len(item_ids) * HISTORY_YEARS)
+    return counts.reshape(len(item_ids), HISTORY_YEARS).astype(np.float32)
 
 
 def user_table(
@@ -82,7 +85,7 @@ def user_table(
     last rating to the cut-off (the latest rating in ``train``), the cut-off of
     ``item_table``'s ages and histories.
     """
-    cutoff = float(train["timestamp"].max()) if len(train) else 0.0
+    cutoff = cutoff_of(train)
     row_of = pd.Series(np.arange(len(movies)), index=movies["movieId"].to_numpy())
     genres = genre_multi_hot(movies["genres"])
     users, vectors, affinities, counts, means, stds, idle, seen = [], [], [], [], [], [], [], []
