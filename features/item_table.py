@@ -7,6 +7,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -42,6 +43,12 @@ class ItemTable:
     def rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row indices int64 [m], found bool [m]); rows of unknown ids are 0."""
         return self._index.rows(item_ids)
+
+    def take(self, names: Iterable[str], rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Columns ``names`` at ``rows`` (from ``rows()``). ``np.take`` along the
+        first axis: twice as fast as fancy indexing for 1200 random rows of a
+        million (233 -> 104 us for the five model inputs)."""
+        return {name: np.take(self.columns[name], rows, axis=0) for name in names}
 
     def __len__(self) -> int:
         return len(self.ids)

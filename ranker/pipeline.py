@@ -178,7 +178,7 @@ def _embeddings_by_id(embeddings: np.ndarray, catalog: IdIndex, item_ids: np.nda
     """Rows of ``embeddings`` (catalog order) for ``item_ids``, in memory; zeros
     for ids the catalog lacks."""
     rows, found = catalog.rows(item_ids)
-    out = np.asarray(embeddings[rows], np.float32)
+    out = np.take(embeddings, rows, axis=0).astype(np.float32, copy=False)
     out[~found] = 0.0
     return out
 
@@ -504,7 +504,9 @@ class RankPipeline:
         defaults = np.asarray(
             model.get("feature_defaults", [0.0] * len(MODEL_FEATURES)), np.float32
         )
-        embeddings = np.load(paths["item_embeddings"], mmap_mode="r")
+        # A plain ndarray over the mapping: np.memmap's own indexing costs Python
+        # calls on every gather.
+        embeddings = np.asarray(np.load(paths["item_embeddings"], mmap_mode="r"))
         if embeddings.ndim != 2 or embeddings.shape[0] != len(catalog_ids):
             raise ArtifactError(
                 f"{aset.path('item_embeddings')} has {embeddings.shape[0]} rows, "
@@ -618,6 +620,27 @@ class RankPipeline:
         q: RankQuery,
         deadlines: Deadlines,
     ) -> RankResult:
+        # The shown-history read needs only the user id: it runs beside the user
+        # features and the retrieval instead of as a round trip of the re-rank line.
+        history = self.history
+        shown = asyncio.ensure_future(history.recent(q.user_id)) if history is not None else None
+        try:
+            return await self._rank_with(state, stub, q, deadlines, shown)
+        finally:
+            if shown is not None:
+                if not shown.done():
+                    shown.cancel()  # a rung before the re-rank: not needed
+                elif not shown.cancelled():
+                    shown.exception()  # seen, so asyncio does not log it as lost
+
+    async def _rank_with(
+        self,
+        state: _Loaded,
+        stub: sieve_pb2_grpc.CandidateServiceStub,
+        q: RankQuery,
+        deadlines: Deadlines,
+        shown: asyncio.Future[np.ndarray] | None,
+    ) -> RankResult:
         clock = _Clock(deadlines.start)
         clock.mark("validate")
         rungs: list[str] = []
@@ -678,12 +701,11 @@ class RankPipeline:
             degradations.append(f"missing_item_features: {int((~found).sum())} candidates dropped")
             cand_ids, cand_scores, rows = cand_ids[found], cand_scores[found], rows[found]
             cand_ranks = cand_ranks[found]
-        cols = state.items.columns
         x = assemble(
             cand_scores,
             cand_ranks,
             {name: user.array(name) for name in USER_INPUTS},
-            {name: cols[name][rows] for name in ITEM_INPUTS},
+            state.items.take(ITEM_INPUTS, rows),
         )
         clock.mark("item_features")
 
@@ -701,16 +723,16 @@ class RankPipeline:
 
         recent = np.empty(0, np.int64)
         history = self.history
-        if history is not None:
+        if history is not None and shown is not None:
             try:
                 async with asyncio.timeout(max(0.0, deadlines.left("rerank"))):
-                    recent = await history.recent(q.user_id)
+                    recent = await shown
             except Exception as e:  # noqa: BLE001 - fatigue is never worth a failed Rank
                 degradations.append(_history_down(e))
                 history = None  # nor worth a second timeout on the write
         slate = Slate(
             ids=cand_ids,
-            attributes={name: cols[name][rows] for _, name, _ in self._rule_attributes},
+            attributes=state.items.take([name for _, name, _ in self._rule_attributes], rows),
             embeddings_of=lambda idx: _embeddings_of(state, cand_ids[idx]),
             attribute_of=lambda ids, name: _attribute_of(state, ids, name),
             exclude=exclude,

@@ -156,3 +156,23 @@ async def test_history_store_down_degrades_instead_of_failing(ranker_with) -> No
     resp = await _rank(address, user_id=42, k=10)
     assert len(resp.items) == 10
     assert [d.split(":")[0] for d in resp.degradations] == ["history_unavailable"]
+
+
+async def test_history_read_of_a_request_that_stops_early_is_dropped_quietly(
+    ranker_with, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    # The shown-history read starts with the request, beside the user features. A
+    # cold-start user gets popular items before the re-rank: the read's failure
+    # must neither reach the answer nor be logged by asyncio as never retrieved.
+    import gc
+
+    from sieve.local_redis import free_port
+
+    history = HistoryConfig(store="redis", redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    address = await ranker_with(rerank=RerankConfig(history=history))
+    for _ in range(3):
+        resp = await _rank(address, user_id=99_999_999, k=10)
+        assert len(resp.items) == 10
+        assert [d.split(":")[0] for d in resp.degradations] == ["cold_start_user"]
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
