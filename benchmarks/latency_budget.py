@@ -213,20 +213,34 @@ def redis_port_of(work: Path) -> int:
     return port
 
 
+def model_differs(model: dict[str, Any]) -> str:
+    """What of a set's manifest ``model`` differs from what a build with the
+    default config makes now ("" when nothing does)."""
+    from ranker.features import MODEL_FEATURES
+    from sieve.config import BuildConfig
+
+    build = BuildConfig()
+    now = {
+        "features": list(MODEL_FEATURES),
+        "hidden": list(build.hidden),
+        "cross_layers": build.student_cross_layers,
+    }
+    return ", ".join(k for k, v in now.items() if model.get(k) != v)
+
+
 def build_once(root: Path, items: int, config: Path, redis_address: str) -> float | None:
     """Build a synthetic set of ``items`` items into ``root`` with the Redis online
-    store, unless one is there whose model reads the features this code computes,
-    and save the materialized store (``SAVE``) so a restarted Redis loads it.
+    store, unless one is there whose model is the one a build makes now (the
+    features this code computes, the default student's shape), and save the
+    materialized store (``SAVE``) so a restarted Redis loads it.
     Returns the build's seconds (None: reused)."""
     import redis
 
-    from ranker.features import MODEL_FEATURES
-
     if (root / artifacts.CURRENT).exists():
-        features = artifacts.load(root).manifest["model"]["features"]
-        if list(features) == list(MODEL_FEATURES):
+        differs = model_differs(artifacts.load(root).manifest["model"])
+        if not differs:
             return None
-        print(f"the set in {root} was built for other model features: building a new version")
+        print(f"the set in {root} has another model ({differs}): building a new version")
     t0 = time.perf_counter()
     print(f"building {items} synthetic items with the Redis online store ...")
     subprocess.run(

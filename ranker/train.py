@@ -12,9 +12,10 @@ part labels them. A positive is a candidate the user went on to rate highly.
 
 - Teacher: DCN-v2 (full-rank cross layers) beside a deep tower, on the same
   features (Wang et al., 2021).
-- Student: a small MLP (64-32) with one cross layer beside it, trained on the
-  true labels and the teacher's logits together (Hinton et al., 2015), exported
-  to ONNX and quantized to INT8 weights with ONNX Runtime.
+- Student: a small MLP (64-32), trained on the true labels and the teacher's
+  logits together (Hinton et al., 2015) and on the teacher's order of each
+  user's candidates, exported to ONNX and quantized to INT8 weights with ONNX
+  Runtime.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ INPUT_CLIP = 5.0
 """Standardised features are clipped to +-this inside every model. Rare binary
 features (a genre of 0.1% of items) standardise to 30 and more, and INT8's
 dynamic quantization gives the whole input one uint8 scale per batch, which the
-quantized cross layer reads. With the tower's first layer in FP32, INT8 kept
-0.994 of FP32's NDCG@10 unclipped and 1.001 clipped (one build each)."""
+quantized layers read. With the tower's first layer in FP32, INT8 kept 0.994
+of FP32's NDCG@10 unclipped and 1.001 clipped (one build each, a student with
+one cross layer)."""
 
 Search = Callable[[np.ndarray, int, np.ndarray], tuple[np.ndarray, np.ndarray]]
 """(user vector, k, excluded item ids) -> (item ids, scores), best first."""
@@ -175,9 +177,15 @@ def student_model(  # type: ignore[no-untyped-def]
     n_in: int, hidden: tuple[int, ...], cross_layers: int, mean: np.ndarray, std: np.ndarray
 ):
     """The served model: a small MLP, with ``cross_layers`` DCN-v2 cross layers
-    beside it when > 0 (one cross layer costs n_in^2 multiply-adds per row, and
-    kept 0.96 of the teacher's NDCG@10 over three seeds where the MLP alone kept
-    0.93: the cross layer is the part of the teacher an MLP this small misses)."""
+    beside it when > 0 (one costs n_in^2 multiply-adds per row).
+
+    Trained on the labels and the teacher's logits alone, one cross layer kept
+    0.96 of the teacher's NDCG@10 where the MLP kept 0.93 (three seeds). With the
+    listwise term and the features of time the MLP needs it no longer: on the
+    MovieLens holdout, student / teacher NDCG@10 was 1.012, 1.025 and 1.010 for
+    the 64-32 MLP (seeds 0-2) against 1.031, 1.010 and 1.033 with one cross
+    layer, and INT8 / FP32 1.001, 1.001 and 0.997. The MLP scores 1000 rows in
+    0.18 ms against 0.29 ms (FP32; INT8 0.17 against 0.25), one thread."""
     if cross_layers > 0:
         return teacher_dcn(n_in, cross_layers, hidden, mean, std)
     return student_mlp(n_in, hidden, mean, std)

@@ -61,3 +61,21 @@ def test_latency_budget_harness_end_to_end(bench_work: Path, tmp_path: Path) -> 
     assert all(v is None or v > 0 for line in naive["ratios"].values() for v in line.values())
     for png in ("latency_cdf.png", "latency_stages.png", "latency_sweep.png"):
         assert (results / png).stat().st_size > 10_000
+
+
+def test_a_reused_set_is_rebuilt_when_its_model_is_not_the_default() -> None:
+    from benchmarks.latency_budget import model_differs
+    from ranker.features import MODEL_FEATURES
+    from sieve.config import BuildConfig
+
+    build = BuildConfig()
+    now = {
+        "features": list(MODEL_FEATURES),
+        "hidden": list(build.hidden),
+        "cross_layers": build.student_cross_layers,
+    }
+    assert model_differs(now) == ""
+    assert model_differs({**now, "cross_layers": now["cross_layers"] + 1}) == "cross_layers"
+    assert model_differs({**now, "features": now["features"][:-1]}) == "features"
+    older = {k: v for k, v in now.items() if k != "cross_layers"}  # a manifest without it
+    assert model_differs(older) == "cross_layers"
