@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +169,10 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         self._loaded: tuple[_Live, ...] = ()
         self._refused = ""  # a version that failed to load, skipped until CURRENT moves on
         self.on_gpu = use_gpu(config)
+        # Searches get their own pool: its size bounds the cores they take, and a
+        # set loading in asyncio's default pool never waits behind them (nor they
+        # behind it).
+        self._search_pool = ThreadPoolExecutor(config.search_threads, thread_name_prefix="search")
         on = config.batching == "on" or (config.batching == "auto" and self.on_gpu)
         self.batcher: MicroBatcher[tuple[_Live, SearchRequest], tuple[SearchResult, str]] | None = (
             MicroBatcher(
@@ -196,6 +201,7 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
     async def close(self) -> None:
         if self.batcher is not None:
             await self.batcher.stop()
+        self._search_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def version(self) -> str:
@@ -335,8 +341,10 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
             req = SearchRequest(index.check_query(vector), q.k, q.exclude, q.allow)
             result, version = await self.batcher.submit((live, req))
         else:
-            # Faiss releases the GIL: searching in a worker thread lets requests overlap.
-            result = await asyncio.to_thread(index.search, vector, q.k, q.exclude, q.allow)
+            # Faiss releases the GIL: the loop serves other calls while a worker searches.
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._search_pool, index.search, vector, q.k, q.exclude, q.allow
+            )
         search_us = int((time.perf_counter() - t0) * 1e6)
         return sieve_pb2.RetrieveResponse(
             item_ids=result.item_ids.tolist(),

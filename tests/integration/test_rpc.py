@@ -299,3 +299,46 @@ async def test_int8_student_serves_close_to_fp32(servers, artifacts_root) -> Non
         assert np.mean(overlap) >= 0.8, overlap
     finally:
         await int8.close()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+async def test_search_threads_bound_the_searches_run_at_once(artifacts_root, threads) -> None:  # type: ignore[no-untyped-def]
+    # Six Retrieve calls at once: the service searches `search_threads` of them at
+    # a time and queues the rest (each search is held 50 ms to make overlap visible).
+    import threading
+    import time
+
+    from candidate.service import create_server
+    from sieve.config import CandidateConfig
+
+    server, servicer = await create_server(
+        CandidateConfig(port=0, search_threads=threads), artifacts_root
+    )
+    lock, active, most = threading.Lock(), [0], [0]
+    try:
+        index = servicer._loaded[0].index
+        search = index.search
+
+        def held(*args):  # type: ignore[no-untyped-def]
+            with lock:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
+            try:
+                time.sleep(0.05)
+                return search(*args)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+        index.search = held
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = sieve_pb2_grpc.CandidateServiceStub(ch)
+            calls = [
+                stub.Retrieve(sieve_pb2.RetrieveRequest(user_id=u, k=20), timeout=10)
+                for u in (1, 2, 3, 4, 5, 6)
+            ]
+            answers = await asyncio.gather(*calls)
+        assert all(len(a.item_ids) == 20 for a in answers)
+        assert most[0] == threads
+    finally:
+        await server.stop(0)
