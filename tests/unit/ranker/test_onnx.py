@@ -71,56 +71,42 @@ def test_dcn_models_match_torch_on_random_rows(tmp_path: Path, kind: str) -> Non
     assert onnx_vs_torch(model, path, x) < ONNX_TOLERANCE
 
 
-def test_int8_student_is_smaller_and_close_to_fp32(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("cross_layers", "n_quantized", "kept_fp32", "quantized"),
+    [
+        # one cross layer: it and the tower's second layer are quantized; the
+        # tower's first layer and the output layer keep FP32 weights
+        (1, 2, {"deep.0.weight", "head.weight"}, {"cross.0.weight", "deep.2.weight"}),
+        # the default plain MLP: only the tower's second layer is quantized, its
+        # first layer (on the model's input) and the output stay FP32
+        (0, 1, {"net.0.0.weight", "net.1.weight"}, {"net.0.2.weight"}),
+    ],
+)
+def test_int8_student_is_quantized_where_it_should_be_and_close_to_fp32(
+    tmp_path: Path, cross_layers: int, n_quantized: int, kept_fp32: set[str], quantized: set[str]
+) -> None:
     import onnx
     import torch
 
     torch.manual_seed(0)
     n = len(MODEL_FEATURES)
     mean, std = _stats(n)
-    model = student_model(n, (64, 32), 1, mean, std).eval()
+    model = student_model(n, (64, 32), cross_layers, mean, std).eval()
     fp32, int8 = tmp_path / "s.onnx", tmp_path / "s8.onnx"
     export_onnx(model, n, fp32)
     quantize_int8(fp32, int8)
     graph = onnx.load(str(int8)).graph
     ops = [node.op_type for node in graph.node]
-    # it really is quantized: the cross layer and the tower's second layer; the
-    # tower's first layer and the output layer keep FP32 weights
-    assert ops.count("MatMulInteger") == 2 and ops.count("MatMul") == 2
+    assert ops.count("MatMulInteger") == n_quantized and ops.count("MatMul") == 2
     fp32_weights = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
-    assert {"deep.0.weight", "head.weight"} <= fp32_weights
-    assert "cross.0.weight" not in fp32_weights and "deep.2.weight" not in fp32_weights
+    assert kept_fp32 <= fp32_weights
+    assert not quantized & fp32_weights
     x = np.random.default_rng(5).normal(size=(1000, n)).astype(np.float32)
     a, b = onnx_scores(fp32, x), onnx_scores(int8, x)
     assert np.abs(a - b).max() < 0.05
     # the order is what ranking uses: INT8 keeps most of FP32's top 50
     assert len(set(np.argsort(-a)[:50]) & set(np.argsort(-b)[:50])) >= 40
     assert not int8.with_suffix(".prequant.onnx").exists()
-
-
-def test_int8_of_the_plain_mlp_student_quantizes_its_middle_layer(tmp_path: Path) -> None:
-    # The default student has no cross layer: only the tower's second layer is
-    # quantized, its first layer (on the model's input) and the output stay FP32.
-    import onnx
-    import torch
-
-    torch.manual_seed(0)
-    n = len(MODEL_FEATURES)
-    mean, std = _stats(n)
-    model = student_model(n, (64, 32), 0, mean, std).eval()
-    fp32, int8 = tmp_path / "s.onnx", tmp_path / "s8.onnx"
-    export_onnx(model, n, fp32)
-    quantize_int8(fp32, int8)
-    graph = onnx.load(str(int8)).graph
-    ops = [node.op_type for node in graph.node]
-    assert ops.count("MatMulInteger") == 1 and ops.count("MatMul") == 2
-    fp32_weights = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
-    assert {"net.0.0.weight", "net.1.weight"} <= fp32_weights
-    assert "net.0.2.weight" not in fp32_weights
-    x = np.random.default_rng(5).normal(size=(1000, n)).astype(np.float32)
-    a, b = onnx_scores(fp32, x), onnx_scores(int8, x)
-    assert np.abs(a - b).max() < 0.05
-    assert len(set(np.argsort(-a)[:50]) & set(np.argsort(-b)[:50])) >= 40
 
 
 def test_scorer_scores_like_torch(tmp_path: Path) -> None:
