@@ -106,6 +106,7 @@ async def run(
     codes: dict[str, int] = {}
     degraded: dict[str, int] = {}
     rungs: dict[str, int] = {}
+    on_rung = [0]  # answers that took at least one rung
     events: list[tuple[float, float, str, str, str, str]] = []
     recorded = [0]
     loop = asyncio.get_running_loop()
@@ -145,6 +146,7 @@ async def run(
             degraded[kind] = degraded.get(kind, 0) + 1
         for rung in resp.rungs:
             rungs[rung] = rungs.get(rung, 0) + 1
+        on_rung[0] += bool(resp.rungs)
         server_total = 0
         for t in resp.timings:
             stages.setdefault(t.stage, _histogram()).record_value(max(1, t.micros))
@@ -188,6 +190,7 @@ async def run(
         "errors": {c: n for c, n in codes.items() if c != "OK"},
         "degraded": degraded,
         "rungs": rungs,
+        "answers_on_a_rung": on_rung[0],
         "achieved_rps": recorded[0] / duration_s if duration_s else 0.0,
         "wall_s": wall,
         "sender_lag_s": late,

@@ -30,6 +30,8 @@ def _well_formed(run: dict, rate: float) -> None:  # type: ignore[type-arg]
         s = run["stages_ms"][stage]
         assert s["n"] == run["ok"] and 0 < s["p50"] <= s["p99"] <= s["max"], stage
     assert set(run["budget_ms"]) == set(BUDGET_MS)
+    taken = run["rungs"].values()
+    assert max(taken, default=0) <= run["answers_on_a_rung"] <= min(run["ok"], sum(taken))
     # the server's total covers its stages; end to end covers the server's total
     assert run["stages_ms"]["total"]["max"] <= lat["max"] + 1e-3
 
@@ -54,6 +56,7 @@ def test_latency_budget_harness_end_to_end(bench_work: Path, tmp_path: Path) -> 
     assert isinstance(r["sustained_within_budget"], bool)
     summary = r["sweep_summary"]
     assert summary["max_rate_within_budget"] in (None, 4.0, 8.0)
+    assert summary["max_rate_full_quality"] in (None, 4.0, 8.0)
     naive = r["naive"]
     _well_formed(naive["sieve"], 2.0)
     _well_formed(naive["naive"], 2.0)
@@ -61,6 +64,29 @@ def test_latency_budget_harness_end_to_end(bench_work: Path, tmp_path: Path) -> 
     assert all(v is None or v > 0 for line in naive["ratios"].values() for v in line.values())
     for png in ("latency_cdf.png", "latency_stages.png", "latency_sweep.png"):
         assert (results / png).stat().st_size > 10_000
+
+
+def test_the_sweep_counts_a_rate_served_by_the_ladder_within_budget_but_not_at_full_quality() -> (
+    None
+):
+    from benchmarks.latency_budget import sweep_summary
+
+    def step(rate: float, p99: float, on_rung: int, errors: dict[str, int] | None = None) -> dict:  # type: ignore[type-arg]
+        return {"offered_rps": rate, "latency_ms": {"p99": p99}, "errors": errors or {},
+                "ok": 1000, "answers_on_a_rung": on_rung}  # fmt: skip
+
+    steps = [step(10, 12.0, 0), step(50, 20.0, 10), step(100, 30.0, 11), step(150, 49.0, 200),
+             step(200, 45.0, 0, {"UNAVAILABLE": 1}), step(250, 80.0, 0)]  # fmt: skip
+    summary = sweep_summary(steps)
+    assert summary["max_rate_within_budget"] == 150  # 20% of its answers on a rung
+    assert summary["max_rate_full_quality"] == 50  # 1.0% on a rung; 100/s has 1.1%
+    assert summary["knee_rate"] == 100  # the first p99 over 2 x 12 ms
+    assert sweep_summary(steps[-1:]) == {
+        "max_rate_within_budget": None,
+        "max_rate_full_quality": None,
+        "full_quality_rung_share": 0.01,
+        "knee_rate": None,
+    }
 
 
 def test_a_reused_set_is_rebuilt_when_its_model_is_not_the_default() -> None:
