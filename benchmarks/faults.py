@@ -153,6 +153,7 @@ def summarize(
         "failed_codes": sorted({c for c in codes if c not in ("OK", "RESOURCE_EXHAUSTED")}),
         "ok_p50_ms": float(np.percentile(lat, 50)),
         "ok_p99_ms": float(np.percentile(lat, 99)),
+        "shed_p50_ms": float(np.percentile([e[1] for e in shed], 50)) if shed else None,
         "shed_p99_ms": float(np.percentile([e[1] for e in shed], 99)) if shed else None,
         "ok_p99_during_ms": float(np.percentile([e[1] for e in during if e[2] == "OK"], 99))
         if any(e[2] == "OK" for e in during)
@@ -323,7 +324,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(
                 f"{name:<15} sent {row['sent']:>5} ok {row['ok']:>5} degraded "
                 f"{row['degraded']:>4} shed {row['shed']:>3} failed {row['failed']:>3}  "
-                f"p99(ok) {row['ok_p99_ms']:7.1f} ms  recovery {row['recovery_s']} s",
+                f"p99(ok) {row['ok_p99_ms']:7.1f} ms  recovery {row['recovery_s']} s"
+                + (
+                    f"  shed p50 {row['shed_p50_ms']:.1f} p99 {row['shed_p99_ms']:.1f} ms"
+                    if row["shed"]
+                    else ""
+                ),
                 flush=True,
             )
             if rproc.poll() is not None:

@@ -89,13 +89,10 @@ def bench_config(work: Path, redis_port: int, extra: str = "", name: str = "siev
 
 def shedding(max_in_flight: int | None) -> str:
     """A ``[ranker.reliability]`` table bounding Rank calls in flight (gRPC's own
-    bound 4 above it), or "" for the defaults."""
+    bound one above it, the default), or "" for the defaults."""
     if not max_in_flight:
         return ""
-    return (
-        f"\n[ranker.reliability]\nmax_in_flight = {max_in_flight}\n"
-        f"max_accepted = {max_in_flight + 4}\n"
-    )
+    return f"\n[ranker.reliability]\nmax_in_flight = {max_in_flight}\n"
 
 
 @contextlib.contextmanager

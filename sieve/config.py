@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ranker.rerank import AnyRule, Fatigue, GroupCap, Mmr, Seen
 from sieve.errors import ConfigError
@@ -239,11 +239,30 @@ class ReliabilityConfig(_Frozen):
     max_in_flight: int = Field(32, ge=1)
     """Rank calls being served at once; past it Rank answers RESOURCE_EXHAUSTED at
     once, so the accepted ones keep their latency."""
-    max_accepted: int = Field(64, ge=2)
+    max_accepted: int | None = Field(None, ge=2)
     """RPCs gRPC holds at once, those still waiting for the event loop included
-    (health checks count too); past it gRPC itself answers RESOURCE_EXHAUSTED
-    without running any Python. ``max_in_flight`` cannot see calls queued in
-    front of a saturated loop; this bound can."""
+    (health checks count too); past it gRPC's own limiter answers
+    RESOURCE_EXHAUSTED as a call arrives, before its message is read or any
+    handler runs. ``max_in_flight`` cannot see calls queued in front of a
+    saturated loop; this bound can. None: ``max_in_flight + 1`` (room for a
+    health check), so calls past the Rank bound take gRPC's shorter way out: at
+    3x this box's maximum, 4 in flight and 5 held shed at p99 25.3 and 18.4 ms
+    against 37.3 and 36.1 ms with 8 held (two interleaved runs each)."""
+
+    @property
+    def accepted_bound(self) -> int:
+        """``max_accepted``, or its default."""
+        return self.max_accepted if self.max_accepted is not None else self.max_in_flight + 1
+
+    @model_validator(mode="after")
+    def _accepted_above_in_flight(self) -> ReliabilityConfig:
+        if self.accepted_bound <= self.max_in_flight:
+            raise ValueError(
+                f"max_accepted ({self.max_accepted}) must be above max_in_flight "
+                f"({self.max_in_flight}): the Rank bound never sheds below gRPC's"
+            )
+        return self
+
     degraded_candidates: int = Field(200, ge=1, le=2048)
     """The ``fewer_candidates`` rung: candidates kept (best ANN scores) when
     retrieval left under 1.5x the item-feature and score lines before the score

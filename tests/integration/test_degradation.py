@@ -212,6 +212,36 @@ async def test_past_max_in_flight_rank_is_shed_at_once(rig_with) -> None:  # typ
     rig.proxy.delay_s = 0.0
 
 
+async def test_past_max_accepted_grpc_sheds_before_any_handler_runs(rig_with) -> None:  # type: ignore[no-untyped-def]
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    # max_accepted defaults to max_in_flight + 1: two Rank calls and one health
+    # watch fill it, and a call past it is refused by gRPC's limiter, not by Rank
+    rig = await rig_with(max_in_flight=2, budget_ms=StageBudgetMs(retrieve=2000.0))
+    assert rig.pipeline.reliability.accepted_bound == 3
+    assert list((await rank(rig.ranker, user_id=1, k=10)).rungs) == []  # connected
+    rig.proxy.delay_s = 0.5
+    held = [asyncio.create_task(rank(rig.ranker, user_id=u, k=10)) for u in (1, 2)]
+
+    async def both_in_flight() -> bool:
+        return metric(rig.metrics_url, "sieve_rank_in_flight") == 2.0
+
+    await until(both_in_flight, 5.0, "two Rank calls in flight")
+    async with grpc.aio.insecure_channel(rig.ranker) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        shed_before = metric(rig.metrics_url, 'sieve_rank_answers_total{outcome="shed"}')
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await rank(rig.ranker, user_id=3, k=10)
+        watch.cancel()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "ranker.reliability" not in (err.value.details() or "")  # not Rank's own answer
+    assert metric(rig.metrics_url, 'sieve_rank_answers_total{outcome="shed"}') == shed_before
+    for resp in await asyncio.gather(*held):  # the accepted ones are answered in full
+        assert len(resp.items) == 10 and list(resp.rungs) == []
+    rig.proxy.delay_s = 0.0
+
+
 async def test_stop_reports_not_serving_drains_then_lets_calls_finish(rig_with) -> None:  # type: ignore[no-untyped-def]
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -26,6 +26,19 @@ def test_out_of_range_value_is_refused(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_grpcs_bound_on_held_calls_defaults_to_one_above_rank_and_never_below(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "sieve.toml"
+    path.write_text("[ranker.reliability]\nmax_in_flight = 4\n")
+    assert load_config(path).ranker.reliability.accepted_bound == 5
+    path.write_text("[ranker.reliability]\nmax_in_flight = 4\nmax_accepted = 9\n")
+    assert load_config(path).ranker.reliability.accepted_bound == 9
+    path.write_text("[ranker.reliability]\nmax_in_flight = 4\nmax_accepted = 4\n")
+    with pytest.raises(ValidationError, match=r"max_accepted \(4\) must be above max_in_flight"):
+        load_config(path)
+
+
 def test_config_is_frozen_and_defaults_load() -> None:
     cfg = load_config(None)
     assert cfg == SieveConfig()
