@@ -405,7 +405,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> None:
     ax.set_xlabel("ms")
     e2e = shown["latency_ms"]
     ax.set_title(
-        f"Stages vs budget at {shown['offered_rps']:g} Rank/s held {shown['duration_s']:g} s: "
+        f"Stages vs budget at {shown['offered_rps']:g} Rank/s held {shown['duration_s']:g} s\n"
         f"end to end p50 "
         f"{e2e.get('p50', 0):.1f} / p99 {e2e.get('p99', 0):.1f} ms of 50"
     )
@@ -419,6 +419,10 @@ def plot(result: dict[str, Any], out_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     rates = [s["offered_rps"] for s in steps]
     ax.plot(rates, [s["latency_ms"].get("p99", np.nan) for s in steps], "o-", label="p99")
+    for s in steps:  # the share of answers that took a rung: what the ladder gave up
+        at = (s["offered_rps"], s["latency_ms"].get("p99", 1))
+        ax.annotate(f"{100 * rung_share(s):.0f}%", at, textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize=7)  # fmt: skip
     ax.plot(rates, [s["latency_ms"].get("p50", np.nan) for s in steps], "o--", label="p50")
     ax.axhline(TOTAL_BUDGET_MS, color="red", ls="--", label="budget 50 ms")
     ax.set_xlabel("offered Rank/s (Poisson)")
@@ -434,7 +438,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> None:
     ax.set_title(
         f"Sweep: max within budget {summary['max_rate_within_budget']}/s "
         f"({summary['max_rate_full_quality']}/s at full quality), "
-        f"knee {summary['knee_rate']}/s"
+        f"knee {summary['knee_rate']}/s; labels: answers on a rung"
     )
     fig.tight_layout()
     fig.savefig(out_dir / "latency_sweep.png", dpi=110)
