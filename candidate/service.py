@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -25,6 +26,7 @@ from candidate.index import (
 )
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from sieve import artifacts
+from sieve.artifacts import release_off_loop
 from sieve.batcher import MicroBatcher, per_group
 from sieve.config import CandidateConfig
 from sieve.errors import (
@@ -257,14 +259,17 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
                 log.error("refused artifact set %s: %s; still serving %s", target, e, self.version)
                 return False
         old = self.version
-        rest = tuple(s for s in self._loaded if s is not live)
-        self._loaded = (live, *rest)[: self.config.keep_versions]
+        before = self._loaded
+        self._loaded = (live, *(s for s in before if s is not live))[: self.config.keep_versions]
+        dropped: list[Any] = [s for s in before if s not in self._loaded]
+        del before, held
         log.info(
             "candidate index swapped: %s -> %s (held: %s)",
             old,
             live.version,
             ", ".join(self.versions),
         )
+        await release_off_loop(dropped)  # an in-flight search may still hold one
         return True
 
     def _load(self, version: str) -> tuple[CandidateIndex, str]:

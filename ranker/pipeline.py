@@ -58,6 +58,7 @@ from ranker.resilience import Breaker, Deadlines, TtlCache
 from ranker.response_cache import CachedAnswer, ResponseCache, open_response_cache
 from ranker.scorer import OnnxScorer, providers, replace_nonfinite
 from sieve import artifacts
+from sieve.artifacts import release_off_loop
 from sieve.batcher import MicroBatcher, per_group
 from sieve.config import RankerConfig
 from sieve.data import GENRE_INDEX
@@ -379,6 +380,9 @@ class RankPipeline:
             log.info("ranker swapped artifact set: %s -> %s", state.version, pending.version)
             if old is not None:
                 await self._retire(old)
+                retired: list[Any] = [old]
+                del old, state
+                await release_off_loop(retired)
             return True
 
     async def _candidate_holds(self, state: _Loaded) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +211,12 @@ async def test_ranker_and_candidate_go_live_with_a_new_set_as_one_unit(
         assert cservicer.versions == ("zz_v2", v1)
         # Candidate on v2, ranker still on v1: its pinned calls keep being answered by v1.
         await ranks.until(len(ranks.answers) + 24)
+        retired_on: list[str] = []  # the thread that freed v1's set: not the loop's
+        weakref.finalize(
+            pipeline._state, lambda: retired_on.append(threading.current_thread().name)
+        )
         assert await pipeline.reload()
+        assert retired_on and retired_on != [threading.current_thread().name], retired_on
         ranks.swapped = True
         assert pipeline.version == "zz_v2"
         swapped_at = len(ranks.answers)
@@ -318,4 +325,29 @@ async def test_pinned_retrieve_holds_keep_versions_sets_and_refuses_others(
         assert servicer.versions == ("zz_v2", "zz_v3")
     finally:
         await pipeline.close()
+        await server.stop(0)
+
+
+async def test_a_retired_index_is_freed_off_the_event_loop(
+    artifacts_root: Path, tmp_path: Path
+) -> None:
+    # Freeing a 1M-item index takes 25 ms here; on the loop it would stall every call.
+    root = copy_artifacts(artifacts_root, tmp_path)
+    v1 = artifacts.current_version(root)
+    clone_version(root, v1, "zz_v2")
+    config = CandidateConfig(port=0, keep_versions=1, reload_check_s=0)
+    server, servicer = await create_candidate(config, root)
+    try:
+        address = f"127.0.0.1:{server.port}"
+        assert (await _retrieve(address, user_id=42, k=5)).artifact_version == v1
+        freed_on: list[str] = []
+        weakref.finalize(
+            servicer._loaded[0].index, lambda: freed_on.append(threading.current_thread().name)
+        )
+        artifacts.publish(root, "zz_v2")
+        assert await servicer.reload()
+        assert servicer.versions == ("zz_v2",)
+        assert freed_on and freed_on != [threading.current_thread().name], freed_on
+        assert (await _retrieve(address, user_id=42, k=5)).artifact_version == "zz_v2"
+    finally:
         await server.stop(0)
