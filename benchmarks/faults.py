@@ -135,6 +135,7 @@ def summarize(
     codes = [e[2] for e in events]
     ok = [e for e in events if e[2] == "OK"]
     shed = [e for e in events if e[2] == "RESOURCE_EXHAUSTED"]
+    shed_ms = [e[1] for e in shed]
     degraded = [e for e in ok if e[3]]
     during = [e for e in events if inject <= e[0] < clear]
     after = [e for e in events if e[0] >= clear]
@@ -153,8 +154,8 @@ def summarize(
         "failed_codes": sorted({c for c in codes if c not in ("OK", "RESOURCE_EXHAUSTED")}),
         "ok_p50_ms": float(np.percentile(lat, 50)),
         "ok_p99_ms": float(np.percentile(lat, 99)),
-        "shed_p50_ms": float(np.percentile([e[1] for e in shed], 50)) if shed else None,
-        "shed_p99_ms": float(np.percentile([e[1] for e in shed], 99)) if shed else None,
+        "shed_p50_ms": float(np.percentile(shed_ms, 50)) if shed else None,
+        "shed_p99_ms": float(np.percentile(shed_ms, 99)) if shed else None,
         "ok_p99_during_ms": float(np.percentile([e[1] for e in during if e[2] == "OK"], 99))
         if any(e[2] == "OK" for e in during)
         else None,

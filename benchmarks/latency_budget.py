@@ -392,20 +392,19 @@ def plot(result: dict[str, Any], out_dir: Path) -> None:
 
     # each budget line: measured p50 and p99 beside its budget, at the held rate
     # (the target's; the sweep's highest rates pass by taking rungs)
-    shown = sus
     fig, ax = plt.subplots(figsize=(9, 4.5))
     lines = list(BUDGET_MS)
     y = np.arange(len(lines))
-    got = shown["budget_ms"]
+    got = sus["budget_ms"]
     ax.barh(y + 0.27, [BUDGET_MS[n][0] for n in lines], 0.27, color="lightgrey", label="budget p99")
     ax.barh(y, [got.get(n, {}).get("p99", 0) for n in lines], 0.27, color="C1", label="p99")
     ax.barh(y - 0.27, [got.get(n, {}).get("p50", 0) for n in lines], 0.27, color="C0", label="p50")
     ax.set_yticks(y, lines)
     ax.invert_yaxis()
     ax.set_xlabel("ms")
-    e2e = shown["latency_ms"]
+    e2e = sus["latency_ms"]
     ax.set_title(
-        f"Stages vs budget at {shown['offered_rps']:g} Rank/s held {shown['duration_s']:g} s\n"
+        f"Stages vs budget at {sus['offered_rps']:g} Rank/s held {sus['duration_s']:g} s\n"
         f"end to end p50 "
         f"{e2e.get('p50', 0):.1f} / p99 {e2e.get('p99', 0):.1f} ms of 50"
     )

@@ -191,8 +191,8 @@ async def test_scoring_without_time_left_falls_back_to_ann_order(rig_with) -> No
     assert scores is not None and scores.shape == (10,) and why == ""
 
 
-async def test_past_max_in_flight_rank_is_shed_at_once(rig_with) -> None:  # type: ignore[no-untyped-def]
-    rig = await rig_with(max_in_flight=2, budget_ms=StageBudgetMs(retrieve=2000.0))
+async def _two_rank_calls_held(rig: Rig) -> list[asyncio.Task[sieve_pb2.RankResponse]]:
+    """Two Rank calls held in flight by a 0.5 s delay on the candidate replies."""
     assert list((await rank(rig.ranker, user_id=1, k=10)).rungs) == []  # connected
     rig.proxy.delay_s = 0.5
     held = [asyncio.create_task(rank(rig.ranker, user_id=u, k=10)) for u in (1, 2)]
@@ -201,6 +201,12 @@ async def test_past_max_in_flight_rank_is_shed_at_once(rig_with) -> None:  # typ
         return metric(rig.metrics_url, "sieve_rank_in_flight") == 2.0
 
     await until(both_in_flight, 5.0, "two Rank calls in flight")
+    return held
+
+
+async def test_past_max_in_flight_rank_is_shed_at_once(rig_with) -> None:  # type: ignore[no-untyped-def]
+    rig = await rig_with(max_in_flight=2, budget_ms=StageBudgetMs(retrieve=2000.0))
+    held = await _two_rank_calls_held(rig)
     shed_before = metric(rig.metrics_url, 'sieve_rank_answers_total{outcome="shed"}')
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await rank(rig.ranker, user_id=3, k=10)
@@ -219,14 +225,7 @@ async def test_past_max_accepted_grpc_sheds_before_any_handler_runs(rig_with) ->
     # watch fill it, and a call past it is refused by gRPC's limiter, not by Rank
     rig = await rig_with(max_in_flight=2, budget_ms=StageBudgetMs(retrieve=2000.0))
     assert rig.pipeline.reliability.accepted_bound == 3
-    assert list((await rank(rig.ranker, user_id=1, k=10)).rungs) == []  # connected
-    rig.proxy.delay_s = 0.5
-    held = [asyncio.create_task(rank(rig.ranker, user_id=u, k=10)) for u in (1, 2)]
-
-    async def both_in_flight() -> bool:
-        return metric(rig.metrics_url, "sieve_rank_in_flight") == 2.0
-
-    await until(both_in_flight, 5.0, "two Rank calls in flight")
+    held = await _two_rank_calls_held(rig)
     async with grpc.aio.insecure_channel(rig.ranker) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
