@@ -53,8 +53,8 @@ from benchmarks.latency_budget import (
     loadgen_command,
     machine,
     redis_port_of,
+    reliability,
     serving,
-    shedding,
     users_sample,
 )
 from benchmarks.loadgen import TOTAL_BUDGET_MS
@@ -75,16 +75,19 @@ when retrieval is slow), which are counted as ``degraded`` all the same."""
 
 
 def fault_config(
-    work: Path, redis_port: int, reload_s: float, max_in_flight: int | None = None
+    work: Path,
+    redis_port: int,
+    reload_s: float,
+    max_in_flight: int | None = None,
+    cpu_threads: int | None = None,
 ) -> Path:
     """The benchmark's production settings on Redis, the response cache there too,
-    and the services looking for new sets every ``reload_s``; with
-    ``max_in_flight``, the ranker's bound on calls in flight (gRPC's own bound 4
-    above it)."""
+    and the services looking for new sets every ``reload_s``; ``max_in_flight``
+    and ``cpu_threads``: the ranker's, where not None."""
     extra = (
         f"\n[candidate]\nreload_check_s = {reload_s}\n\n"
         f"[ranker]\nreload_check_s = {reload_s}\n\n"
-        f"{shedding(max_in_flight)}\n"
+        f"{reliability(max_in_flight, cpu_threads)}\n"
         "[ranker.reliability.response_cache]\n"
         'store = "redis"\n'
         f'redis_url = "redis://127.0.0.1:{redis_port}/2"\n'
@@ -203,7 +206,7 @@ def recovery_s(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work).resolve()
     redis_port = redis_port_of(work)
-    config = fault_config(work, redis_port, args.reload_s, args.max_in_flight)
+    config = fault_config(work, redis_port, args.reload_s, args.max_in_flight, args.cpu_threads)
     root = work / "artifacts"
     redis_dir = work / "redis"
     rows: dict[str, Any] = {}
@@ -347,6 +350,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "post_s": args.post_s,
             "delay_ms": args.delay_ms,
             "max_in_flight": args.max_in_flight or "default",
+            "cpu_threads": "default" if args.cpu_threads is None else args.cpu_threads,
             "processes": "redis-server, candidate, ranker (candidate via a delay proxy), "
             "load generator per fault (a second one for overload)",
             "degraded": "an OK answer that took a rung of the degradation ladder",
@@ -428,6 +432,7 @@ def main() -> None:
     ap.add_argument("--reload-s", type=float, default=1.0, help="services' reload check")
     ap.add_argument("--start-timeout", type=float, default=300.0)
     ap.add_argument("--max-in-flight", type=int, help="ranker.reliability.max_in_flight")
+    ap.add_argument("--cpu-threads", type=int, help="ranker.reliability.cpu_threads")
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args()
     args.work = args.work or str(ROOT / ".bench" / f"latency_{args.items}")

@@ -87,12 +87,16 @@ def bench_config(work: Path, redis_port: int, extra: str = "", name: str = "siev
     return path
 
 
-def shedding(max_in_flight: int | None) -> str:
-    """A ``[ranker.reliability]`` table bounding Rank calls in flight (gRPC's own
-    bound one above it, the default), or "" for the defaults."""
-    if not max_in_flight:
-        return ""
-    return f"\n[ranker.reliability]\nmax_in_flight = {max_in_flight}\n"
+def reliability(max_in_flight: int | None, cpu_threads: int | None = None) -> str:
+    """A ``[ranker.reliability]`` table: the bound on Rank calls in flight (gRPC's
+    own bound one above it, the default) and the request path's CPU threads; ""
+    where both are the defaults."""
+    lines = [
+        f"{k} = {v}"
+        for k, v in (("max_in_flight", max_in_flight), ("cpu_threads", cpu_threads))
+        if v is not None
+    ]
+    return "\n[ranker.reliability]\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 @contextlib.contextmanager
@@ -282,7 +286,7 @@ def users_sample(aset: artifacts.ArtifactSet, work: Path, n: int = 5000) -> Path
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work).resolve()
     redis_port = redis_port_of(work)
-    config = bench_config(work, redis_port, shedding(args.max_in_flight))
+    config = bench_config(work, redis_port, reliability(args.max_in_flight, args.cpu_threads))
     root = work / "artifacts"
     seconds: dict[str, float] = {}
     with local_redis(port=redis_port, data_dir=work / "redis") as redis_address:
@@ -335,6 +339,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "online_store": "redis",
             "shown_history": "redis",
             "max_in_flight": args.max_in_flight or "default",
+            "cpu_threads": "default" if args.cpu_threads is None else args.cpu_threads,
             "processes": "redis-server, candidate, ranker, load generator (one per step)",
             "warmup_s": args.warmup,
             "step_s": args.step_s,
@@ -460,6 +465,7 @@ def main() -> None:
     ap.add_argument("--naive-s", type=float, default=30.0)
     ap.add_argument("--start-timeout", type=float, default=300.0)
     ap.add_argument("--max-in-flight", type=int, help="ranker.reliability.max_in_flight")
+    ap.add_argument("--cpu-threads", type=int, help="ranker.reliability.cpu_threads")
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args()
     args.work = args.work or str(ROOT / ".bench" / f"latency_{args.items}")

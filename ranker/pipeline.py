@@ -35,10 +35,11 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 import numpy as np
@@ -110,6 +111,20 @@ class RankResult:
     moved_by: list[list[str]] = field(default_factory=list)  # debug: per returned item
     dropped: list[tuple[int, str, str, float]] = field(default_factory=list)
     """debug: (item id, rule, reason, model score)."""
+
+
+class _Rows(NamedTuple):
+    """A request's candidates as the model sees them."""
+
+    ids: np.ndarray  # int64
+    scores: np.ndarray  # ANN scores, float32
+    ranks: np.ndarray  # ANN ranks (-1: a popular item the search missed)
+    rows: np.ndarray  # rows of the item table
+    x: np.ndarray  # model inputs [n, MODEL_FEATURES]
+    n_bad: int  # non-finite inputs replaced by defaults
+
+
+_T = TypeVar("_T")
 
 
 def score_batch(items: list[tuple[OnnxScorer, np.ndarray]]) -> list[np.ndarray]:
@@ -299,6 +314,18 @@ class RankPipeline:
         self._idle: dict[int, asyncio.Event] = {}
         self._channel: grpc.aio.Channel | None = None
         self._stub: sieve_pb2_grpc.CandidateServiceStub | None = None
+        # A request's CPU work runs here, not on the event loop (None: on the loop).
+        self._cpu: ThreadPoolExecutor | None = (
+            ThreadPoolExecutor(rel.cpu_threads, "rank-cpu") if rel.cpu_threads else None
+        )
+
+    async def on_cpu(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` on the request path's CPU threads (``reliability.cpu_threads``),
+        so the event loop stays free to take calls, shed them and move bytes while
+        it runs; on the loop itself when there are none."""
+        if self._cpu is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
 
     @property
     def version(self) -> str:
@@ -591,6 +618,8 @@ class RankPipeline:
             await self.history.close()
         if self.response_cache is not None:
             await self.response_cache.close()
+        if self._cpu is not None:
+            self._cpu.shutdown(wait=False)  # drained: the server stopped taking calls
 
     async def rank(self, q: RankQuery, time_left_s: float | None = None) -> RankResult:
         """Rank for one user with the set live when the request starts, end to end.
@@ -675,6 +704,120 @@ class RankPipeline:
                 f"version_mismatch: candidate {resp.artifact_version}, ranker {state.version}"
             )
 
+        cand = await self.on_cpu(
+            self._model_rows, state, resp, exclude, vector, user, deadlines, rungs, degradations
+        )
+        clock.mark("item_features")
+        if cand.n_bad:
+            self.nonfinite_feature_values += cand.n_bad
+            NONFINITE_FEATURES.inc(cand.n_bad)
+        model_scores, failed = await self._score(state, cand.x, deadlines)
+        clock.mark("score")
+        if model_scores is None:
+            rungs.append("ann_order")
+            degradations.append(failed)
+
+        recent = np.empty(0, np.int64)
+        history = self.history
+        if history is not None and shown is not None:
+            try:
+                async with asyncio.timeout(max(0.0, deadlines.left("rerank"))):
+                    recent = await shown
+            except Exception as e:  # noqa: BLE001 - fatigue is never worth a failed Rank
+                degradations.append(_history_down(e))
+                history = None  # nor worth a second timeout on the write
+        result = await self.on_cpu(
+            self._rerank,
+            state,
+            q,
+            cand,
+            model_scores,
+            exclude,
+            recent,
+            rungs,
+            degradations,
+        )
+        if history is not None:
+            # awaited: the next page, maybe on another replica, must see this one
+            try:
+                await history.record(q.user_id, result.item_ids)
+            except Exception as e:  # noqa: BLE001
+                degradations.append(_history_down(e))
+        if not rungs and self.response_cache is not None:
+            answer = CachedAnswer(
+                result.item_ids,
+                result.final_scores,
+                result.candidate_scores,
+                result.model_scores,
+                result.candidate_ranks,
+            )
+            self._in_background(
+                self.response_cache.put(state.version, q.user_id, answer), "response-cache write"
+            )
+        clock.mark("rerank")
+        result.timings = clock.total()
+        return result
+
+    def _rerank(
+        self,
+        state: _Loaded,
+        q: RankQuery,
+        cand: _Rows,
+        model_scores: np.ndarray | None,
+        exclude: np.ndarray,
+        recent: np.ndarray,
+        rungs: list[str],
+        degradations: list[str],
+    ) -> RankResult:
+        """The rule chain over the scored candidates, and the answer it makes (CPU
+        only: runs on ``on_cpu``)."""
+        cand_ids, cand_scores, cand_ranks, rows = cand.ids, cand.scores, cand.ranks, cand.rows
+        slate = Slate(
+            ids=cand_ids,
+            attributes=state.items.take([name for _, name, _ in self._rule_attributes], rows),
+            embeddings_of=lambda idx: _embeddings_of(state, cand_ids[idx]),
+            attribute_of=lambda ids, name: _attribute_of(state, ids, name),
+            exclude=exclude,
+            recent=recent,
+            categories=GENRE_INDEX,
+        )
+        order_by = cand_scores if model_scores is None else model_scores
+        out = run_chain(self.rules, slate, order_by, q.k, explain=q.debug)
+        chosen = out.chosen
+        degradations += out.notes
+        if len(chosen) < q.k:
+            degradations.append(f"short_list: only {len(chosen)} candidates for k={q.k}")
+        shown_model = np.zeros(len(cand_ids), np.float32) if model_scores is None else model_scores
+        result = RankResult(
+            item_ids=cand_ids[chosen],
+            final_scores=out.final_scores,
+            candidate_scores=cand_scores[chosen],
+            model_scores=shown_model[chosen],
+            candidate_ranks=cand_ranks[chosen].astype(np.int32),
+            version=state.version,
+            degradations=degradations,
+            rungs=rungs,
+            moved_by=out.moved_by,
+            dropped=[
+                (int(cand_ids[i]), rule, why, float(shown_model[i])) for i, rule, why in out.dropped
+            ],
+        )
+        return result
+
+    def _model_rows(
+        self,
+        state: _Loaded,
+        resp: sieve_pb2.RetrieveResponse,
+        exclude: np.ndarray,
+        vector: np.ndarray,
+        user: FeatureFrame,
+        deadlines: Deadlines,
+        rungs: list[str],
+        degradations: list[str],
+    ) -> _Rows:
+        """The candidates (ANN + popular), cut to the best by ANN when retrieval ran
+        late, with their item-table rows and model inputs (CPU only: runs on
+        ``on_cpu``)."""
         cand_ids, cand_scores, cand_ranks = with_popular(
             np.asarray(resp.item_ids, np.int64),
             np.asarray(resp.scores, np.float32),
@@ -711,78 +854,11 @@ class RankPipeline:
             {name: user.array(name) for name in USER_INPUTS},
             state.items.take(ITEM_INPUTS, rows),
         )
-        clock.mark("item_features")
 
         n_bad = replace_nonfinite(x, state.feature_defaults)
         if n_bad:
-            self.nonfinite_feature_values += n_bad
-            NONFINITE_FEATURES.inc(n_bad)
             degradations.append(f"nonfinite_features: {n_bad} values scored with defaults")
-        model_scores, failed = await self._score(state, x, deadlines)
-        clock.mark("score")
-        if model_scores is None:
-            rungs.append("ann_order")
-            degradations.append(failed)
-        order_by = cand_scores if model_scores is None else model_scores
-
-        recent = np.empty(0, np.int64)
-        history = self.history
-        if history is not None and shown is not None:
-            try:
-                async with asyncio.timeout(max(0.0, deadlines.left("rerank"))):
-                    recent = await shown
-            except Exception as e:  # noqa: BLE001 - fatigue is never worth a failed Rank
-                degradations.append(_history_down(e))
-                history = None  # nor worth a second timeout on the write
-        slate = Slate(
-            ids=cand_ids,
-            attributes=state.items.take([name for _, name, _ in self._rule_attributes], rows),
-            embeddings_of=lambda idx: _embeddings_of(state, cand_ids[idx]),
-            attribute_of=lambda ids, name: _attribute_of(state, ids, name),
-            exclude=exclude,
-            recent=recent,
-            categories=GENRE_INDEX,
-        )
-        out = run_chain(self.rules, slate, order_by, q.k, explain=q.debug)
-        chosen = out.chosen
-        degradations += out.notes
-        if len(chosen) < q.k:
-            degradations.append(f"short_list: only {len(chosen)} candidates for k={q.k}")
-        if history is not None:
-            # awaited: the next page, maybe on another replica, must see this one
-            try:
-                await history.record(q.user_id, cand_ids[chosen])
-            except Exception as e:  # noqa: BLE001
-                degradations.append(_history_down(e))
-        shown_model = np.zeros(len(cand_ids), np.float32) if model_scores is None else model_scores
-        result = RankResult(
-            item_ids=cand_ids[chosen],
-            final_scores=out.final_scores,
-            candidate_scores=cand_scores[chosen],
-            model_scores=shown_model[chosen],
-            candidate_ranks=cand_ranks[chosen].astype(np.int32),
-            version=state.version,
-            degradations=degradations,
-            rungs=rungs,
-            moved_by=out.moved_by,
-            dropped=[
-                (int(cand_ids[i]), rule, why, float(shown_model[i])) for i, rule, why in out.dropped
-            ],
-        )
-        if not rungs and self.response_cache is not None:
-            answer = CachedAnswer(
-                result.item_ids,
-                result.final_scores,
-                result.candidate_scores,
-                result.model_scores,
-                result.candidate_ranks,
-            )
-            self._in_background(
-                self.response_cache.put(state.version, q.user_id, answer), "response-cache write"
-            )
-        clock.mark("rerank")
-        result.timings = clock.total()
-        return result
+        return _Rows(cand_ids, cand_scores, cand_ranks, rows, x, n_bad)
 
     async def _user_features(
         self, state: _Loaded, user_id: int, deadlines: Deadlines
@@ -872,7 +948,7 @@ class RankPipeline:
             if self.score_batcher is not None:
                 async with asyncio.timeout(left):
                     return await self.score_batcher.submit((state.scorer, x)), ""
-            return state.scorer.score(x), ""
+            return await self.on_cpu(state.scorer.score, x), ""
         except Exception as e:  # noqa: BLE001 - ANN order beats a failed Rank
             log.warning("scoring failed: %s: %s", type(e).__name__, e)
             return None, f"ann_order: scoring failed: {_failure(e)}"

@@ -241,6 +241,48 @@ async def test_past_max_accepted_grpc_sheds_before_any_handler_runs(rig_with) ->
     rig.proxy.delay_s = 0.0
 
 
+async def test_cpu_work_runs_off_the_event_loop_and_answers_the_same(  # type: ignore[no-untyped-def]
+    rig_with, monkeypatch
+) -> None:
+    import threading
+
+    import ranker.pipeline
+    import ranker.service
+
+    ran_on: dict[str, set[str]] = {}
+
+    def spy(module: object, name: str) -> None:
+        real = getattr(module, name)
+
+        def wrapper(*args, **kw):  # type: ignore[no-untyped-def]
+            ran_on.setdefault(name, set()).add(threading.current_thread().name)
+            return real(*args, **kw)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    for module, name in (
+        (ranker.pipeline, "assemble"),  # model inputs
+        (ranker.pipeline, "run_chain"),  # the re-rank
+        (ranker.service, "rank_response"),  # the answer's message
+    ):
+        spy(module, name)
+    answers = {}
+    for threads in (0, 1):
+        rig = await rig_with(cpu_threads=threads)
+        ran_on.clear()
+        answers[threads] = [await rank(rig.ranker, user_id=u, k=20) for u in (1, 2, 3)]
+        places = {name: sorted(t) for name, t in ran_on.items()}
+        if threads:
+            assert all(t[0].startswith("rank-cpu") and len(t) == 1 for t in places.values()), places
+        else:
+            assert all(t == ["MainThread"] for t in places.values()), places
+        assert len(places) == 3
+    for on_loop, off_loop in zip(answers[0], answers[1], strict=True):
+        assert list(off_loop.rungs) == [] and list(on_loop.rungs) == []
+        assert [i.item_id for i in off_loop.items] == [i.item_id for i in on_loop.items]
+        assert [i.final_score for i in off_loop.items] == [i.final_score for i in on_loop.items]
+
+
 async def test_stop_reports_not_serving_drains_then_lets_calls_finish(rig_with) -> None:  # type: ignore[no-untyped-def]
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
