@@ -221,6 +221,11 @@ def _history_down(e: BaseException) -> str:
     return f"history_unavailable: {type(e).__name__}; fatigue used no history"
 
 
+def _scoring_failed(e: BaseException) -> str:
+    log.warning("scoring failed: %s: %s", type(e).__name__, e)
+    return f"ann_order: scoring failed: {_failure(e)}"
+
+
 def _failure(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "deadline"
@@ -704,15 +709,17 @@ class RankPipeline:
                 f"version_mismatch: candidate {resp.artifact_version}, ranker {state.version}"
             )
 
-        cand = await self.on_cpu(
-            self._model_rows, state, resp, exclude, vector, user, deadlines, rungs, degradations
-        )
-        clock.mark("item_features")
+        rows_of = (state, resp, exclude, vector, user, deadlines, rungs, degradations)
+        if self.score_batcher is None:  # both stages in one trip to the CPU thread
+            cand, (model_scores, failed) = await self.on_cpu(self._scored_rows, clock, *rows_of)
+        else:
+            cand = await self.on_cpu(self._model_rows, *rows_of)
+            clock.mark("item_features")
+            model_scores, failed = await self._score_batched(state, cand.x, deadlines)
+            clock.mark("score")
         if cand.n_bad:
             self.nonfinite_feature_values += cand.n_bad
             NONFINITE_FEATURES.inc(cand.n_bad)
-        model_scores, failed = await self._score(state, cand.x, deadlines)
-        clock.mark("score")
         if model_scores is None:
             rungs.append("ann_order")
             degradations.append(failed)
@@ -934,24 +941,62 @@ class RankPipeline:
         breaker.success()
         return resp, ""
 
-    async def _score(
-        self, state: _Loaded, x: np.ndarray, deadlines: Deadlines
-    ) -> tuple[np.ndarray | None, str]:
-        """Model scores of the rows ``x``, or None and why not (the caller orders by
-        ANN score instead): under a quarter of the score line is left before the
-        stage's deadline, the batcher's queue is full or its wait ran out, or the
-        model failed."""
+    def _no_time_to_score(self, deadlines: Deadlines) -> str:
+        """Why not to score ("" to score): under a quarter of the score line is left
+        before the stage's deadline."""
         left = deadlines.left("score")
         if left < self.reliability.budget_ms.score / 4e3:
-            return None, f"ann_order: {left * 1e3:.1f} ms left to score"
+            return f"ann_order: {left * 1e3:.1f} ms left to score"
+        return ""
+
+    def _scored_rows(
+        self,
+        clock: _Clock,
+        state: _Loaded,
+        resp: sieve_pb2.RetrieveResponse,
+        exclude: np.ndarray,
+        vector: np.ndarray,
+        user: FeatureFrame,
+        deadlines: Deadlines,
+        rungs: list[str],
+        degradations: list[str],
+    ) -> tuple[_Rows, tuple[np.ndarray | None, str]]:
+        """``_model_rows``, then ``_score_here`` (CPU only: runs on ``on_cpu``)."""
+        cand = self._model_rows(state, resp, exclude, vector, user, deadlines, rungs, degradations)
+        clock.mark("item_features")
+        scored = self._score_here(state, cand.x, deadlines)
+        clock.mark("score")
+        return cand, scored
+
+    def _score_here(
+        self, state: _Loaded, x: np.ndarray, deadlines: Deadlines
+    ) -> tuple[np.ndarray | None, str]:
+        """Model scores of the rows ``x`` by a model call on this thread (no batcher),
+        or None and why not (the caller orders by ANN score instead): no time to
+        score, or the model failed."""
+        why = self._no_time_to_score(deadlines)
+        if why:
+            return None, why
         try:
-            if self.score_batcher is not None:
-                async with asyncio.timeout(left):
-                    return await self.score_batcher.submit((state.scorer, x)), ""
-            return await self.on_cpu(state.scorer.score, x), ""
+            return state.scorer.score(x), ""
         except Exception as e:  # noqa: BLE001 - ANN order beats a failed Rank
-            log.warning("scoring failed: %s: %s", type(e).__name__, e)
-            return None, f"ann_order: scoring failed: {_failure(e)}"
+            return None, _scoring_failed(e)
+
+    async def _score_batched(
+        self, state: _Loaded, x: np.ndarray, deadlines: Deadlines
+    ) -> tuple[np.ndarray | None, str]:
+        """Model scores of the rows ``x`` through the batcher, or None and why not
+        (the caller orders by ANN score instead): no time to score, the batcher's
+        queue is full or its wait ran out, or the model failed."""
+        assert self.score_batcher is not None
+        why = self._no_time_to_score(deadlines)
+        if why:
+            return None, why
+        try:
+            async with asyncio.timeout(deadlines.left("score")):
+                return await self.score_batcher.submit((state.scorer, x)), ""
+        except Exception as e:  # noqa: BLE001 - ANN order beats a failed Rank
+            return None, _scoring_failed(e)
 
     def _in_background(self, write: Coroutine[Any, Any, None], what: str) -> None:
         """Run a best-effort write off the request path (a failure is logged)."""

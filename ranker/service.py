@@ -54,7 +54,7 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
         RANK_ANSWERS.labels("degraded" if result.rungs or result.degradations else "full").inc()
         for rung in result.rungs:
             RANK_RUNGS.labels(rung).inc()
-        return await self.pipeline.on_cpu(rank_response, result)
+        return rank_response(result)
 
 
 def rank_response(result: RankResult) -> sieve_pb2.RankResponse:

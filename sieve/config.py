@@ -264,11 +264,10 @@ class ReliabilityConfig(_Frozen):
         return self
 
     cpu_threads: int = Field(1, ge=0, le=64)
-    """Threads that run a Rank's CPU work (candidate rows and model inputs, CPU
-    scoring, the re-rank, the answer's message) off the event loop, so the loop
-    only takes calls, sheds them and moves bytes; 0 runs it all on the loop. One
-    is the default: two contend for the GIL with the loop (measured in
-    BENCHMARKS.md, "Shedding")."""
+    """Threads that run a Rank's CPU work (model inputs and CPU scoring in one
+    trip, the re-rank in another) off the event loop, so the loop only takes
+    calls, sheds them and moves bytes; 0 runs it all on the loop. One is the
+    default: two contend with the loop for the GIL (BENCHMARKS.md, "Shedding")."""
     degraded_candidates: int = Field(200, ge=1, le=2048)
     """The ``fewer_candidates`` rung: candidates kept (best ANN scores) when
     retrieval left under 1.5x the item-feature and score lines before the score

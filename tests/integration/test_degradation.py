@@ -184,10 +184,10 @@ async def test_scoring_without_time_left_falls_back_to_ann_order(rig_with) -> No
     assert state is not None
     x = np.zeros((10, len(MODEL_FEATURES)), np.float32)
     late = Deadlines(rig.pipeline.reliability.budget_ms, start=time.perf_counter() - 1.0)
-    scores, why = await rig.pipeline._score(state, x, late)
+    scores, why = rig.pipeline._score_here(state, x, late)
     assert scores is None and why.startswith("ann_order: ")
     on_time = Deadlines(rig.pipeline.reliability.budget_ms, start=time.perf_counter())
-    scores, why = await rig.pipeline._score(state, x, on_time)
+    scores, why = rig.pipeline._score_here(state, x, on_time)
     assert scores is not None and scores.shape == (10,) and why == ""
 
 
@@ -247,7 +247,6 @@ async def test_cpu_work_runs_off_the_event_loop_and_answers_the_same(  # type: i
     import threading
 
     import ranker.pipeline
-    import ranker.service
 
     ran_on: dict[str, set[str]] = {}
 
@@ -260,12 +259,8 @@ async def test_cpu_work_runs_off_the_event_loop_and_answers_the_same(  # type: i
 
         monkeypatch.setattr(module, name, wrapper)
 
-    for module, name in (
-        (ranker.pipeline, "assemble"),  # model inputs
-        (ranker.pipeline, "run_chain"),  # the re-rank
-        (ranker.service, "rank_response"),  # the answer's message
-    ):
-        spy(module, name)
+    spy(ranker.pipeline, "assemble")  # model inputs, then scoring, in one trip
+    spy(ranker.pipeline, "run_chain")  # the re-rank
     answers = {}
     for threads in (0, 1):
         rig = await rig_with(cpu_threads=threads)
@@ -276,7 +271,7 @@ async def test_cpu_work_runs_off_the_event_loop_and_answers_the_same(  # type: i
             assert all(t[0].startswith("rank-cpu") and len(t) == 1 for t in places.values()), places
         else:
             assert all(t == ["MainThread"] for t in places.values()), places
-        assert len(places) == 3
+        assert len(places) == 2
     for on_loop, off_loop in zip(answers[0], answers[1], strict=True):
         assert list(off_loop.rungs) == [] and list(on_loop.rungs) == []
         assert [i.item_id for i in off_loop.items] == [i.item_id for i in on_loop.items]
