@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,9 @@ async def test_item_table_read_by_a_child_equals_the_one_read_here(  # type: ign
     ids = pd.read_parquet(repo / "data" / "item_features.parquet", columns=["item_id"])
     ids = np.concatenate([ids["item_id"].to_numpy(np.int64), [10**9 + 7]])  # one unknown
     here = await load_item_table(reader, ids, repo, process_min_items=len(ids) + 1)
+    handoffs = set(Path(tempfile.gettempdir()).glob("sieve-items-*"))
     child = await load_item_table(reader, ids, repo, process_min_items=len(ids))
+    assert set(Path(tempfile.gettempdir()).glob("sieve-items-*")) == handoffs  # removed
     assert len(here) == len(ids) - 1 > 9000
     np.testing.assert_array_equal(child.ids, here.ids)
     names = sorted(f.name for f in ITEM_VIEW.features)

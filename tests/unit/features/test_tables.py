@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -52,3 +54,27 @@ def test_idle_years_is_the_time_from_the_users_last_rating_to_the_cutoff() -> No
     assert set(f.name for f in USER_VIEW.features) <= set(users.columns)
     idle = users.set_index("user_id")["idle_years"]
     np.testing.assert_allclose(idle.loc[[1, 2, 3]].to_numpy(), [0.0, 1.5, 40.0], rtol=1e-6)
+
+
+def test_a_frame_handed_over_in_files_comes_back_equal(tmp_path: Path) -> None:
+    from features.item_table import load_frame, save_frame
+    from features.reader import FeatureFrame
+
+    lists = [np.array([3, 1], np.int64), np.empty(0, np.int64), np.array([7], np.int64)]
+    frame = FeatureFrame(
+        ids=np.array([10, 11, 12], np.int64),
+        found=np.array([True, False, True]),
+        columns={
+            "vec": np.arange(6, dtype=np.float32).reshape(3, 2),
+            "n": np.array([1, 0, 2], np.int64),
+            "seen": lists,
+        },
+    )
+    save_frame(frame, tmp_path)
+    back = load_frame(tmp_path)
+    np.testing.assert_array_equal(back.ids, frame.ids)
+    np.testing.assert_array_equal(back.found, frame.found)
+    assert list(back.columns) == ["vec", "n", "seen"]
+    assert back.array("vec").dtype == np.float32 and back.array("n").dtype == np.int64
+    np.testing.assert_array_equal(back.array("vec"), frame.array("vec"))
+    assert [a.tolist() for a in back.lists("seen")] == [[3, 1], [], [7]]
