@@ -711,7 +711,15 @@ class RankPipeline:
 
         rows_of = (state, resp, exclude, vector, user, deadlines, rungs, degradations)
         if self.score_batcher is None:  # both stages in one trip to the CPU thread
-            cand, (model_scores, failed) = await self.on_cpu(self._scored_rows, clock, *rows_of)
+
+            def rows_then_scores() -> tuple[_Rows, tuple[np.ndarray | None, str]]:
+                cand = self._model_rows(*rows_of)
+                clock.mark("item_features")
+                scored = self._score_here(state, cand.x, deadlines)
+                clock.mark("score")
+                return cand, scored
+
+            cand, (model_scores, failed) = await self.on_cpu(rows_then_scores)
         else:
             cand = await self.on_cpu(self._model_rows, *rows_of)
             clock.mark("item_features")
@@ -948,25 +956,6 @@ class RankPipeline:
         if left < self.reliability.budget_ms.score / 4e3:
             return f"ann_order: {left * 1e3:.1f} ms left to score"
         return ""
-
-    def _scored_rows(
-        self,
-        clock: _Clock,
-        state: _Loaded,
-        resp: sieve_pb2.RetrieveResponse,
-        exclude: np.ndarray,
-        vector: np.ndarray,
-        user: FeatureFrame,
-        deadlines: Deadlines,
-        rungs: list[str],
-        degradations: list[str],
-    ) -> tuple[_Rows, tuple[np.ndarray | None, str]]:
-        """``_model_rows``, then ``_score_here`` (CPU only: runs on ``on_cpu``)."""
-        cand = self._model_rows(state, resp, exclude, vector, user, deadlines, rungs, degradations)
-        clock.mark("item_features")
-        scored = self._score_here(state, cand.x, deadlines)
-        clock.mark("score")
-        return cand, scored
 
     def _score_here(
         self, state: _Loaded, x: np.ndarray, deadlines: Deadlines

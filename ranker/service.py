@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
-from ranker.pipeline import RankPipeline, RankResult, parse_rank
+from ranker.pipeline import RankPipeline, parse_rank
 from sieve.config import RankerConfig
 from sieve.errors import InvalidRequest, Overloaded, grpc_errors
 from sieve.grpc_server import Server, add_servicer
@@ -54,41 +54,36 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
         RANK_ANSWERS.labels("degraded" if result.rungs or result.degradations else "full").inc()
         for rung in result.rungs:
             RANK_RUNGS.labels(rung).inc()
-        return rank_response(result)
-
-
-def rank_response(result: RankResult) -> sieve_pb2.RankResponse:
-    """The wire form of ``result``."""
-    return sieve_pb2.RankResponse(
-        items=[
-            sieve_pb2.RankedItem(
-                item_id=int(i),
-                final_score=float(f),
-                candidate_score=float(c),
-                model_score=float(m),
-                candidate_rank=int(r),
-                moved_by=result.moved_by[n] if result.moved_by else (),
-            )
-            for n, (i, f, c, m, r) in enumerate(
-                zip(
-                    result.item_ids,
-                    result.final_scores,
-                    result.candidate_scores,
-                    result.model_scores,
-                    result.candidate_ranks,
-                    strict=True,
+        return sieve_pb2.RankResponse(
+            items=[
+                sieve_pb2.RankedItem(
+                    item_id=int(i),
+                    final_score=float(f),
+                    candidate_score=float(c),
+                    model_score=float(m),
+                    candidate_rank=int(r),
+                    moved_by=result.moved_by[n] if result.moved_by else (),
                 )
-            )
-        ],
-        dropped=[
-            sieve_pb2.DroppedItem(item_id=i, rule=rule, reason=why, model_score=score)
-            for i, rule, why, score in result.dropped
-        ],
-        timings=[sieve_pb2.StageTiming(stage=s, micros=us) for s, us in result.timings],
-        artifact_version=result.version,
-        degradations=result.degradations,
-        rungs=result.rungs,
-    )
+                for n, (i, f, c, m, r) in enumerate(
+                    zip(
+                        result.item_ids,
+                        result.final_scores,
+                        result.candidate_scores,
+                        result.model_scores,
+                        result.candidate_ranks,
+                        strict=True,
+                    )
+                )
+            ],
+            dropped=[
+                sieve_pb2.DroppedItem(item_id=i, rule=rule, reason=why, model_score=score)
+                for i, rule, why, score in result.dropped
+            ],
+            timings=[sieve_pb2.StageTiming(stage=s, micros=us) for s, us in result.timings],
+            artifact_version=result.version,
+            degradations=result.degradations,
+            rungs=result.rungs,
+        )
 
 
 async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[Server, RankPipeline]:
