@@ -34,16 +34,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from benchmarks.common import percentiles  # noqa: E402
+from candidate.config import CandidateConfig  # noqa: E402
 from features.definitions import ITEM_VIEW, USER_VIEW  # noqa: E402
 from features.reader import open_reader  # noqa: E402
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc  # noqa: E402
+from ranker.config import RankerConfig, ReliabilityConfig, StageBudgetMs  # noqa: E402
 from sieve import artifacts  # noqa: E402
-from sieve.config import (  # noqa: E402
-    CandidateConfig,
-    RankerConfig,
-    ReliabilityConfig,
-    StageBudgetMs,
-)
 from sieve.local_redis import local_redis  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -113,8 +109,8 @@ async def bench_rank(root: Path, requests: int, levels: list[int], seed: int) ->
 @contextlib.contextmanager
 def redis_repo(aset: artifacts.ArtifactSet, workdir: Path) -> Iterator[Path]:
     """A local redis-server with this set's features applied and materialized."""
+    from features.config import RedisStoreConfig
     from features.materialize import materialize_into
-    from sieve.config import RedisStoreConfig
 
     with local_redis() as address:
         repo = workdir / "redis_repo"

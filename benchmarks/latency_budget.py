@@ -49,7 +49,7 @@ from sieve.local_redis import free_port, local_redis
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
-SIEVE = [sys.executable, "-m", "sieve.cli"]
+SIEVE = [sys.executable, "-m", "app.cli"]
 
 
 def machine() -> dict[str, Any]:
@@ -238,8 +238,8 @@ def redis_port_of(work: Path) -> int:
 def model_differs(model: dict[str, Any]) -> str:
     """What of a set's manifest ``model`` differs from what a build with the
     default config makes now ("" when nothing does)."""
+    from app.config import BuildConfig
     from ranker.features import MODEL_FEATURES
-    from sieve.config import BuildConfig
 
     build = BuildConfig()
     now = {

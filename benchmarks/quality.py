@@ -32,12 +32,12 @@ import numpy as np
 import pandas as pd
 
 from candidate.index import CandidateIndex, parse_search_params
+from ranker.config import RerankConfig
 from ranker.evaluate import auc, bootstrap_ci, ndcg_at_k, paired_ratio_ci, recall_at_k
 from ranker.features import assemble, item_inputs, user_inputs, with_popular
 from ranker.rerank import GroupCap, MinGroups, Mmr, PositionDecay, Rule, Slate, run_chain
 from ranker.scorer import OnnxScorer
 from sieve import artifacts
-from sieve.config import RerankConfig
 from sieve.data import GENRE_INDEX, GENRES
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import percentiles
+from ranker.config import RerankConfig
 from ranker.rerank import (
     AllowCategories,
     Blocklist,
@@ -39,7 +40,6 @@ from ranker.rerank import (
     mmr,
     run_chain,
 )
-from sieve.config import RerankConfig
 from sieve.data import GENRE_INDEX, GENRES
 from sieve.ids import IdIndex
 
@@ -176,7 +176,7 @@ def main() -> None:
     args = ap.parse_args()
     from threadpoolctl import threadpool_limits
 
-    # As `sieve serve` runs it: one BLAS thread (see sieve.cli.serve).
+    # As `sieve serve` runs it: one BLAS thread (see app.cli.serve).
     with threadpool_limits(1, user_api="blas"):
         lat = run(args.calls, args.naive_calls)
     result = {

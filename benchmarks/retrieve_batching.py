@@ -30,10 +30,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from benchmarks.common import plot_on_off  # noqa: E402
+from candidate.config import CandidateConfig  # noqa: E402
 from candidate.service import create_server  # noqa: E402
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc  # noqa: E402
 from sieve import artifacts  # noqa: E402
-from sieve.config import CandidateConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

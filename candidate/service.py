@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from candidate.config import CandidateConfig
 from candidate.index import (
     CandidateIndex,
     SearchRequest,
@@ -28,7 +29,6 @@ from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from sieve import artifacts
 from sieve.artifacts import release_off_loop
 from sieve.batcher import MicroBatcher, per_group
-from sieve.config import CandidateConfig
 from sieve.errors import (
     ArtifactError,
     ConfigError,

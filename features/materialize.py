@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from features.config import OnlineStoreConfig, RedisStoreConfig, SqliteStoreConfig
 from features.definitions import TIMESTAMP_FIELD, VIEWS, feature_definitions
 from sieve.atomic import atomic_path
-from sieve.config import OnlineStoreConfig, RedisStoreConfig, SqliteStoreConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from sieve.config import HistoryConfig
+from ranker.config import HistoryConfig
 
 
 class ShownHistory(Protocol):

@@ -52,6 +52,7 @@ from features.definitions import USER_VIEW, VIEWS
 from features.item_table import ItemTable, load_item_table
 from features.reader import FeatureFrame, OnlineReader, open_reader
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from ranker.config import RankerConfig
 from ranker.features import ITEM_INPUTS, MODEL_FEATURES, USER_INPUTS, assemble, with_popular
 from ranker.history import ShownHistory, open_history
 from ranker.rerank import Slate, item_attributes, run_chain
@@ -61,7 +62,6 @@ from ranker.scorer import OnnxScorer, providers, replace_nonfinite
 from sieve import artifacts
 from sieve.artifacts import release_off_loop
 from sieve.batcher import MicroBatcher, per_group
-from sieve.config import RankerConfig
 from sieve.data import GENRE_INDEX
 from sieve.errors import ArtifactError, InvalidRequest, NotReady
 from sieve.ids import IdIndex

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from sieve.config import BreakerConfig, StageBudgetMs
+from ranker.config import BreakerConfig, StageBudgetMs
 
 STAGES = ("user_features", "retrieve", "item_features", "score", "rerank")
 """The timed stages of a Rank, in request order (each has a line of ``StageBudgetMs``)."""

@@ -17,8 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
+from ranker.config import ResponseCacheConfig
 from ranker.resilience import TtlCache
-from sieve.config import ResponseCacheConfig
 
 _HEADER = struct.Struct("<I")
 _FIELDS = (("ids", np.int64), ("final", np.float32), ("candidate", np.float32),

@@ -8,8 +8,8 @@ from pathlib import Path
 import grpc
 
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from ranker.config import RankerConfig
 from ranker.pipeline import RankPipeline, parse_rank
-from sieve.config import RankerConfig
 from sieve.errors import InvalidRequest, Overloaded, grpc_errors
 from sieve.grpc_server import Server, add_servicer
 from sieve.metrics import IN_FLIGHT, RANK_ANSWERS, RANK_RUNGS, serve_metrics

@@ -16,17 +16,12 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import pytest_asyncio  # noqa: E402
 
+from app.build import BuildReport, build  # noqa: E402
+from app.config import BuildConfig  # noqa: E402
+from candidate.config import CandidateConfig  # noqa: E402
+from ranker.config import RankerConfig, ReliabilityConfig, RerankConfig, StageBudgetMs  # noqa: E402
 from ranker.rerank import GroupCap, Mmr, Seen  # noqa: E402
 from sieve import artifacts  # noqa: E402
-from sieve.build import BuildReport, build  # noqa: E402
-from sieve.config import (  # noqa: E402
-    BuildConfig,
-    CandidateConfig,
-    RankerConfig,
-    ReliabilityConfig,
-    RerankConfig,
-    StageBudgetMs,
-)
 from sieve.local_redis import local_redis  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

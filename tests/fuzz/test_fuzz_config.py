@@ -29,7 +29,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from sieve.config import RerankConfig, SieveConfig, load_config
+from app.config import SieveConfig, load_config
+from ranker.config import RerankConfig
 from sieve.errors import ConfigError
 from tests.fuzz.conftest import FUZZ
 

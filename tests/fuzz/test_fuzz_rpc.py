@@ -40,9 +40,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from candidate.config import CandidateConfig
 from protos.sieve.v1 import sieve_pb2
+from ranker.config import RankerConfig
 from sieve import artifacts
-from sieve.config import CandidateConfig, RankerConfig
 from tests.fuzz.conftest import FUZZ, FUZZ_REQUESTS
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1

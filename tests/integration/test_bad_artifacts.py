@@ -26,11 +26,12 @@ import pandas as pd
 import pytest
 import pytest_asyncio
 
+from candidate.config import CandidateConfig
 from candidate.service import create_server as create_candidate
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from ranker.config import RankerConfig
 from ranker.service import create_server as create_ranker
 from sieve import artifacts
-from sieve.config import CandidateConfig, RankerConfig
 from sieve.errors import ArtifactError
 from sieve.grpc_server import Server
 from tests.conftest import RELAXED, STATELESS, copy_artifacts, until

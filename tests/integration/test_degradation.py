@@ -20,19 +20,14 @@ import pytest
 import pytest_asyncio
 
 from benchmarks.faultproxy import DelayProxy
+from candidate.config import CandidateConfig
 from candidate.service import create_server as create_candidate
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from ranker.config import BreakerConfig, RankerConfig, ReliabilityConfig, StageBudgetMs
 from ranker.features import MODEL_FEATURES
 from ranker.pipeline import RankPipeline
 from ranker.resilience import Deadlines
 from ranker.service import create_server as create_ranker
-from sieve.config import (
-    BreakerConfig,
-    CandidateConfig,
-    RankerConfig,
-    ReliabilityConfig,
-    StageBudgetMs,
-)
 from sieve.grpc_server import Server
 from tests.conftest import STATELESS, until
 

@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import pytest_asyncio
 
+from features.config import RedisStoreConfig
 from features.definitions import FEATURE_SERVICE, ITEM_VIEW, USER_VIEW, ViewSpec
 from features.item_table import load_item_table
 from features.materialize import materialize_into
 from features.reader import OnlineReader, RedisReader, SqliteReader, open_reader
 from sieve import artifacts
-from sieve.config import RedisStoreConfig
 
 
 @pytest.fixture(scope="session")

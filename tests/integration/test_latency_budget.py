@@ -90,9 +90,9 @@ def test_the_sweep_counts_a_rate_served_by_the_ladder_within_budget_but_not_at_f
 
 
 def test_a_reused_set_is_rebuilt_when_its_model_is_not_the_default() -> None:
+    from app.config import BuildConfig
     from benchmarks.latency_budget import model_differs
     from ranker.features import MODEL_FEATURES
-    from sieve.config import BuildConfig
 
     build = BuildConfig()
     now = {

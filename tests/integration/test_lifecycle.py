@@ -17,16 +17,17 @@ import pandas as pd
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from candidate.config import CandidateConfig
 from candidate.embed import MODEL_ID, embed_texts
 from candidate.service import create_server as create_candidate
 from features.materialize import apply_and_materialize, write_offline
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from ranker.config import RankerConfig
 from ranker.features import MODEL_FEATURES
 from ranker.pipeline import RankPipeline
 from ranker.service import create_server as create_ranker
 from ranker.train import ONNX_TOLERANCE
 from sieve import artifacts
-from sieve.config import CandidateConfig, RankerConfig
 from sieve.errors import ArtifactError
 from sieve.grpc_server import Server
 from sieve.local_redis import free_port
@@ -106,7 +107,7 @@ async def test_corrupt_model_is_refused_naming_the_file(
 
 def _sieve(*args: str, **kw) -> subprocess.Popen:  # type: ignore[no-untyped-def,type-arg]
     return subprocess.Popen(
-        [sys.executable, "-m", "sieve.cli", *args],
+        [sys.executable, "-m", "app.cli", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from candidate.config import CandidateConfig
 from candidate.service import create_server as create_candidate
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from ranker.config import RankerConfig
 from ranker.pipeline import RankPipeline, RankQuery
 from ranker.service import create_server as create_ranker
 from sieve import artifacts
-from sieve.config import CandidateConfig, RankerConfig
 from tests.conftest import RELAXED, STATELESS, copy_artifacts
 
 

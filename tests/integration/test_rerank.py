@@ -13,9 +13,9 @@ import pytest
 import pytest_asyncio
 
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from ranker.config import HistoryConfig, RankerConfig, RerankConfig
 from ranker.rerank import AllowCategories, GroupCap, Seen
 from sieve import artifacts
-from sieve.config import HistoryConfig, RankerConfig, RerankConfig
 from sieve.errors import ArtifactError
 from tests.conftest import RELAXED
 

@@ -215,8 +215,8 @@ async def test_retrieve_allow_categories(servers, catalog) -> None:  # type: ign
 async def test_batched_server_answers_like_the_unbatched_one(
     servers, artifacts_root, users
 ) -> None:  # type: ignore[no-untyped-def]
+    from candidate.config import CandidateConfig
     from candidate.service import create_server as create_candidate
-    from sieve.config import CandidateConfig
 
     server, servicer = await create_candidate(
         CandidateConfig(port=0, batching="on", batch_max_wait_us=2000, reload_check_s=0),
@@ -246,8 +246,8 @@ async def test_batched_server_answers_like_the_unbatched_one(
 async def test_score_batching_gives_the_same_rankings(  # type: ignore[no-untyped-def]
     servers, artifacts_root, concurrency: int, max_requests: int
 ) -> None:
+    from ranker.config import RankerConfig
     from ranker.pipeline import RankPipeline, RankQuery
-    from sieve.config import RankerConfig
 
     cfg = RankerConfig(
         port=0,
@@ -275,8 +275,8 @@ async def test_score_batching_gives_the_same_rankings(  # type: ignore[no-untype
 
 
 async def test_int8_student_serves_close_to_fp32(servers, artifacts_root) -> None:  # type: ignore[no-untyped-def]
+    from ranker.config import RankerConfig
     from ranker.pipeline import RankPipeline, RankQuery
-    from sieve.config import RankerConfig
 
     cfg = RankerConfig(
         port=0,
@@ -308,8 +308,8 @@ async def test_search_threads_bound_the_searches_run_at_once(artifacts_root, thr
     import threading
     import time
 
+    from candidate.config import CandidateConfig
     from candidate.service import create_server
-    from sieve.config import CandidateConfig
 
     server, servicer = await create_server(
         CandidateConfig(port=0, search_threads=threads), artifacts_root

@@ -273,8 +273,8 @@ def test_post_filter_never_returns_more_than_the_cap_allows() -> None:
 
 @pytest.mark.skipif(gpu_count() > 0, reason="this machine has a GPU")
 def test_device_gpu_without_a_gpu_is_refused_at_start() -> None:
+    from candidate.config import CandidateConfig
     from candidate.service import use_gpu
-    from sieve.config import CandidateConfig
     from sieve.errors import ConfigError
 
     assert use_gpu(CandidateConfig()) is False  # auto: CPU here

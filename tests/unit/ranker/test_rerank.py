@@ -8,6 +8,7 @@ import numpy as np
 import pydantic
 import pytest
 
+from app.config import load_config
 from benchmarks.rerank import naive_mmr
 from ranker.rerank import (
     AllowCategories,
@@ -31,7 +32,6 @@ from ranker.rerank import (
     run_chain,
     within_group_rank,
 )
-from sieve.config import load_config
 
 
 def test_within_group_rank() -> None:

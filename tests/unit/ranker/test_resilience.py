@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ranker.config import BreakerConfig, StageBudgetMs
 from ranker.resilience import CLOSED, HALF_OPEN, OPEN, Breaker, Deadlines, TtlCache
 from ranker.response_cache import CachedAnswer, MemoryResponseCache, decode, encode
-from sieve.config import BreakerConfig, StageBudgetMs
 
 
 class FakeClock:

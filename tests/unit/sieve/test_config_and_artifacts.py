@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from app.config import SieveConfig, load_config
 from sieve import artifacts
 from sieve.atomic import atomic_path
-from sieve.config import SieveConfig, load_config
 from sieve.errors import ArtifactError
 
 

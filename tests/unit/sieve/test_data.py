@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sieve.cli import resolve_data
+from app.cli import resolve_data
 from sieve.data import (
     GENRES,
     DataError,

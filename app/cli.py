@@ -22,7 +22,7 @@ from pathlib import Path  # noqa: E402
 
 import pydantic  # noqa: E402
 
-from sieve.config import SieveConfig, load_config  # noqa: E402
+from app.config import SieveConfig, load_config  # noqa: E402
 from sieve.errors import SieveError  # noqa: E402
 from sieve.local_redis import free_port  # noqa: E402
 
@@ -38,7 +38,7 @@ def _config(args: argparse.Namespace) -> SieveConfig:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from sieve.build import build
+    from app.build import build
 
     cfg = _config(args)
     if bool(args.data) == bool(args.synthetic):
@@ -226,7 +226,7 @@ def resolve_data(data: str | None, cache_dir: Path, url: str) -> Path | None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from sieve.build import build
+    from app.build import build
 
     cfg = _config(args)
     out = Path(args.out)
@@ -241,7 +241,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         cmd = [
             sys.executable,
             "-m",
-            "sieve.cli",
+            "app.cli",
             "serve",
             "--artifacts",
             str(out),

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from app.config import BuildConfig
 from sieve import artifacts
-from sieve.config import BuildConfig
 from sieve.data import GENRES, MovieLens, load_movielens, temporal_split
 from sieve.synthetic import synthetic_catalog
 
