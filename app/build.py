@@ -23,6 +23,16 @@ import numpy as np
 from app.config import BuildConfig
 from sieve import artifacts
 from sieve.data import GENRES, MovieLens, load_movielens, temporal_split
+from sieve.manifest import (
+    BuildSection,
+    FeatureSchemaSection,
+    FeatureSpecSection,
+    IndexSection,
+    Manifest,
+    ModelSection,
+    TeacherSection,
+    ViewSection,
+)
 from sieve.synthetic import synthetic_catalog
 
 log = logging.getLogger(__name__)
@@ -221,54 +231,54 @@ def build(
         "user_features": "feature_repo/data/user_features.parquet",
         "item_features": "feature_repo/data/item_features.parquet",
     }
-    manifest: dict[str, Any] = {
-        "format": artifacts.FORMAT,
-        "version": version,
-        "created_at": now.isoformat(),
-        "source": source,
-        "files": {role: artifacts.file_entry(vdir, rel) for role, rel in files.items()},
-        "index": {
-            "factory": factory,
-            "search_params": search,
-            "metric": "inner_product",
-            "dim": DIM,
-            "ntotal": int(index.ntotal),
-        },
-        "model": {
-            "kind": "distilled_mlp",
-            "hidden": list(config.hidden),
-            "cross_layers": config.student_cross_layers,
-            "teacher": {
-                "kind": "dcn_v2",
-                "cross_layers": config.teacher_cross_layers,
-                "deep": list(config.teacher_deep),
-            },
-            "input_name": INPUT_NAME,
-            "output_name": OUTPUT_NAME,
-            "features": list(MODEL_FEATURES),
-            "popular_candidates": config.popular_candidates,
-            "val_auc": result.val_auc,
-            "onnx_max_abs_diff": result.onnx_max_abs_diff,
+    report.stage_seconds["total"] = round(time.perf_counter() - t_all, 3)
+    manifest = Manifest(
+        version=version,
+        created_at=now.isoformat(),
+        source=source,
+        files={role: artifacts.file_entry(vdir, rel) for role, rel in files.items()},
+        index=IndexSection(
+            factory=factory, search_params=search, dim=DIM, ntotal=int(index.ntotal)
+        ),
+        model=ModelSection(
+            kind="distilled_mlp",
+            hidden=config.hidden,
+            cross_layers=config.student_cross_layers,
+            teacher=TeacherSection(
+                kind="dcn_v2",
+                cross_layers=config.teacher_cross_layers,
+                deep=config.teacher_deep,
+            ),
+            input_name=INPUT_NAME,
+            output_name=OUTPUT_NAME,
+            features=MODEL_FEATURES,
+            popular_candidates=config.popular_candidates,
+            val_auc=result.val_auc,
+            onnx_max_abs_diff=result.onnx_max_abs_diff,
             # a non-finite feature value at serving time is scored as the training mean
-            "feature_defaults": result.feature_defaults,
-        },
-        "feature_schema": {
-            "project": project,
-            "feature_service": FEATURE_SERVICE,
-            "genres": list(GENRES),
-            "views": {
-                v.name: {
-                    "entity": v.entity,
-                    "join_key": v.join_key,
-                    "features": {f.name: {"kind": f.kind, "dim": f.dim} for f in v.features},
-                }
+            feature_defaults=result.feature_defaults,
+        ),
+        feature_schema=FeatureSchemaSection(
+            project=project,
+            feature_service=FEATURE_SERVICE,
+            genres=GENRES,
+            views={
+                v.name: ViewSection(
+                    entity=v.entity,
+                    join_key=v.join_key,
+                    features={
+                        f.name: FeatureSpecSection(kind=f.kind, dim=f.dim) for f in v.features
+                    },
+                )
                 for v in VIEWS
             },
-        },
-        "build": {"config": config.model_dump(mode="json"), "stats": report.stats},
-    }
-    report.stage_seconds["total"] = round(time.perf_counter() - t_all, 3)
-    manifest["build"]["stage_seconds"] = report.stage_seconds
+        ),
+        build=BuildSection(
+            config=config.model_dump(mode="json"),
+            stats=report.stats,
+            stage_seconds=report.stage_seconds,
+        ),
+    )
     artifacts.write_manifest(vdir, manifest)
     artifacts.publish(out, version)
     return report

@@ -19,12 +19,19 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import tomllib  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import pydantic  # noqa: E402
 
 from app.config import SieveConfig, load_config  # noqa: E402
 from sieve.errors import SieveError  # noqa: E402
 from sieve.local_redis import free_port  # noqa: E402
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from app.build import BuildReport
+    from protos.sieve.v1 import sieve_pb2
 
 log = logging.getLogger("sieve")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sieve"
@@ -58,7 +65,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_build(report) -> None:  # type: ignore[no-untyped-def]
+def _print_build(report: BuildReport) -> None:
     print(f"\nartifact set {report.version} -> {report.root}")
     for stage, secs in report.stage_seconds.items():
         print(f"  {stage:<40} {secs:8.1f} s")
@@ -77,8 +84,8 @@ async def serve(
     from ranker.service import create_server as create_ranker
 
     # One BLAS thread: a request's small matrix products (MMR's 200 x 200) split
-    # over two threads wait for a core the other processes hold. At 1M items and
-    # 2 Rank/s this cut the re-rank stage's p90 from 12.5 ms to 4.3 ms.
+    # over two threads wait for a core the other processes hold.
+    # Re-rank p90 4.3 ms vs 12.5 ms with two (BENCHMARKS.md, Re-rank cost).
     threadpool_limits(1, user_api="blas")
     servers = []
     ranker_cfg = cfg.ranker
@@ -142,7 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 async def rank_once(
     address: str, user_id: int, k: int, exclude: list[int], timeout_s: float = 10.0
-):  # type: ignore[no-untyped-def]
+) -> sieve_pb2.RankResponse:
     import grpc
 
     from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
@@ -154,7 +161,9 @@ async def rank_once(
         )
 
 
-def format_response(resp, catalog, user_id: int) -> str:  # type: ignore[no-untyped-def]
+def format_response(
+    resp: sieve_pb2.RankResponse, catalog: pd.DataFrame | None, user_id: int
+) -> str:
     """The table ``sieve rank`` and the quickstart print."""
     titles = (
         dict(zip(catalog["item_id"], catalog["title"], strict=True)) if catalog is not None else {}
@@ -176,7 +185,7 @@ def format_response(resp, catalog, user_id: int) -> str:  # type: ignore[no-unty
     return "\n".join(out)
 
 
-def _catalog(artifacts_root: Path | None):  # type: ignore[no-untyped-def]
+def _catalog(artifacts_root: Path | None) -> pd.DataFrame | None:
     if artifacts_root is None:
         return None
     import pandas as pd

@@ -1,4 +1,5 @@
-"""The candidate gRPC service: a thin adapter around ``CandidateIndex``."""
+"""The candidate gRPC service: a thin adapter that validates a Retrieve, takes the
+set it names from the version holder and searches its ``CandidateIndex``."""
 
 from __future__ import annotations
 
@@ -8,38 +9,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
-import pandas as pd
-import pyarrow as pa
 
 from candidate.config import CandidateConfig
-from candidate.index import (
-    CandidateIndex,
-    SearchRequest,
-    SearchResult,
-    gpu_count,
-    parse_search_params,
-    set_gpu_params,
-    to_gpu,
-)
+from candidate.index import CandidateIndex, SearchRequest, SearchResult
+from candidate.sets import LiveIndex, load_live, use_gpu
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
-from sieve import artifacts
-from sieve.artifacts import release_off_loop
 from sieve.batcher import MicroBatcher, per_group
-from sieve.errors import (
-    ArtifactError,
-    ConfigError,
-    InvalidRequest,
-    NotFound,
-    NotReady,
-    VersionNotLoaded,
-    grpc_errors,
-)
+from sieve.errors import InvalidRequest, NotFound, grpc_errors
 from sieve.grpc_server import Server, add_servicer
-from sieve.validation import echo, echo_list, id_list, query_vector
+from sieve.validation import echo_list, id_list, query_vector
+from sieve.versions import VersionHolder
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = sieve_pb2.DESCRIPTOR.services_by_name["CandidateService"].full_name
@@ -101,82 +83,26 @@ def check_on(index: CandidateIndex, q: RetrieveQuery) -> None:
         )
 
 
-@dataclass(frozen=True)
-class _Live:
-    """One loaded artifact set; never mutated, so a request that took it keeps a
-    consistent index and version through a swap."""
-
-    index: CandidateIndex
-    version: str
-
-
-def pick(loaded: tuple[_Live, ...], version: str) -> _Live:
-    """The set a request is served from: ``version``, or the newest when it is empty.
-
-    Args:
-        loaded: the held sets, newest first.
-
-    Raises:
-        NotReady: nothing is loaded yet.
-        VersionNotLoaded: ``version`` is not among ``loaded``; names the held ones.
-    """
-    if not loaded:
-        raise NotReady("candidate index is not loaded yet")
-    if not version:
-        return loaded[0]
-    for live in loaded:
-        if live.version == version:
-            return live
-    held = ", ".join(live.version for live in loaded)
-    raise VersionNotLoaded(
-        f"artifact version {echo(version)} is not loaded here; loaded: {held} (newest first)"
-    )
-
-
-def category_masks(genres: pd.Series) -> dict[str, np.ndarray]:
-    """Catalog genre strings ("A|B") -> {genre: bool mask over catalog rows}.
-
-    A catalog has few distinct genre strings: each is split once, then every
-    genre's mask is a lookup over the factorized codes (1M rows in ~0.1 s).
-    """
-    codes, uniques = pd.factorize(genres.fillna("").astype(str))
-    parts = [set(u.split("|")) - {""} for u in uniques]
-    names = sorted(set().union(*parts)) if parts else []
-    return {name: np.array([name in p for p in parts], bool)[codes] for name in names}
-
-
-def use_gpu(config: CandidateConfig) -> bool:
-    """Whether to search on a GPU, decided once at start-up.
-
-    Raises:
-        ConfigError: ``device`` is ``gpu`` and Faiss sees none.
-    """
-    gpus = gpu_count()
-    if config.device == "gpu" and gpus == 0:
-        raise ConfigError(
-            "candidate.device is 'gpu' but Faiss sees no GPU (faiss-cpu installed? "
-            "install the gpu extra, or set device to 'auto' or 'cpu')"
-        )
-    if config.device != "cpu" and gpus > 0 and config.gpu_id >= gpus:
-        raise ConfigError(f"candidate.gpu_id is {config.gpu_id}, Faiss sees {gpus} GPU(s)")
-    return config.device != "cpu" and gpus > 0
+_Batcher = MicroBatcher[tuple[LiveIndex, SearchRequest], tuple[SearchResult, str]]
 
 
 class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
     def __init__(self, config: CandidateConfig, artifacts_root: Path) -> None:
         self.config = config
-        self.artifacts_root = Path(artifacts_root)
-        # Held sets, newest (live) first, at most config.keep_versions; replaced as one
-        # tuple, never mutated, so a request sees either the old tuple or the new one.
-        self._loaded: tuple[_Live, ...] = ()
-        self._refused = ""  # a version that failed to load, skipped until CURRENT moves on
         self.on_gpu = use_gpu(config)
+        self.sets: VersionHolder[LiveIndex] = VersionHolder(
+            Path(artifacts_root),
+            lambda version: load_live(config, Path(artifacts_root), version, self.on_gpu),
+            keep=config.keep_versions,
+            name="candidate",
+            logger=log,
+        )
         # Searches get their own pool: its size bounds the cores they take, and a
         # set loading in asyncio's default pool never waits behind them (nor they
         # behind it).
         self._search_pool = ThreadPoolExecutor(config.search_threads, thread_name_prefix="search")
         on = config.batching == "on" or (config.batching == "auto" and self.on_gpu)
-        self.batcher: MicroBatcher[tuple[_Live, SearchRequest], tuple[SearchResult, str]] | None = (
+        self.batcher: _Batcher | None = (
             MicroBatcher(
                 self._search_batch,
                 config.batch_max_size,
@@ -188,13 +114,13 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         )
 
     def _search_batch(
-        self, reqs: list[tuple[_Live, SearchRequest]]
+        self, reqs: list[tuple[LiveIndex, SearchRequest]]
     ) -> list[tuple[SearchResult, str]]:
         """Search each request on the set it took when it arrived (its pinned version
         or the newest then): one ``search_many`` per set, so a batch that spans a swap
         or several pinned versions never answers a request from another set's index."""
 
-        def on_set(live: _Live, group: list[SearchRequest]) -> list[tuple[SearchResult, str]]:
+        def on_set(live: LiveIndex, group: list[SearchRequest]) -> list[tuple[SearchResult, str]]:
             found = live.index.search_many(group, self.config.batch_exclude_slack)
             return [(res, live.version) for res in found]
 
@@ -204,16 +130,17 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         if self.batcher is not None:
             await self.batcher.stop()
         self._search_pool.shutdown(wait=False, cancel_futures=True)
+        await self.sets.close()
 
     @property
     def version(self) -> str:
         """The newest loaded version (what unpinned requests get); empty before start."""
-        return self._loaded[0].version if self._loaded else ""
+        return self.sets.version
 
     @property
     def versions(self) -> tuple[str, ...]:
         """Every held version, newest first."""
-        return tuple(live.version for live in self._loaded)
+        return self.sets.versions
 
     async def start(self) -> None:
         """Load the live artifact set and warm the index up.
@@ -221,117 +148,24 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         Raises:
             ArtifactError: naming the missing or corrupt file.
         """
-        self._loaded = (await self._load_live(artifacts.current_version(self.artifacts_root)),)
+        await self.sets.start()
         if self.batcher is not None:
             self.batcher.start()
 
-    async def _load_live(self, version: str) -> _Live:
-        index, version = await asyncio.to_thread(self._load, version)
-        await asyncio.to_thread(index.warm_up, min(1000, self.config.max_k))
-        return _Live(index, version)
-
     async def reload(self) -> bool:
-        """Make the set ``CURRENT`` names the newest if it is not. A new set is loaded
-        beside the held ones; the previous sets stay (``keep_versions`` in all) for
-        requests pinned to them, and in-flight searches finish on the set they took.
-        A version already held (a rollback) is moved to the front without loading. A
-        set that fails to load is refused (logged, once) and the held ones keep
-        serving.
-
-        Returns:
-            Whether the newest set changed.
-        """
-        try:
-            target = artifacts.current_version(self.artifacts_root)
-        except ArtifactError as e:
-            log.error("artifact reload: %s; still serving %s", e, self.version)
-            return False
-        if target in (self.version, self._refused):
-            return False
-        held = [live for live in self._loaded if live.version == target]
-        if held:
-            live = held[0]
-        else:
-            try:
-                live = await self._load_live(target)
-            except ArtifactError as e:
-                self._refused = target
-                log.error("refused artifact set %s: %s; still serving %s", target, e, self.version)
-                return False
-        old = self.version
-        before = self._loaded
-        self._loaded = (live, *(s for s in before if s is not live))[: self.config.keep_versions]
-        dropped: list[Any] = [s for s in before if s not in self._loaded]
-        del before, held
-        log.info(
-            "candidate index swapped: %s -> %s (held: %s)",
-            old,
-            live.version,
-            ", ".join(self.versions),
-        )
-        await release_off_loop(dropped)  # an in-flight search may still hold one
-        return True
-
-    def _load(self, version: str) -> tuple[CandidateIndex, str]:
-        import faiss
-
-        faiss.omp_set_num_threads(self.config.omp_threads)
-        aset = artifacts.load(self.artifacts_root, version)
-        catalog_path = aset.verified("catalog")
-        try:
-            catalog = pd.read_parquet(catalog_path, columns=["item_id", "genres"])
-            item_ids = catalog["item_id"].to_numpy(np.int64)
-        except (pa.ArrowException, OSError, KeyError, ValueError, TypeError) as e:
-            raise ArtifactError(
-                f"catalog file {catalog_path} has no readable item_id and genres columns: "
-                f"{type(e).__name__}: {e}"
-            ) from e
-        spec = aset.manifest["index"].get("search_params", "")
-        try:
-            if not isinstance(spec, str):
-                raise ValueError(f"search_params is {spec!r}, not a string")
-            search_params = parse_search_params(spec)
-        except ValueError as e:
-            raise ArtifactError(f"{aset.root / artifacts.MANIFEST}: index: {e}") from e
-        index_path = aset.verified("index")  # reading it for the checksum warms the cache too
-        index = CandidateIndex.load(
-            index_path,
-            item_ids,
-            aset.verified("user_vectors"),
-            mmap=self.config.index_mmap,
-            search_params=search_params,
-            categories=category_masks(catalog["genres"]),
-        )
-        where = "CPU"
-        if self.on_gpu:
-            embeddings = None
-            if self.config.gpu_index == "flat":
-                embeddings = np.load(aset.verified("item_embeddings"), mmap_mode="r")
-                if embeddings.shape != (index.index.ntotal, index.dim):
-                    raise ArtifactError(
-                        f"item embeddings {aset.path('item_embeddings')} have shape "
-                        f"{embeddings.shape}, the index {(index.index.ntotal, index.dim)}"
-                    )
-            index.accelerated = to_gpu(index.index, embeddings, self.config.gpu_id)
-            if embeddings is None:
-                set_gpu_params(index.accelerated.index, index.search_params)
-            where = f"GPU {self.config.gpu_id} ({self.config.gpu_index})"
-        log.info(
-            "candidate index %s: %d items, dim %d, %s, searched on %s",
-            aset.version,
-            index.index.ntotal,
-            index.dim,
-            aset.manifest["index"].get("factory", "?"),
-            where,
-        )
-        return index, aset.version
+        """Make the set ``CURRENT`` names the newest (``VersionHolder.reload``): the
+        previous sets stay (``keep_versions`` in all) for requests pinned to them."""
+        return await self.sets.reload()
 
     @grpc_errors
     async def Retrieve(
         self, request: sieve_pb2.RetrieveRequest, context: grpc.aio.ServicerContext
     ) -> sieve_pb2.RetrieveResponse:
         q = parse_retrieve(request, self.config)
-        live = pick(self._loaded, q.version)
+        with self.sets.use(q.version) as live:
+            return await self._retrieve(q, live)
+
+    async def _retrieve(self, q: RetrieveQuery, live: LiveIndex) -> sieve_pb2.RetrieveResponse:
         index = live.index
         check_on(index, q)
         vector = q.vector

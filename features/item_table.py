@@ -49,8 +49,8 @@ class ItemTable:
 
     def take(self, names: Iterable[str], rows: np.ndarray) -> dict[str, np.ndarray]:
         """Columns ``names`` at ``rows`` (from ``rows()``). ``np.take`` along the
-        first axis: twice as fast as fancy indexing for 1200 random rows of a
-        million (233 -> 104 us for the five model inputs)."""
+        first axis, which is faster than fancy indexing for random rows.
+        104 vs 233 us for 1200 rows of 1M, five columns (BENCHMARKS.md, Serving)."""
         return {name: np.take(self.columns[name], rows, axis=0) for name in names}
 
     def __len__(self) -> int:
@@ -62,6 +62,7 @@ async def load_item_table(
     item_ids: np.ndarray,
     repo: Path | None = None,
     process_min_items: int | None = None,
+    child: ReadingChild | None = None,
 ) -> ItemTable:
     """Read every item's features into an ``ItemTable``.
 
@@ -69,39 +70,73 @@ async def load_item_table(
     ``process_min_items`` ids, a child process opens its own reader on ``repo``
     and does the reading at low CPU priority: decoding a million rows holds the
     GIL for tens of seconds, which would stall the live requests of this
-    process. Otherwise ``reader`` reads here, in ``read_all``'s small batches.
+    process. ``child`` is the caller's long-lived one (a new one, closed after,
+    when None). Otherwise ``reader`` reads here, in ``read_all``'s small batches.
     Either way the id index is sorted in a worker thread.
     """
     ids = np.asarray(item_ids, np.int64)
     frame: FeatureFrame | None = None
     if repo is not None and process_min_items is not None and len(ids) >= process_min_items:
-        frame = await _read_in_child(repo, ids)
+        if child is not None:
+            frame = await child.read(repo, ids)
+        else:
+            once = ReadingChild()
+            try:
+                frame = await once.read(repo, ids)
+            finally:
+                once.close()
     if frame is None:
         frame = await read_all(reader, ITEM_VIEW, ids)
     return await asyncio.to_thread(ItemTable.from_frame, frame)
 
 
-async def _read_in_child(repo: Path, ids: np.ndarray) -> FeatureFrame | None:
-    """``read_all`` of ``ids`` in a spawned child (gRPC and asyncio do not
-    survive a fork). None when the child could not run (then the caller reads in
-    process); the store's own errors (a refused connection) propagate.
+class ReadingChild:
+    """A spawned child process (gRPC and asyncio do not survive a fork) that reads
+    item tables, kept between reads.
 
-    The child hands the frame over in ``.npy`` files, read here on a worker
+    Starting a child copies this process's page tables with the GIL held, so the
+    event loop stands still for as long: about 100 ms at 4 GB of memory
+    (BENCHMARKS.md, The swap). Started at the first read, when a ranker has not
+    loaded a large set yet, and reused by every later one (a reload beside a
+    live 1M-item set), it costs that once, while the process is small.
+
+    The child hands each frame over in ``.npy`` files, read here on a worker
     thread, not as its pickled return value: unpickling 200 MB of item columns
-    holds this process's GIL in one call, which stalled the event loop 80-99 ms
-    at each reload (1M items, idle machine) against under 5 ms through files."""
-    loop = asyncio.get_running_loop()
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-    out = Path(tempfile.mkdtemp(prefix="sieve-items-"))
-    try:
-        await loop.run_in_executor(pool, read_items_to, str(repo), ids, str(out))
-        return await asyncio.to_thread(load_frame, out)
-    except (BrokenProcessPool, OSError) as e:
-        log.warning("item table: the reading child failed (%s); reading in process", e)
-        return None
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-        await asyncio.to_thread(shutil.rmtree, out, True)
+    would hold this process's GIL, and so its event loop, in one call.
+    """
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def read(self, repo: Path, ids: np.ndarray) -> FeatureFrame | None:
+        """``read_all`` of ``ids`` in the child; None when the child could not run
+        (then the caller reads in process, and the next read starts a new child);
+        the store's own errors (a refused connection) propagate."""
+        loop = asyncio.get_running_loop()
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+        out = Path(tempfile.mkdtemp(prefix="sieve-items-"))
+        try:
+            await loop.run_in_executor(self._pool, read_items_to, str(repo), ids, str(out))
+            return await asyncio.to_thread(load_frame, out)
+        except (BrokenProcessPool, OSError) as e:
+            log.warning("item table: the reading child failed (%s); reading in process", e)
+            self.close()
+            return None
+        finally:
+            await asyncio.to_thread(shutil.rmtree, out, True)
+
+    def pids(self) -> set[int]:
+        """The child's process id (empty before the first read and after close)."""
+        if self._pool is None:
+            return set()
+        return {p.pid for p in (self._pool._processes or {}).values() if p.pid is not None}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 def read_items_to(repo: str, ids: np.ndarray, out: str, nice: int = CHILD_NICE) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -36,19 +37,26 @@ class ShownHistory(Protocol):
 class MemoryHistory:
     """In-process store; the least recently served users go first past ``max_users``."""
 
-    def __init__(self, ttl_s: float, max_items: int, max_users: int) -> None:
+    def __init__(
+        self,
+        ttl_s: float,
+        max_items: int,
+        max_users: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.ttl_s, self.max_items, self.max_users = ttl_s, max_items, max_users
+        self._clock = clock
         self._users: OrderedDict[int, dict[int, float]] = OrderedDict()
 
     async def recent(self, user_id: int) -> np.ndarray:
         shown = self._users.get(user_id)
         if not shown:
             return np.empty(0, np.int64)
-        cutoff = time.monotonic() - self.ttl_s
+        cutoff = self._clock() - self.ttl_s
         return np.fromiter((i for i, t in shown.items() if t >= cutoff), np.int64)
 
     async def record(self, user_id: int, item_ids: np.ndarray) -> None:
-        now = time.monotonic()
+        now = self._clock()
         shown = self._users.pop(user_id, {})
         cutoff = now - self.ttl_s
         shown = {i: t for i, t in shown.items() if t >= cutoff}
@@ -69,11 +77,19 @@ class RedisHistory:
     """Redis store (``redis.asyncio``): one round trip per read and per write."""
 
     def __init__(
-        self, url: str, ttl_s: float, max_items: int, prefix: str, timeout_s: float = 0.05
+        self,
+        url: str,
+        ttl_s: float,
+        max_items: int,
+        prefix: str,
+        timeout_s: float = 0.05,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: wall-clock seconds, shared by every replica (the scores)."""
         import redis.asyncio as redis
 
         self.ttl_s, self.max_items, self.prefix = ttl_s, max_items, prefix
+        self._clock = clock
         self._redis = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
@@ -83,14 +99,14 @@ class RedisHistory:
 
     async def recent(self, user_id: int) -> np.ndarray:
         members = await self._redis.zrangebyscore(
-            self._key(user_id), time.time() - self.ttl_s, "+inf"
+            self._key(user_id), self._clock() - self.ttl_s, "+inf"
         )
         return np.asarray([int(m) for m in members], np.int64)
 
     async def record(self, user_id: int, item_ids: np.ndarray) -> None:
         if len(item_ids) == 0:
             return
-        now = time.time()
+        now = self._clock()
         key = self._key(user_id)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.zadd(key, {str(i): now for i in np.asarray(item_ids, np.int64).tolist()})

@@ -1,9 +1,9 @@
 """The re-rank stage: a chain of rules, from config, over the scored candidates.
 
 Each rule is a small pure function over numpy arrays (below, one per rule, each
-tested on its own) and a params model that validates its config; ``RULES`` maps
-the config name to the model. A new rule is one function, one ``Rule`` subclass
-and one line in ``RULES``.
+tested on its own) and a params model that validates its config; ``AnyRule`` (a
+union discriminated by ``name``) maps the config name to the model. A new rule is
+one function, one ``Rule`` subclass and one member of ``AnyRule``.
 
 Rules come in three kinds, and the chain runs them in config order over one
 ranking (positions of the candidates, best first) and one score per candidate:
@@ -70,13 +70,10 @@ def mmr(
     when m <= 4k, else from one matrix-vector product per pick (O(k m d)); each
     pick is then three numpy calls on m values.
 
-    Args:
-        relevance: float [m], higher is better (the chain scales it to [0, 1]).
-        embeddings: float32 [m, d], L2-normalised rows.
-        k: items to pick; lam: 1 is pure relevance, 0 pure novelty.
-
-    Returns:
-        Indices into the inputs, in pick order, length min(k, m).
+    ``relevance``: float [m], higher is better (the chain scales it to [0, 1]);
+    ``embeddings``: float32 [m, d], L2-normalised rows; ``k``: items to pick;
+    ``lam``: 1 is pure relevance, 0 pure novelty. Returns indices into the
+    inputs, in pick order, length min(k, m).
     """
     rel = np.asarray(relevance, np.float32)
     m = len(rel)
@@ -476,19 +473,6 @@ class MinGroups(Rule):
     def group_attribute(self) -> str:
         return self.attribute
 
-
-RULES: dict[str, type[Rule]] = {
-    "seen": Seen,
-    "blocklist": Blocklist,
-    "allow_categories": AllowCategories,
-    "freshness": Freshness,
-    "fatigue": Fatigue,
-    "position_decay": PositionDecay,
-    "mmr": Mmr,
-    "group_cap": GroupCap,
-    "min_groups": MinGroups,
-}
-"""Config name -> rule. The config's ``name`` key picks one."""
 
 AnyRule = Annotated[
     Seen

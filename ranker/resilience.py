@@ -53,7 +53,6 @@ class Deadlines:
 
 
 CLOSED, OPEN, HALF_OPEN = 0, 1, 2
-STATE_NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
 
 
 class Breaker:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from sieve.errors import ArtifactError
@@ -40,7 +42,7 @@ class OnnxScorer:
         path: str,
         input_name: str,
         output_name: str,
-        features: list[str],
+        features: Sequence[str],
         intra_op_threads: int,
     ) -> None:
         self.path = path

@@ -9,13 +9,17 @@ import grpc
 
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from ranker.config import RankerConfig
-from ranker.pipeline import RankPipeline, parse_rank
+from ranker.context import parse_rank
+from ranker.ladder import RUNGS
+from ranker.pipeline import RankPipeline
 from sieve.errors import InvalidRequest, Overloaded, grpc_errors
 from sieve.grpc_server import Server, add_servicer
 from sieve.metrics import IN_FLIGHT, RANK_ANSWERS, RANK_RUNGS, serve_metrics
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = sieve_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
+for _rung in RUNGS:  # every series exists from the start (at 0), so a rate() is defined
+    RANK_RUNGS.labels(_rung)
 
 
 class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):

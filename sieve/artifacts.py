@@ -17,19 +17,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
 
 from sieve.atomic import atomic_path, sha256_file
 from sieve.errors import ArtifactError
+from sieve.manifest import FORMAT, VERSION_RE, FileEntry, Manifest, problem
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
-FORMAT = 1
-_VERSION_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -37,18 +41,18 @@ class ArtifactSet:
     """A loaded manifest and the folder it describes."""
 
     root: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @property
     def version(self) -> str:
-        return str(self.manifest["version"])
+        return self.manifest.version
 
     def path(self, role: str) -> Path:
         """Absolute path of the file the manifest names for ``role``."""
-        try:
-            return self.root / self.manifest["files"][role]["path"]
-        except KeyError:
-            raise ArtifactError(f"{self.root / MANIFEST} names no {role!r} file") from None
+        entry = self.manifest.files.get(role)
+        if entry is None:
+            raise ArtifactError(f"{self.root / MANIFEST} names no {role!r} file")
+        return self.root / entry.path
 
     def verified(self, role: str) -> Path:
         """``path(role)``, after checking it exists, matches its checksum and, for
@@ -62,13 +66,33 @@ class ArtifactSet:
         path = self.path(role)
         if not path.is_file():
             raise ArtifactError(f"{role} file {path} is missing")
-        expected = self.manifest["files"][role]["sha256"]
+        expected = self.manifest.files[role].sha256
         if sha256_file(path) != expected:
             raise ArtifactError(f"{role} file {path} does not match its checksum in {MANIFEST}")
         problem = _format_problem(path)
         if problem:
             raise ArtifactError(f"{role} file {path} is malformed: {problem}")
         return path
+
+    def read_catalog(self, columns: Sequence[str]) -> pd.DataFrame:
+        """The verified catalog's ``columns`` (``item_id`` first among them).
+
+        Raises:
+            ArtifactError: naming the file, when it lacks a column or cannot be read.
+        """
+        import pandas as pd
+        import pyarrow as pa
+
+        path = self.verified("catalog")
+        try:
+            catalog = pd.read_parquet(path, columns=list(columns))
+            catalog["item_id"].to_numpy("int64")
+        except (pa.ArrowException, OSError, KeyError, ValueError, TypeError) as e:
+            raise ArtifactError(
+                f"catalog file {path} has no readable {' and '.join(columns)} "
+                f"column{'s' if len(columns) > 1 else ''}: {type(e).__name__}: {e}"
+            ) from e
+        return catalog
 
 
 def _format_problem(path: Path) -> str:
@@ -107,16 +131,16 @@ def _format_problem(path: Path) -> str:
     return ""
 
 
-def file_entry(root: Path, rel: str) -> dict[str, Any]:
+def file_entry(root: Path, rel: str) -> FileEntry:
     path = root / rel
-    return {"path": rel, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return FileEntry(path=rel, sha256=sha256_file(path), bytes=path.stat().st_size)
 
 
-def write_manifest(version_dir: Path, manifest: dict[str, Any]) -> Path:
+def write_manifest(version_dir: Path, manifest: Manifest) -> Path:
     """Write ``manifest.json`` atomically (temp file, then ``os.replace``)."""
     target = Path(version_dir) / MANIFEST
     with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(manifest.to_json())
     return target
 
 
@@ -126,15 +150,15 @@ def clone_version(src: Path, dest: Path, link: bool = False) -> Path:
     published. ``link``: hard links instead of copies (instant at 1M items), so a
     file of the clone must then be replaced, never written in place."""
     shutil.copytree(src, dest, copy_function=os.link if link else shutil.copy2)
-    manifest = json.loads((dest / MANIFEST).read_text())
-    manifest["version"] = dest.name
-    write_manifest(dest, manifest)  # a new file: a link is replaced, not written through
+    manifest = Manifest.model_validate_json((dest / MANIFEST).read_text())
+    # a new file: a link is replaced, not written through
+    write_manifest(dest, manifest.model_copy(update={"version": dest.name}))
     return dest
 
 
 def publish(root: Path, version: str) -> None:
     """Point ``root/CURRENT`` at ``version``, atomically."""
-    if not _VERSION_RE.match(version):
+    if not VERSION_RE.match(version):
         raise ValueError(f"bad artifact version {version!r}")
     with atomic_path(Path(root) / CURRENT) as tmp:
         tmp.write_text(version + "\n")
@@ -154,7 +178,7 @@ def resolve(root: Path) -> Path:
     if not current.is_file():
         raise ArtifactError(f"{current} is missing: no artifact set was built in {root}")
     version = current.read_text().strip()
-    if not _VERSION_RE.match(version):
+    if not VERSION_RE.match(version):
         raise ArtifactError(f"{current} holds {version!r}, not a version name")
     folder = root / "versions" / version
     if not (folder / MANIFEST).is_file():
@@ -168,36 +192,6 @@ def current_version(root: Path) -> str:
     return folder.name if folder != Path(root) else load(root).version
 
 
-def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    """Check the shape of a manifest whose required keys are present: a version
-    name, sections that are objects, and a files table whose every entry names a
-    path inside the set and a SHA-256.
-
-    Raises:
-        ArtifactError: naming ``path`` and the key that is wrong.
-    """
-    version = manifest["version"]
-    if not isinstance(version, str) or not _VERSION_RE.match(version):
-        raise ArtifactError(f"{path}: 'version' is {version!r}, not a version name")
-    for key in ("files", "index", "model", "feature_schema"):
-        if not isinstance(manifest[key], dict):
-            raise ArtifactError(
-                f"{path}: {key!r} is a {type(manifest[key]).__name__}, not an object"
-            )
-    for role, entry in manifest["files"].items():
-        where = f"{path}: files[{role!r}]"
-        if not isinstance(entry, dict):
-            raise ArtifactError(f"{where} is a {type(entry).__name__}, not an object")
-        rel, digest = entry.get("path"), entry.get("sha256")
-        if not isinstance(rel, str) or not rel:
-            raise ArtifactError(f"{where} has no 'path' string")
-        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
-            raise ArtifactError(f"{where} has no 'sha256' of 64 hex digits")
-        parts = PurePosixPath(rel).parts
-        if PurePosixPath(rel).is_absolute() or "\\" in rel or ".." in parts:
-            raise ArtifactError(f"{where} names {rel!r}, a path outside the artifact set")
-
-
 def load(root: Path, version: str | None = None) -> ArtifactSet:
     """Read and sanity-check the manifest of an artifact set under ``root``: the live
     one (what ``CURRENT`` names), or ``versions/<version>`` when ``version`` is given
@@ -207,30 +201,30 @@ def load(root: Path, version: str | None = None) -> ArtifactSet:
     Raises:
         ArtifactError: missing or unreadable manifest, a manifest of another format,
             one whose version is not the folder's (or ``version``), or one whose
-            keys have the wrong types or whose files leave the set
-            (``_check_manifest``).
+            fields do not fit ``Manifest`` (named by their path) or whose files
+            leave the set.
     """
     if version is None or (Path(root) / MANIFEST).is_file():
         folder = resolve(root)
-    elif not _VERSION_RE.match(version):
+    elif not VERSION_RE.match(version):
         raise ArtifactError(f"{version!r} is not a version name")
     else:
         folder = Path(root) / "versions" / version
     path = folder / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path} is not readable JSON: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a sieve manifest of format {FORMAT}")
-    for key in ("version", "files", "index", "model", "feature_schema"):
-        if key not in manifest:
-            raise ArtifactError(f"{path} lacks {key!r}")
-    _check_manifest(path, manifest)
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as e:
+        raise ArtifactError(f"{path}{problem(e)}") from None
     # A set under versions/ is of its folder's version, whoever names it.
     expected = folder.name if folder != Path(root) else version
-    if expected is not None and manifest["version"] != expected:
-        raise ArtifactError(f"{path} is of version {manifest['version']!r}, not {expected!r}")
+    if expected is not None and manifest.version != expected:
+        raise ArtifactError(f"{path} is of version {manifest.version!r}, not {expected!r}")
     return ArtifactSet(root=folder, manifest=manifest)
 
 

@@ -158,6 +158,9 @@ class MicroBatcher(Generic[In, Out]):
                 self.batch_sizes.append(len(live))
             task = asyncio.create_task(self._compute(live))
             self._computing[task] = live
+            # Not kept past the batch: a finished batch's inputs (an old artifact
+            # set among them) must not stay alive while the next one is awaited.
+            del batch, live
 
             def done(t: asyncio.Task[None]) -> None:
                 self._computing.pop(t, None)
@@ -174,6 +177,9 @@ class MicroBatcher(Generic[In, Out]):
                     f"batch function returned {len(outputs)} outputs for {len(inputs)} inputs"
                 )
         except Exception as e:  # every waiting caller gets the batch's failure
+            # Without its traceback: its frames hold the batch's inputs (an old
+            # artifact set among them) for as long as a caller keeps the error.
+            e = e.with_traceback(None)
             for _, fut in live:
                 if not fut.done():
                     fut.set_exception(e)

@@ -42,12 +42,6 @@ class Overloaded(SieveError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class UpstreamError(SieveError):
-    """A service we depend on failed."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-
-
 class ArtifactError(SieveError):
     """An artifact is missing, corrupt or does not match its manifest."""
 

@@ -31,9 +31,6 @@ NONFINITE_FEATURES = Counter(
 # Every series exists from the start (at 0), so a rate() over it is defined.
 for _outcome in ("full", "degraded", "shed", "invalid", "error"):
     RANK_ANSWERS.labels(_outcome)
-for _rung in ("cached_user_features", "fewer_candidates", "ann_order", "cached_response",
-              "popular_items"):  # fmt: skip
-    RANK_RUNGS.labels(_rung)
 
 
 def serve_metrics(host: str, port: int) -> WSGIServer:

@@ -34,6 +34,7 @@ from ranker.service import create_server as create_ranker
 from sieve import artifacts
 from sieve.errors import ArtifactError
 from sieve.grpc_server import Server
+from sieve.manifest import Manifest
 from tests.conftest import RELAXED, STATELESS, copy_artifacts, until
 
 CANDIDATE, RANKER = "candidate", "ranker"
@@ -276,7 +277,7 @@ CASES = [
         for edit, services, what, xfail in [
             (json_truncated, (CANDIDATE, RANKER), " is not readable JSON: ", {}),
             (lacks_files, (CANDIDATE, RANKER), " lacks 'files'", {}),
-            (entry_lacks_sha256, (CANDIDATE, RANKER), r": files\['catalog'\] has no 'sha256'", {}),
+            (entry_lacks_sha256, (CANDIDATE, RANKER), r": files\['catalog'\] lacks 'sha256'", {}),
             (files_is_a_list, (CANDIDATE, RANKER), ": 'files' is a list, not an object", {}),
             (model_is_a_string, (CANDIDATE, RANKER), ": 'model' is a str, not an object", {}),
             (version_is_a_number, (CANDIDATE, RANKER), ": 'version' is 7, not a version", {}),
@@ -286,7 +287,7 @@ CASES = [
             (bad_search_params, (CANDIDATE,), ": index: search parameter nprobe must be", {}),
             (
                 model_lacks_features,
-                (RANKER,),
+                (CANDIDATE, RANKER),
                 ": model lacks 'features'",
                 {},
             ),
@@ -319,16 +320,15 @@ def make_bad_version(root: Path, good: Path, case: Case) -> Path:
     replaced, never written through its link), then the case's damage."""
     folder = artifacts.clone_version(good, root / "versions" / f"zz_{case.name}", link=True)
     manifest_path = folder / artifacts.MANIFEST
-    manifest = json.loads(manifest_path.read_text())
+    manifest = Manifest.model_validate_json(manifest_path.read_text())
     if case.damage is not None:
-        path = folder / manifest["files"][case.role]["path"]
+        path = folder / manifest.files[case.role].path
         data = case.damage(path.read_bytes(), path)
         path.unlink()
         path.write_bytes(data)
         if case.rebuilt:
-            manifest["files"][case.role] = artifacts.file_entry(
-                folder, path.relative_to(folder).as_posix()
-            )
+            entry = artifacts.file_entry(folder, path.relative_to(folder).as_posix())
+            manifest = manifest.model_copy(update={"files": {**manifest.files, case.role: entry}})
     artifacts.write_manifest(folder, manifest)  # a new file: the link is replaced
     if case.edit is not None:
         text = case.edit(manifest_path.read_text(), folder, good)
@@ -506,9 +506,9 @@ async def test_files_no_service_reads_do_not_stop_a_set(pair: Pair) -> None:
     roles = ("user_features", "item_features", "holdout", "teacher")
     good = pair.root / "versions" / pair.good
     folder = make_bad_version(pair.root, good, Case("offline_only", (), ""))
-    manifest = json.loads((folder / artifacts.MANIFEST).read_text())
+    manifest = artifacts.load(pair.root, folder.name).manifest
     for role in roles:
-        path = folder / manifest["files"][role]["path"]
+        path = folder / manifest.files[role].path
         data = truncated(path.read_bytes(), path)
         path.unlink()
         path.write_bytes(data)

@@ -19,15 +19,17 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from benchmarks.faultproxy import DelayProxy
 from candidate.config import CandidateConfig
 from candidate.service import create_server as create_candidate
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from ranker import stages
 from ranker.config import BreakerConfig, RankerConfig, ReliabilityConfig, StageBudgetMs
+from ranker.context import RankContext, RankQuery
 from ranker.features import MODEL_FEATURES
 from ranker.pipeline import RankPipeline
 from ranker.resilience import Deadlines
 from ranker.service import create_server as create_ranker
+from sieve.faultproxy import DelayProxy
 from sieve.grpc_server import Server
 from tests.conftest import STATELESS, until
 
@@ -175,15 +177,18 @@ async def test_a_short_caller_deadline_gets_an_answer_not_an_error(rig_with) -> 
 
 async def test_scoring_without_time_left_falls_back_to_ann_order(rig_with) -> None:  # type: ignore[no-untyped-def]
     rig = await rig_with()
-    state = rig.pipeline._state
+    state = rig.pipeline.sets.live
     assert state is not None
     x = np.zeros((10, len(MODEL_FEATURES)), np.float32)
-    late = Deadlines(rig.pipeline.reliability.budget_ms, start=time.perf_counter() - 1.0)
-    scores, why = rig.pipeline._score_here(state, x, late)
-    assert scores is None and why.startswith("ann_order: ")
-    on_time = Deadlines(rig.pipeline.reliability.budget_ms, start=time.perf_counter())
-    scores, why = rig.pipeline._score_here(state, x, on_time)
-    assert scores is not None and scores.shape == (10,) and why == ""
+    rel = rig.pipeline.reliability
+    query = RankQuery(1, 10, np.empty(0, np.int64), False)
+    late = RankContext(query, Deadlines(rel.budget_ms, start=time.perf_counter() - 1.0))
+    scores = stages.score_here(state, late, x, rel)
+    assert scores is None and late.rungs == ["ann_order"]
+    assert late.degradations[0].startswith("ann_order: ")
+    on_time = RankContext(query, Deadlines(rel.budget_ms, start=time.perf_counter()))
+    scores = stages.score_here(state, on_time, x, rel)
+    assert scores is not None and scores.shape == (10,) and on_time.degradations == []
 
 
 async def _two_rank_calls_held(rig: Rig) -> list[asyncio.Task[sieve_pb2.RankResponse]]:
@@ -241,7 +246,7 @@ async def test_cpu_work_runs_off_the_event_loop_and_answers_the_same(  # type: i
 ) -> None:
     import threading
 
-    import ranker.pipeline
+    import ranker.stages
 
     ran_on: dict[str, set[str]] = {}
 
@@ -254,8 +259,8 @@ async def test_cpu_work_runs_off_the_event_loop_and_answers_the_same(  # type: i
 
         monkeypatch.setattr(module, name, wrapper)
 
-    spy(ranker.pipeline, "assemble")  # model inputs, then scoring, in one trip
-    spy(ranker.pipeline, "run_chain")  # the re-rank
+    spy(ranker.stages, "assemble")  # model inputs, then scoring, in one trip
+    spy(ranker.stages, "run_chain")  # the re-rank
     answers = {}
     for threads in (0, 1):
         rig = await rig_with(cpu_threads=threads)

@@ -12,7 +12,7 @@ import pytest_asyncio
 
 from features.config import RedisStoreConfig
 from features.definitions import FEATURE_SERVICE, ITEM_VIEW, USER_VIEW, ViewSpec
-from features.item_table import load_item_table
+from features.item_table import ReadingChild, load_item_table
 from features.materialize import materialize_into
 from features.reader import OnlineReader, RedisReader, SqliteReader, open_reader
 from sieve import artifacts
@@ -32,7 +32,7 @@ def redis_repo(
     materialize_into(
         artifact_set.verified("feature_store").parent,
         repo,
-        artifact_set.manifest["feature_schema"]["project"],
+        artifact_set.manifest.feature_schema.project,
         RedisStoreConfig(connection_string=redis_server),
     )
     return repo
@@ -144,6 +144,30 @@ async def test_item_table_read_by_a_child_equals_the_one_read_here(  # type: ign
     for name, col in here.columns.items():
         assert child.columns[name].dtype == col.dtype
         np.testing.assert_array_equal(child.columns[name], col, err_msg=name)
+
+
+async def test_a_kept_reading_child_is_started_once_and_reused(
+    redis_reader, redis_repo: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A ranker's reads of item tables go to one child, started at the first read
+    (later reads do not pay for starting a process beside a large live set)."""
+    ids = pd.read_parquet(redis_repo / "data" / "item_features.parquet", columns=["item_id"])
+    ids = ids["item_id"].to_numpy(np.int64)
+    here = await load_item_table(redis_reader, ids, redis_repo, process_min_items=len(ids) + 1)
+    child = ReadingChild()
+    try:
+        first = await load_item_table(redis_reader, ids, redis_repo, 0, child)
+        assert child.pids() and len(child.pids()) == 1
+        pids = child.pids()
+        second = await load_item_table(redis_reader, ids, redis_repo, 0, child)
+        assert child.pids() == pids  # the same process
+    finally:
+        child.close()
+    assert child.pids() == set()
+    for table in (first, second):
+        np.testing.assert_array_equal(table.ids, here.ids)
+        for name, col in here.columns.items():
+            np.testing.assert_array_equal(table.columns[name], col, err_msg=name)
 
 
 async def test_item_table_child_reports_the_store_error(tmp_path: Path, redis_repo: Path) -> None:

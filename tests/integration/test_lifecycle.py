@@ -45,22 +45,22 @@ def rematerialize_items(repo: Path, items: pd.DataFrame, event_time: datetime) -
 
 def test_manifest_names_what_belongs_together(artifact_set: artifacts.ArtifactSet) -> None:
     m = artifact_set.manifest
-    for role in m["files"]:
+    for role in m.files:
         artifact_set.verified(role)  # every file present and matching its checksum
     # the build checks each ONNX file against torch on 512 real training rows and
     # 512 random ones, and INT8 against FP32 on the same rows
-    diffs = m["model"]["onnx_max_abs_diff"]
+    diffs = m.model.onnx_max_abs_diff
     assert diffs["teacher"] < ONNX_TOLERANCE and diffs["student"] < ONNX_TOLERANCE
     assert 0 < diffs["student_int8_vs_fp32"] < 0.05
-    assert {"model", "model_int8", "teacher"} <= set(m["files"])
-    assert m["model"]["features"] == list(MODEL_FEATURES)
+    assert {"model", "model_int8", "teacher"} <= set(m.files)
+    assert m.model.features == MODEL_FEATURES
     # held-out users of the training rows: the models learned something
-    assert all(v > 0.75 for v in m["model"]["val_auc"].values()), m["model"]["val_auc"]
-    assert m["index"]["ntotal"] == 9742 and m["index"]["dim"] == 384
-    assert m["feature_schema"]["feature_service"] == "ranker_v2"
-    assert m["index"]["factory"] == "Flat" and m["index"]["search_params"] == ""  # auto, 9.7k items
-    assert set(m["build"]["stage_seconds"]) >= {"faiss index (Flat)", "feast apply + materialize"}
-    stats = m["build"]["stats"]
+    assert all(v > 0.75 for v in m.model.val_auc.values()), m.model.val_auc
+    assert m.index.ntotal == 9742 and m.index.dim == 384
+    assert m.feature_schema.feature_service == "ranker_v2"
+    assert m.index.factory == "Flat" and m.index.search_params == ""  # auto, 9.7k items
+    assert set(m.build.stage_seconds) >= {"faiss index (Flat)", "feast apply + materialize"}
+    stats = m.build.stats
     assert stats["train"] + stats["holdout"] == stats["ratings"] == 100_836
 
 
@@ -87,9 +87,8 @@ async def test_corrupt_index_is_refused_naming_the_file(
     ):
         await create_candidate(CandidateConfig(port=0), root)
     # Even with a manifest that agrees, the bytes are refused by Faiss, naming the file.
-    manifest = dict(aset.manifest)
-    manifest["files"]["index"] = artifacts.file_entry(aset.root, "index.faiss")
-    artifacts.write_manifest(aset.root, manifest)
+    files = {**aset.manifest.files, "index": artifacts.file_entry(aset.root, "index.faiss")}
+    artifacts.write_manifest(aset.root, aset.manifest.model_copy(update={"files": files}))
     with pytest.raises(
         ArtifactError, match=r"index file .*index.faiss is not a readable Faiss index"
     ):
@@ -175,14 +174,14 @@ async def test_item_features_reload_after_a_new_materialization(
     try:
         assert not await pipeline.refresh_item_features()  # nothing new yet
         target = int(items["item_id"].iloc[5])
-        rows, _ = pipeline._state.items.rows(np.array([target]))  # type: ignore[union-attr]
-        before = float(pipeline._state.items.columns["rating_mean"][rows[0]])  # type: ignore[union-attr]
+        rows, _ = pipeline.sets.live.items.rows(np.array([target]))  # type: ignore[union-attr]
+        before = float(pipeline.sets.live.items.columns["rating_mean"][rows[0]])  # type: ignore[union-attr]
         items.loc[5, "rating_mean"] = np.float32(before + 0.75)
         later = event_time + timedelta(hours=1)
         rematerialize_items(repo, items, later)
         assert await pipeline.refresh_item_features()
-        rows, _ = pipeline._state.items.rows(np.array([target]))  # type: ignore[union-attr]
-        after = float(pipeline._state.items.columns["rating_mean"][rows[0]])  # type: ignore[union-attr]
+        rows, _ = pipeline.sets.live.items.rows(np.array([target]))  # type: ignore[union-attr]
+        after = float(pipeline.sets.live.items.columns["rating_mean"][rows[0]])  # type: ignore[union-attr]
         assert after == pytest.approx(before + 0.75)
     finally:
         await pipeline.close()
@@ -255,7 +254,7 @@ async def test_nonfinite_item_features_are_scored_with_defaults(
     pipeline = RankPipeline(cfg, root)
     await pipeline.start()
     try:
-        from ranker.pipeline import RankQuery
+        from ranker.context import RankQuery
 
         result = await pipeline.rank(RankQuery(42, 50, np.empty(0, np.int64), False))
     finally:

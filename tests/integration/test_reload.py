@@ -4,7 +4,6 @@ features going live as one unit across both services."""
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import weakref
 from pathlib import Path
@@ -20,7 +19,8 @@ from candidate.config import CandidateConfig
 from candidate.service import create_server as create_candidate
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from ranker.config import RankerConfig
-from ranker.pipeline import RankPipeline, RankQuery
+from ranker.context import RankQuery
+from ranker.pipeline import RankPipeline
 from ranker.service import create_server as create_ranker
 from sieve import artifacts
 from tests.conftest import RELAXED, STATELESS, copy_artifacts
@@ -41,11 +41,12 @@ def rescaled_version(root: Path, src: str, new: str, factor: float) -> Path:
     index = faiss.IndexFlatIP(emb.shape[1])
     index.add(emb)
     faiss.write_index(index, str(folder / "index.faiss"))
-    manifest = json.loads((folder / artifacts.MANIFEST).read_text())
-    for role in ("index", "item_embeddings"):
-        manifest["files"][role] = artifacts.file_entry(folder, manifest["files"][role]["path"])
-    manifest["index"].update(factory="Flat", search_params="")
-    artifacts.write_manifest(folder, manifest)
+    m = artifacts.load(root, new).manifest
+    files = {r: artifacts.file_entry(folder, m.files[r].path) for r in ("index", "item_embeddings")}
+    index = m.index.model_copy(update={"factory": "Flat", "search_params": ""})
+    artifacts.write_manifest(
+        folder, m.model_copy(update={"files": {**m.files, **files}, "index": index})
+    )
     return folder
 
 
@@ -180,9 +181,11 @@ class Ranks(Loops):
                     self.errors.append(e)
 
 
+@pytest.mark.parametrize("score_batching", ["off", "on"])
 async def test_ranker_and_candidate_go_live_with_a_new_set_as_one_unit(
-    artifacts_root: Path, tmp_path: Path
+    artifacts_root: Path, tmp_path: Path, score_batching: str
 ) -> None:
+    # With score batching on, a finished batch must not keep the retired set alive.
     root = copy_artifacts(artifacts_root, tmp_path)
     v1 = artifacts.current_version(root)
     cserver, cservicer = await create_candidate(CandidateConfig(port=0, reload_check_s=0), root)
@@ -193,6 +196,7 @@ async def test_ranker_and_candidate_go_live_with_a_new_set_as_one_unit(
         reliability=RELAXED,
         reload_check_s=0,
         rerank=STATELESS,  # same request, same answer: compared below
+        score_batching=score_batching,
     )
     rserver, pipeline = await create_ranker(rconfig, root)
     ranks = Ranks(f"127.0.0.1:{rserver.port}")
@@ -214,7 +218,7 @@ async def test_ranker_and_candidate_go_live_with_a_new_set_as_one_unit(
         await ranks.until(len(ranks.answers) + 24)
         retired_on: list[str] = []  # the thread that freed v1's set: not the loop's
         weakref.finalize(
-            pipeline._state, lambda: retired_on.append(threading.current_thread().name)
+            pipeline.sets.live, lambda: retired_on.append(threading.current_thread().name)
         )
         assert await pipeline.reload()
         assert retired_on and retired_on != [threading.current_thread().name], retired_on
@@ -329,21 +333,23 @@ async def test_pinned_retrieve_holds_keep_versions_sets_and_refuses_others(
         await server.stop(0)
 
 
+@pytest.mark.parametrize("batching", ["off", "on"])
 async def test_a_retired_index_is_freed_off_the_event_loop(
-    artifacts_root: Path, tmp_path: Path
+    artifacts_root: Path, tmp_path: Path, batching: str
 ) -> None:
     # Freeing a 1M-item index takes 25 ms here; on the loop it would stall every call.
+    # With batching on, a finished batch must not keep the set it searched alive.
     root = copy_artifacts(artifacts_root, tmp_path)
     v1 = artifacts.current_version(root)
     clone_version(root, v1, "zz_v2")
-    config = CandidateConfig(port=0, keep_versions=1, reload_check_s=0)
+    config = CandidateConfig(port=0, keep_versions=1, reload_check_s=0, batching=batching)
     server, servicer = await create_candidate(config, root)
     try:
         address = f"127.0.0.1:{server.port}"
         assert (await _retrieve(address, user_id=42, k=5)).artifact_version == v1
         freed_on: list[str] = []
         weakref.finalize(
-            servicer._loaded[0].index, lambda: freed_on.append(threading.current_thread().name)
+            servicer.sets.pick().index, lambda: freed_on.append(threading.current_thread().name)
         )
         artifacts.publish(root, "zz_v2")
         assert await servicer.reload()

@@ -247,7 +247,8 @@ async def test_score_batching_gives_the_same_rankings(  # type: ignore[no-untype
     servers, artifacts_root, concurrency: int, max_requests: int
 ) -> None:
     from ranker.config import RankerConfig
-    from ranker.pipeline import RankPipeline, RankQuery
+    from ranker.context import RankQuery
+    from ranker.pipeline import RankPipeline
 
     cfg = RankerConfig(
         port=0,
@@ -276,7 +277,8 @@ async def test_score_batching_gives_the_same_rankings(  # type: ignore[no-untype
 
 async def test_int8_student_serves_close_to_fp32(servers, artifacts_root) -> None:  # type: ignore[no-untyped-def]
     from ranker.config import RankerConfig
-    from ranker.pipeline import RankPipeline, RankQuery
+    from ranker.context import RankQuery
+    from ranker.pipeline import RankPipeline
 
     cfg = RankerConfig(
         port=0,
@@ -289,7 +291,8 @@ async def test_int8_student_serves_close_to_fp32(servers, artifacts_root) -> Non
     int8 = RankPipeline(cfg, artifacts_root)
     await int8.start()
     try:
-        assert int8._state is not None and int8._state.scorer.path.endswith("ranker_int8.onnx")
+        live = int8.sets.live
+        assert live is not None and live.scorer.path.endswith("ranker_int8.onnx")
         overlap = []
         for u in (1, 42, 414, 610):
             q = RankQuery(u, 50, np.empty(0, np.int64), False)
@@ -316,7 +319,7 @@ async def test_search_threads_bound_the_searches_run_at_once(artifacts_root, thr
     )
     lock, active, most = threading.Lock(), [0], [0]
     try:
-        index = servicer._loaded[0].index
+        index = servicer.sets.pick().index
         search = index.search
 
         def held(*args):  # type: ignore[no-untyped-def]

@@ -269,7 +269,9 @@ class StageTiming(_message.Message):
     STAGE_FIELD_NUMBER: _builtins.int
     MICROS_FIELD_NUMBER: _builtins.int
     stage: _builtins.str
-    """One of: validate, user_features, retrieve, item_features, score, rerank, total."""
+    """One of: validate, user_features, retrieve, item_features, score, rerank, total;
+    "fallback" closes an answer of the ladder's last rungs (cached response, popular items).
+    """
     micros: _builtins.int
     def __init__(
         self,

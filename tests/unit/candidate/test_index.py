@@ -161,7 +161,7 @@ def test_category_allow_list_inside_the_search() -> None:
 def test_category_masks_from_genre_strings() -> None:
     import pandas as pd
 
-    from candidate.service import category_masks
+    from candidate.sets import category_masks
 
     m = category_masks(pd.Series(["Drama|War", "Comedy", None, "Drama", "(no genres listed)"]))
     assert sorted(m) == ["(no genres listed)", "Comedy", "Drama", "War"]
@@ -274,7 +274,7 @@ def test_post_filter_never_returns_more_than_the_cap_allows() -> None:
 @pytest.mark.skipif(gpu_count() > 0, reason="this machine has a GPU")
 def test_device_gpu_without_a_gpu_is_refused_at_start() -> None:
     from candidate.config import CandidateConfig
-    from candidate.service import use_gpu
+    from candidate.sets import use_gpu
     from sieve.errors import ConfigError
 
     assert use_gpu(CandidateConfig()) is False  # auto: CPU here

@@ -153,7 +153,7 @@ def test_replace_nonfinite_uses_column_defaults() -> None:
 
 
 def test_score_batch_splits_per_request_and_never_mixes_models(tmp_path: Path) -> None:
-    from ranker.pipeline import score_batch
+    from ranker.stages import score_batch
 
     n = len(MODEL_FEATURES)
     scorers = []

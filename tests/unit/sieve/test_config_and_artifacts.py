@@ -10,6 +10,7 @@ from app.config import SieveConfig, load_config
 from sieve import artifacts
 from sieve.atomic import atomic_path
 from sieve.errors import ArtifactError
+from sieve.manifest import FeatureSchemaSection, IndexSection, Manifest, ModelSection
 
 
 def test_unknown_key_is_refused_by_name(tmp_path: Path) -> None:
@@ -80,14 +81,13 @@ def _set(tmp_path: Path) -> Path:
     (v / "index.faiss").write_bytes(b"abc")
     artifacts.write_manifest(
         v,
-        {
-            "format": artifacts.FORMAT,
-            "version": "v1",
-            "index": {},
-            "model": {},
-            "feature_schema": {},
-            "files": {"index": artifacts.file_entry(v, "index.faiss")},
-        },
+        Manifest(
+            version="v1",
+            index=IndexSection(factory="Flat", dim=4, ntotal=0),
+            model=ModelSection(input_name="rows", output_name="score", features=("a",)),
+            feature_schema=FeatureSchemaSection(project="p", feature_service="s"),
+            files={"index": artifacts.file_entry(v, "index.faiss")},
+        ),
     )
     artifacts.publish(tmp_path, "v1")
     return v

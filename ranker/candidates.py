@@ -1,0 +1,127 @@
+"""The ranker's client of the candidate service: one channel, gRPC's own retries,
+a circuit breaker, and every Retrieve pinned to the artifact version of the set
+the request took, so index, model and features always belong together."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import grpc
+import numpy as np
+
+from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from ranker.config import RankerConfig
+from ranker.resilience import Breaker
+from sieve.metrics import BREAKER_STATE
+
+log = logging.getLogger(__name__)
+
+
+def channel_options(retries: int) -> list[tuple[str, object]]:
+    """Channel options for the candidate service: gRPC's own retry policy for
+    Retrieve (UNAVAILABLE only, exponential backoff with jitter, never past the
+    call's deadline), and reconnects within a second of the service coming back
+    (gRPC's default backoff grows to two minutes)."""
+    options: list[tuple[str, object]] = [
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        # (not grpc.min_reconnect_backoff_ms: it is also the connect timeout, and a
+        # handshake slower than it would fail)
+    ]
+    if retries > 0:
+        policy = {
+            "maxAttempts": retries + 1,
+            "initialBackoff": "0.002s",
+            "maxBackoff": "0.02s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+        service = sieve_pb2.DESCRIPTOR.services_by_name["CandidateService"].full_name
+        config = {"methodConfig": [{"name": [{"service": service}], "retryPolicy": policy}]}
+        options += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+    return options
+
+
+class CandidateClient:
+    """Retrieve from the candidate service behind the ``candidate`` breaker.
+
+    Constructed with the config; ``start()`` opens the channel, ``close()`` closes it.
+    """
+
+    def __init__(self, config: RankerConfig) -> None:
+        self.config = config
+        rel = config.reliability
+        self.breaker = Breaker("candidate", rel.breaker, BREAKER_STATE.labels("candidate").set)
+        BREAKER_STATE.labels("candidate").set(0)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: sieve_pb2_grpc.CandidateServiceStub | None = None
+
+    def start(self) -> None:
+        self._channel = grpc.aio.insecure_channel(
+            self.config.candidate_address,
+            options=channel_options(self.config.reliability.retrieve_retries),
+        )
+        self._stub = sieve_pb2_grpc.CandidateServiceStub(self._channel)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def retrieve(
+        self, version: str, vector: np.ndarray, exclude: np.ndarray, timeout_s: float
+    ) -> tuple[sieve_pb2.RetrieveResponse | None, str]:
+        """``num_candidates`` candidates from the index of ``version``, or None and
+        why not (breaker open, no time left, or the call failed)."""
+        breaker = self.breaker
+        if self._stub is None:
+            return None, "retrieve_failed: candidate client not started"
+        if not breaker.allow():
+            return None, "retrieve_failed: candidate breaker open"
+        if timeout_s <= 0:
+            return None, "retrieve_failed: no time left for retrieval"
+        try:
+            resp = await self._stub.Retrieve(
+                sieve_pb2.RetrieveRequest(
+                    user_vector=sieve_pb2.UserVector(values=vector),
+                    k=self.config.num_candidates,
+                    exclude_item_ids=exclude,
+                    artifact_version=version,  # the index of this request's set
+                ),
+                timeout=timeout_s,
+            )
+        except grpc.aio.AioRpcError as e:
+            log.warning("Retrieve failed: %s %s", e.code().name, e.details())
+            why = e.code().name
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                # e.g. the candidate service restarted and no longer holds our
+                # version: the service answers, so the breaker stays as it is
+                breaker.success()
+                return None, f"retrieve_failed: {why} ({e.details()})"
+            breaker.failure()
+            return None, f"retrieve_failed: {why}"
+        breaker.success()
+        return resp, ""
+
+    async def holds(self, version: str, dim: int) -> bool:
+        """Whether the candidate service answers a Retrieve pinned to ``version``
+        (k=1, a unit vector of dimension ``dim``). FAILED_PRECONDITION: not yet."""
+        if self._stub is None:
+            return False
+        probe = np.zeros(dim, np.float32)
+        probe[0] = 1.0
+        try:
+            resp = await self._stub.Retrieve(
+                sieve_pb2.RetrieveRequest(
+                    user_vector=sieve_pb2.UserVector(values=probe), k=1, artifact_version=version
+                ),
+                timeout=self.config.retrieve_timeout_s,
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                log.warning(
+                    "candidate probe for %s failed: %s %s", version, e.code().name, e.details()
+                )
+            return False
+        return resp.artifact_version == version
