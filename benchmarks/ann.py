@@ -23,7 +23,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -31,18 +30,16 @@ from typing import Any  # noqa: E402
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import percentiles  # noqa: E402
+from benchmarks.harness import RESULTS, machine, percentiles, pyplot  # noqa: E402
 from candidate.index import (  # noqa: E402
     build_index,
     parse_search_params,
-    prefetch,
     read_index,
     search_parameters,
     write_index,
 )
 from sieve.synthetic import synthetic_catalog  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS: list[tuple[str, list[str]]] = [
     ("IVF4096,SQ8", [f"nprobe={n}" for n in (64, 128, 192, 384, 1024)]),
     ("IVF4096,PQ96x4fs,Refine(SQ8)", ["nprobe=128,k_factor=4", "nprobe=256,k_factor=8"]),
@@ -92,6 +89,14 @@ SETTINGS: list[tuple[str, list[str]]] = [
         ],
     ),
 ]
+
+
+def prefetch(path: Path, chunk: int = 16 << 20) -> None:
+    """Read a file once so its pages are in the page cache: a memory-mapped index
+    then serves its first queries without cold page faults."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(chunk):
+            pass
 
 
 def data(n: int, n_queries: int, seed: int, cache: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -205,7 +210,7 @@ def main() -> None:
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         if args.mmap:
-            prefetch(path)  # what the service does before SERVING: no cold pages on the clock
+            prefetch(path)  # into the page cache: no cold page faults on the clock
         builds.setdefault(factory, {}).update(
             load_s=load_s, prefetch_s=time.perf_counter() - t0, bytes=path.stat().st_size
         )
@@ -255,11 +260,7 @@ def main() -> None:
         "threads": 1,
         "mmap": args.mmap,
         "rounds": args.rounds,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "faiss": faiss.__version__,
-        },
+        "machine": {**machine(), "faiss": faiss.__version__},
         "builds": builds,
         "rows": rows,
     }
@@ -275,11 +276,9 @@ def main() -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from matplotlib.ticker import NullFormatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, pct in zip(axes, ("p50", "p99"), strict=True):
         for i, factory in enumerate(dict.fromkeys(r["factory"] for r in result["rows"])):
@@ -302,7 +301,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     textcoords="offset points",
                 )
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"{pct} latency per query, ms (1 thread, log)")
         ax.axhline(0.95, color="grey", lw=0.8, ls="--")
         ax.axhline(0.99, color="grey", lw=0.8, ls=":")

@@ -42,23 +42,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from benchmarks.faultproxy import DelayProxy
-from benchmarks.latency_budget import (
+from benchmarks.harness import (
     RESULTS,
     ROOT,
+    TOTAL_BUDGET_MS,
     bench_config,
     build_once,
+    item_count,
     loadgen_command,
     machine,
+    percentiles,
+    pyplot,
     redis_port_of,
     reliability,
     serving,
     users_sample,
 )
-from benchmarks.loadgen import TOTAL_BUDGET_MS
 from sieve import artifacts
+from sieve.faultproxy import DelayProxy
 from sieve.local_redis import free_port, start_redis, wait_for_redis
 
 FAULTS = ("redis_kill", "candidate_stop", "candidate_slow", "artifact_swap", "overload")
@@ -143,7 +145,9 @@ def summarize(
     during = [e for e in events if inject <= e[0] < clear]
     after = [e for e in events if e[0] >= clear]
     bad_after = [e for e in after if hit(e)]
-    lat = np.array([e[1] for e in ok]) if ok else np.zeros(1)
+    lat = percentiles([e[1] for e in ok] if ok else [0.0])
+    shed_lat = percentiles(shed_ms) if shed else None
+    ok_during = [e[1] for e in during if e[2] == "OK"]
     rungs: dict[str, int] = {}
     for e in degraded:
         for r in e[3].split("+"):
@@ -155,13 +159,11 @@ def summarize(
         "shed": codes.count("RESOURCE_EXHAUSTED"),
         "failed": sum(c not in ("OK", "RESOURCE_EXHAUSTED") for c in codes),
         "failed_codes": sorted({c for c in codes if c not in ("OK", "RESOURCE_EXHAUSTED")}),
-        "ok_p50_ms": float(np.percentile(lat, 50)),
-        "ok_p99_ms": float(np.percentile(lat, 99)),
-        "shed_p50_ms": float(np.percentile(shed_ms, 50)) if shed else None,
-        "shed_p99_ms": float(np.percentile(shed_ms, 99)) if shed else None,
-        "ok_p99_during_ms": float(np.percentile([e[1] for e in during if e[2] == "OK"], 99))
-        if any(e[2] == "OK" for e in during)
-        else None,
+        "ok_p50_ms": lat["p50"],
+        "ok_p99_ms": lat["p99"],
+        "shed_p50_ms": shed_lat["p50"] if shed_lat else None,
+        "shed_p99_ms": shed_lat["p99"] if shed_lat else None,
+        "ok_p99_during_ms": percentiles(ok_during)["p99"] if ok_during else None,
         "degraded_during_fault": sum(1 for e in during if e[3]),
         "by_fault_during": sum(1 for e in during if hit(e)),
         "degraded_before": sum(1 for e in events if e[0] < inject and e[3]),
@@ -340,7 +342,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError("the ranker exited during the fault run")
     return {
         "machine": machine(),
-        "items": len(pd.read_parquet(aset.verified("catalog"), columns=["item_id"])),
+        "items": item_count(aset),
         "artifact_version": aset.version,
         "settings": {
             "rate_rps": args.rate,
@@ -379,11 +381,7 @@ def _serves(address: str, user: int, version: str) -> bool:
 
 
 def plot(result: dict[str, Any], out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     faults = result["faults"]
     fig, axes = plt.subplots(len(faults), 1, figsize=(9, 2.2 * len(faults)), squeeze=False)
     for ax, (name, row) in zip(axes[:, 0], faults.items(), strict=True):

@@ -21,7 +21,6 @@ import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -33,7 +32,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from benchmarks.common import percentiles  # noqa: E402
+from benchmarks.harness import RESULTS, machine, percentiles, pyplot  # noqa: E402
 from candidate.config import CandidateConfig  # noqa: E402
 from features.definitions import ITEM_VIEW, USER_VIEW  # noqa: E402
 from features.reader import open_reader  # noqa: E402
@@ -41,8 +40,6 @@ from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc  # noqa: E402
 from ranker.config import RankerConfig, ReliabilityConfig, StageBudgetMs  # noqa: E402
 from sieve import artifacts  # noqa: E402
 from sieve.local_redis import local_redis  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 async def _worker(
@@ -117,7 +114,7 @@ def redis_repo(aset: artifacts.ArtifactSet, workdir: Path) -> Iterator[Path]:
         materialize_into(
             aset.verified("feature_store").parent,
             repo,
-            aset.manifest["feature_schema"]["project"],
+            aset.manifest.feature_schema.project,
             RedisStoreConfig(connection_string=address),
         )
         yield repo
@@ -169,11 +166,7 @@ async def bench_features(root: Path, repo: Path, rounds: int, seed: int) -> dict
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     levels = [k for k in result["rank"] if k.startswith("concurrency_")]
     stages = [s for s in result["rank"][levels[0]]["stages_ms"] if s != "total"] + ["total"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
@@ -219,7 +212,7 @@ def main() -> None:
     aset = artifacts.load(root)
     result: dict[str, Any] = {
         "artifact_version": aset.version,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "rank": asyncio.run(bench_rank(root, args.requests, levels, args.seed)),
         "features": [
             asyncio.run(

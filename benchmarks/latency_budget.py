@@ -23,154 +23,51 @@ knee (the first rate whose p99 is over twice the lowest rate's); then
 ``--sustain-rate`` is held for ``--sustain-s``. Writes
 ``RESULTS/latency_budget.json`` (every figure and the machine) and
 ``latency_{cdf,stages,sweep}.png``.
+
+    python -m benchmarks.latency_budget --summarize RESULTS/latency_budget.json
+
+prints the sweep's summary again (JSON) from the ``sweep`` of a saved result,
+measuring nothing: what the rules above make of steps already run.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import platform
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from benchmarks.loadgen import BUDGET_MS, TOTAL_BUDGET_MS
+from benchmarks.harness import (
+    BUDGET_MS,
+    FULL_QUALITY_RUNG_SHARE,
+    HEADROOM_MS,
+    RESULTS,
+    ROOT,
+    TOTAL_BUDGET_MS,
+    bench_config,
+    build_once,
+    item_count,
+    loadgen,
+    machine,
+    process,
+    pyplot,
+    redis_port_of,
+    reliability,
+    rung_share,
+    serving,
+    users_sample,
+    wait_ready,
+)
 from sieve import artifacts
-from sieve.local_redis import free_port, local_redis
-
-RESULTS = Path(__file__).resolve().parent / "results"
-ROOT = Path(__file__).resolve().parent.parent
-SIEVE = [sys.executable, "-m", "app.cli"]
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_gb = 0.0
-    with contextlib.suppress(OSError, ValueError):
-        kb = Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]
-        mem_gb = round(int(kb) / 2**20, 1)
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": model,
-        "cpus": os.cpu_count(),
-        "memory_gb": mem_gb,
-    }
-
-
-def bench_config(work: Path, redis_port: int, extra: str = "", name: str = "sieve.toml") -> Path:
-    """``work/name``: Redis online store and Redis shown-history, then ``extra``
-    (more TOML tables)."""
-    path = work / name
-    path.write_text(
-        "[build.online_store]\n"
-        'type = "redis"\n'
-        f'connection_string = "127.0.0.1:{redis_port}"\n\n'
-        "[ranker.rerank.history]\n"
-        'store = "redis"\n'
-        f'redis_url = "redis://127.0.0.1:{redis_port}/1"\n' + extra
-    )
-    return path
-
-
-def reliability(max_in_flight: int | None, cpu_threads: int | None = None) -> str:
-    """A ``[ranker.reliability]`` table: the bound on Rank calls in flight (gRPC's
-    own bound one above it, the default) and the request path's CPU threads; ""
-    where both are the defaults."""
-    lines = [
-        f"{k} = {v}"
-        for k, v in (("max_in_flight", max_in_flight), ("cpu_threads", cpu_threads))
-        if v is not None
-    ]
-    return "\n[ranker.reliability]\n" + "\n".join(lines) + "\n" if lines else ""
-
-
-@contextlib.contextmanager
-def process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``cmd`` (output to ``log``); SIGTERM, then SIGKILL, on the way out."""
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        try:
-            yield proc
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-@contextlib.contextmanager
-def serving(
-    only: str, config: Path, root: Path, work: Path, log_name: str, timeout_s: float, *flags: str
-) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """``sieve serve --only ONLY`` as a process (output to ``work/logs/log_name``);
-    yields it and its port once it serves, SIGTERM on the way out."""
-    ready, log = work / f"{only}.ready", work / "logs" / log_name
-    ready.unlink(missing_ok=True)
-    cmd = [*SIEVE, "--config", str(config), "serve", "--only", only, "--artifacts", str(root),
-           "--ready-file", str(ready), *flags]  # fmt: skip
-    with process(cmd, log) as proc:
-        yield proc, wait_ready(proc, ready, log, timeout_s)
-
-
-def wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, timeout_s: float) -> int:
-    """The port a ``sieve serve --ready-file`` process reports once it serves."""
-    deadline = time.monotonic() + timeout_s
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            tail = log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{' '.join(proc.args)} did not start:\n{tail}")  # type: ignore[arg-type]
-        time.sleep(0.2)
-    time.sleep(0.1)
-    return int(ready.read_text().split()[1])
-
-
-def loadgen_command(address: str, rate: float, duration: float, warmup: float, users: Path,
-                    out: Path, seed: int) -> list[str]:  # fmt: skip
-    """The command line of one load generator process."""
-    return [
-        sys.executable, "-m", "benchmarks.loadgen", "--address", address, "--rate", str(rate),
-        "--duration", str(duration), "--warmup", str(warmup), "--users-file", str(users),
-        "--out", str(out), "--seed", str(seed),
-    ]  # fmt: skip
-
-
-def loadgen(address: str, rate: float, duration: float, warmup: float, users: Path,
-            out: Path, seed: int) -> dict[str, Any]:  # fmt: skip
-    cmd = loadgen_command(address, rate, duration, warmup, users, out, seed)
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    return dict(json.loads(out.read_text()))
-
-
-FULL_QUALITY_RUNG_SHARE = 0.01
-"""At most this share of a step's answers may take a rung of the degradation
-ladder (fewer candidates, cached answer, ANN order, popular items) for the step
-to count as served at full quality."""
+from sieve.local_redis import local_redis
 
 
 def _passes(step: dict[str, Any]) -> bool:
     return not step["errors"] and step["latency_ms"].get("p99", 1e9) <= TOTAL_BUDGET_MS
-
-
-def rung_share(step: dict[str, Any]) -> float:
-    """The share of a step's answers that took at least one rung."""
-    return float(step["answers_on_a_rung"]) / max(1, step["ok"])
 
 
 def sweep_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -224,65 +121,6 @@ def naive_ratios(sieve: dict[str, Any], naive: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def redis_port_of(work: Path) -> int:
-    """The Redis port of a work folder (chosen once: the built feature store's
-    ``feature_store.yaml`` names it)."""
-    (work / "redis").mkdir(parents=True, exist_ok=True)
-    (work / "logs").mkdir(exist_ok=True)
-    port_file = work / "redis" / "port"
-    port = int(port_file.read_text()) if port_file.exists() else free_port()
-    port_file.write_text(str(port))
-    return port
-
-
-def model_differs(model: dict[str, Any]) -> str:
-    """What of a set's manifest ``model`` differs from what a build with the
-    default config makes now ("" when nothing does)."""
-    from app.config import BuildConfig
-    from ranker.features import MODEL_FEATURES
-
-    build = BuildConfig()
-    now = {
-        "features": list(MODEL_FEATURES),
-        "hidden": list(build.hidden),
-        "cross_layers": build.student_cross_layers,
-    }
-    return ", ".join(k for k, v in now.items() if model.get(k) != v)
-
-
-def build_once(root: Path, items: int, config: Path, redis_address: str) -> float | None:
-    """Build a synthetic set of ``items`` items into ``root`` with the Redis online
-    store, unless one is there whose model is the one a build makes now (the
-    features this code computes, the default student's shape), and save the
-    materialized store (``SAVE``) so a restarted Redis loads it.
-    Returns the build's seconds (None: reused)."""
-    import redis
-
-    if (root / artifacts.CURRENT).exists():
-        differs = model_differs(artifacts.load(root).manifest["model"])
-        if not differs:
-            return None
-        print(f"the set in {root} has another model ({differs}): building a new version")
-    t0 = time.perf_counter()
-    print(f"building {items} synthetic items with the Redis online store ...")
-    subprocess.run(
-        [*SIEVE, "--config", str(config), "build", "--synthetic", str(items), "--out", str(root)],
-        check=True,
-        cwd=ROOT,
-    )
-    host, port = redis_address.split(":")
-    redis.Redis(host=host, port=int(port)).save()  # keep the materialized store
-    return round(time.perf_counter() - t0, 1)
-
-
-def users_sample(aset: artifacts.ArtifactSet, work: Path, n: int = 5000) -> Path:
-    """A file of ``n`` user ids of the set (seeded sample), for the load generator."""
-    users = pd.read_parquet(aset.verified("user_features"), columns=["user_id"])["user_id"]
-    users_file = work / "users.txt"
-    np.savetxt(users_file, np.random.default_rng(0).permutation(users.to_numpy())[:n], fmt="%d")
-    return users_file
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work).resolve()
     redis_port = redis_port_of(work)
@@ -330,11 +168,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     raise RuntimeError(f"{proc.args!r} exited during the run")
     for s in steps:
         s.pop("hdr", None)
+    for r in (*steps, sustained, paired, naive):
+        if r is not None:
+            r.pop("ok_hdr", None)  # the answered calls' histogram: for pooling (benchmarks.ab)
     return {
         "machine": machine(),
-        "items": len(pd.read_parquet(aset.verified("catalog"), columns=["item_id"])),
+        "items": item_count(aset),
         "artifact_version": aset.version,
-        "index": aset.manifest["index"].get("factory"),
+        "index": aset.manifest.index.factory,
         "settings": {
             "online_store": "redis",
             "shown_history": "redis",
@@ -347,7 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": seconds,
         "budget_ms": {
             **{k: v[0] for k, v in BUDGET_MS.items()},
-            "headroom": 15.0,
+            "headroom": HEADROOM_MS,
             "total": TOTAL_BUDGET_MS,
         },  # fmt: skip
         "sweep": steps,
@@ -367,11 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sus = result["sustained"]
 
     # latency CDF of every run, HDR style: the tail spread out
@@ -467,7 +304,14 @@ def main() -> None:
     ap.add_argument("--max-in-flight", type=int, help="ranker.reliability.max_in_flight")
     ap.add_argument("--cpu-threads", type=int, help="ranker.reliability.cpu_threads")
     ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument(
+        "--summarize", metavar="JSON", help="print the summary of a saved result's sweep; no run"
+    )
     args = ap.parse_args()
+    if args.summarize:
+        steps = json.loads(Path(args.summarize).read_text())["sweep"]
+        print(json.dumps(sweep_summary(steps)))
+        return
     args.work = args.work or str(ROOT / ".bench" / f"latency_{args.items}")
     result = run(args)
     out = Path(args.results)

@@ -10,7 +10,10 @@ thinning the load (no coordinated omission). Requests of the warm-up are sent bu
 not recorded. The run is bounded: ``rate x (warmup + duration)`` requests, each
 with a deadline (``--timeout``). Records the latency in an HDR histogram (1 us to
 60 s, 3 significant digits), status codes, degraded answers, and each stage's
-server-side time from the response. Loopback only: it refuses other addresses.
+server-side time from the response, also summed per line of the latency budget
+(``harness.BUDGET_MS``, from the ranker's ``StageBudgetMs``); the histograms of
+every call (``hdr``) and of the answered ones (``ok_hdr``) go out encoded, for
+pooling runs. Loopback only: it refuses other addresses.
 """
 
 from __future__ import annotations
@@ -26,46 +29,8 @@ import grpc
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
+from benchmarks.harness import BUDGET_MS, hdr_cdf, hdr_record, hdr_summary, histogram
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
-
-PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
-CDF_PERCENTILES = (
-    *np.round(np.linspace(0, 90, 19), 1).tolist(),
-    *(91, 92, 93, 94, 95, 96, 97, 98, 99, 99.5, 99.9, 99.99, 100),
-)
-
-
-BUDGET_MS: dict[str, tuple[float, tuple[str, ...]]] = {
-    "parse, validate, user features": (3.0, ("validate", "user_features")),
-    "candidate RPC (ANN + seen filter)": (10.0, ("retrieve",)),
-    "item features": (6.0, ("item_features",)),
-    "scoring incl. batching wait": (10.0, ("score",)),
-    "re-rank": (3.0, ("rerank",)),
-    "serialisation, network hops": (3.0, ("client_overhead",)),
-}
-"""The latency budget of ../shared/DESIGN.md (p99 ms; headroom 15 ms, total 50 ms):
-each line and the server stages (from the response) it covers."""
-TOTAL_BUDGET_MS = 50.0
-
-
-def _histogram() -> HdrHistogram:
-    return HdrHistogram(1, 60_000_000, 3)  # microseconds
-
-
-def summary(h: HdrHistogram) -> dict[str, float]:
-    """Percentiles of a microsecond histogram, in milliseconds."""
-    if h.get_total_count() == 0:
-        return {"n": 0}
-    out = {f"p{p:g}": h.get_value_at_percentile(p) / 1e3 for p in PERCENTILES}
-    out["max"] = h.get_max_value() / 1e3
-    out["mean"] = h.get_mean_value() / 1e3
-    out["n"] = h.get_total_count()
-    return out
-
-
-def cdf(h: HdrHistogram) -> list[tuple[float, float]]:
-    """(percentile, ms) pairs for a latency CDF plot."""
-    return [(float(p), h.get_value_at_percentile(p) / 1e3) for p in CDF_PERCENTILES]
 
 
 async def run(
@@ -98,9 +63,9 @@ async def run(
     at = at[at < horizon]
     who = rng.choice(users, len(at))
 
-    total = _histogram()
-    total_ok = _histogram()  # the answered ones: what accepted calls saw
-    total_shed = _histogram()  # RESOURCE_EXHAUSTED: how fast a refusal comes back
+    total = histogram()
+    total_ok = histogram()  # the answered ones: what accepted calls saw
+    total_shed = histogram()  # RESOURCE_EXHAUSTED: how fast a refusal comes back
     stages: dict[str, HdrHistogram] = {}
     budget: dict[str, HdrHistogram] = {}  # per line of BUDGET_MS, summed per request
     codes: dict[str, int] = {}
@@ -125,7 +90,7 @@ async def run(
             return
         recorded[0] += 1
         codes[code] = codes.get(code, 0) + 1
-        total.record_value(min(latency_us, 60_000_000))
+        hdr_record(total, latency_us)
         if timeline:
             events.append((
                 wall0 + intended - start,
@@ -138,9 +103,9 @@ async def run(
             ))  # fmt: skip
         if resp is None:
             if code == "RESOURCE_EXHAUSTED":
-                total_shed.record_value(min(latency_us, 60_000_000))
+                hdr_record(total_shed, latency_us)
             return
-        total_ok.record_value(min(latency_us, 60_000_000))
+        hdr_record(total_ok, latency_us)
         for d in resp.degradations:
             kind = d.split(":", 1)[0]
             degraded[kind] = degraded.get(kind, 0) + 1
@@ -149,18 +114,18 @@ async def run(
         on_rung[0] += bool(resp.rungs)
         server_total = 0
         for t in resp.timings:
-            stages.setdefault(t.stage, _histogram()).record_value(max(1, t.micros))
+            hdr_record(stages.setdefault(t.stage, histogram()), t.micros)
             if t.stage == "total":
                 server_total = t.micros
         # what the server did not account for: serialisation, the network hop,
         # and the client's own scheduling
         micros = {t.stage: t.micros for t in resp.timings}
         micros["client_overhead"] = max(1, latency_us - server_total)
-        stages.setdefault("client_overhead", _histogram()).record_value(micros["client_overhead"])
+        hdr_record(stages.setdefault("client_overhead", histogram()), micros["client_overhead"])
         for line, (_, parts) in BUDGET_MS.items():
             if all(p in micros for p in parts):
                 us = max(1, sum(micros[p] for p in parts))
-                budget.setdefault(line, _histogram()).record_value(us)
+                hdr_record(budget.setdefault(line, histogram()), us)
 
     start = loop.time() + 0.05
     wall0 = time.time() + 0.05  # the wall-clock time of ``start``
@@ -194,15 +159,16 @@ async def run(
         "achieved_rps": recorded[0] / duration_s if duration_s else 0.0,
         "wall_s": wall,
         "sender_lag_s": late,
-        "latency_ms": summary(total),
-        "ok_latency_ms": summary(total_ok),
-        **({"shed_latency_ms": summary(total_shed)} if total_shed.get_total_count() else {}),
-        "cdf_ms": cdf(total),
-        "stages_ms": {name: summary(h) for name, h in stages.items()},
+        "latency_ms": hdr_summary(total),
+        "ok_latency_ms": hdr_summary(total_ok),
+        **({"shed_latency_ms": hdr_summary(total_shed)} if total_shed.get_total_count() else {}),
+        "cdf_ms": hdr_cdf(total),
+        "stages_ms": {name: hdr_summary(h) for name, h in stages.items()},
         "budget_ms": {
-            line: {"budget_p99": BUDGET_MS[line][0], **summary(h)} for line, h in budget.items()
+            line: {"budget_p99": BUDGET_MS[line][0], **hdr_summary(h)} for line, h in budget.items()
         },
         "hdr": total.encode().decode(),
+        "ok_hdr": total_ok.encode().decode(),
         **({"timeline": sorted(events)} if timeline else {}),
     }
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import faiss
 import grpc
 import numpy as np
-import pandas as pd
 
 from features.definitions import ITEM_VIEW, USER_VIEW
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
@@ -42,12 +41,10 @@ class NaiveRanker(sieve_pb2_grpc.RankerServiceServicer):
         emb = np.load(aset.verified("item_embeddings"))
         self.index = faiss.IndexFlatIP(emb.shape[1])
         self.index.add(np.ascontiguousarray(emb, np.float32))
-        self.ids = pd.read_parquet(aset.verified("catalog"), columns=["item_id"])[
-            "item_id"
-        ].to_numpy(np.int64)
-        m = aset.manifest["model"]
+        self.ids = aset.read_catalog(["item_id"])["item_id"].to_numpy(np.int64)
+        m = aset.manifest.model
         self.scorer = OnnxScorer(
-            str(aset.verified("teacher")), m["input_name"], m["output_name"], m["features"], 1
+            str(aset.verified("teacher")), m.input_name, m.output_name, list(m.features), 1
         )
         self.scorer.load()
         self.user_refs = [f"{USER_VIEW.name}:{f.name}" for f in USER_VIEW.features]

@@ -7,7 +7,8 @@ L2-normalised embeddings in clusters, 20 genres, ages, 300 excluded ids, 200
 recently shown items; seeded. Times, per call and interleaved so the machine's
 noise hits all alike: the default chain, every rule on (explain off and on), MMR
 alone at several pool sizes; and, side by side on the same 500 items, the
-vectorised MMR against the textbook loop (a handful of calls: it is slow).
+vectorised MMR against the textbook loop (``tests.oracles.naive_mmr``; a handful
+of calls: it is slow).
 Writes ``benchmarks/results/rerank.{json,png}``.
 """
 
@@ -15,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import percentiles
+from benchmarks.harness import RESULTS, machine, percentiles, pyplot
 from ranker.config import RerankConfig
 from ranker.rerank import (
     AllowCategories,
@@ -42,8 +41,8 @@ from ranker.rerank import (
 )
 from sieve.data import GENRE_INDEX, GENRES
 from sieve.ids import IdIndex
+from tests.oracles import naive_mmr
 
-RESULTS = Path(__file__).resolve().parent / "results"
 N, DIM, K = 1200, 384, 50
 
 ALL_RULES: tuple[Rule, ...] = (
@@ -87,30 +86,6 @@ def slate(seed: int = 0) -> tuple[Slate, np.ndarray]:
     return s, rng.random(N).astype(np.float32)
 
 
-def naive_mmr(
-    rel: np.ndarray, emb: np.ndarray, k: int, lam: float, penalty: str = "max"
-) -> list[int]:
-    """MMR as first written: a Python loop over items and over the picked ones
-    (the oracle of the vectorised ``mmr`` in the unit tests). ``penalty`` "max":
-    the largest cosine to the picked (negatives as 0); "mean": their mean."""
-    picked: list[int] = []
-    for _ in range(min(k, len(rel))):
-        best, best_value = -1, -np.inf
-        for i in range(len(rel)):
-            if i in picked:
-                continue
-            sims = [float(emb[i] @ emb[j]) for j in picked]
-            if penalty == "max":
-                sim = max([max(0.0, x) for x in sims], default=0.0)
-            else:
-                sim = float(np.mean(sims)) if sims else 0.0
-            value = lam * rel[i] - (1 - lam) * sim
-            if value > best_value:
-                best, best_value = i, value
-        picked.append(best)
-    return picked
-
-
 def run(calls: int, naive_calls: int) -> dict[str, Any]:
     s, scores = slate()
     variants: dict[str, tuple[tuple[Rule, ...], bool]] = {
@@ -144,16 +119,14 @@ def run(calls: int, naive_calls: int) -> dict[str, Any]:
         assert a.tolist() == b, "vectorised and textbook MMR disagree"
     out["mmr_500_vectorised"] = percentiles(fast)
     out["mmr_500_naive"] = percentiles(slow)
-    out["naive_over_vectorised_p50"] = float(np.median(slow) / np.median(fast))
+    out["naive_over_vectorised_p50"] = (
+        out["mmr_500_naive"]["p50"] / out["mmr_500_vectorised"]["p50"]
+    )
     return out
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [n for n, v in result["latency_ms"].items() if isinstance(v, dict) and "naive" not in n]
     fig, ax = plt.subplots(figsize=(10, 4))
     x = np.arange(len(names))
@@ -180,7 +153,7 @@ def main() -> None:
     with threadpool_limits(1, user_api="blas"):
         lat = run(args.calls, args.naive_calls)
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": machine(),
         "blas_threads": 1,
         "candidates": N,
         "k": K,

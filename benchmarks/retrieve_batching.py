@@ -20,7 +20,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -29,13 +28,11 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from benchmarks.common import plot_on_off  # noqa: E402
+from benchmarks.harness import RESULTS, machine, percentiles, plot_on_off  # noqa: E402
 from candidate.config import CandidateConfig  # noqa: E402
 from candidate.service import create_server  # noqa: E402
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc  # noqa: E402
 from sieve import artifacts  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 async def drive(address: str, reqs: list[sieve_pb2.RetrieveRequest], level: int) -> dict[str, Any]:
@@ -54,11 +51,7 @@ async def drive(address: str, reqs: list[sieve_pb2.RetrieveRequest], level: int)
         t0 = time.perf_counter()
         await asyncio.gather(*(client(stub) for _ in range(level)))
         wall = time.perf_counter() - t0
-    a = np.asarray(lat)
-    return {
-        "rps": len(reqs) / wall,
-        **{p: float(np.percentile(a, v)) for p, v in (("p50", 50), ("p95", 95), ("p99", 99))},
-    }
+    return {"rps": len(reqs) / wall, **percentiles(lat)}
 
 
 async def run(root: Path, n: int, levels: list[int], threads: int, seed: int) -> dict[str, Any]:
@@ -116,11 +109,11 @@ def main() -> None:
     rows = asyncio.run(run(root, args.requests, levels, args.threads, args.seed))
     result = {
         "artifact_version": aset.version,
-        "index": aset.manifest["index"]["factory"],
-        "search_params": aset.manifest["index"].get("search_params", ""),
-        "ntotal": aset.manifest["index"]["ntotal"],
+        "index": aset.manifest.index.factory,
+        "search_params": aset.manifest.index.search_params,
+        "ntotal": aset.manifest.index.ntotal,
         "faiss_threads": args.threads,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

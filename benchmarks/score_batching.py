@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,14 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import percentiles, plot_on_off
+from benchmarks.harness import RESULTS, machine, percentiles, plot_on_off
 from ranker.features import MODEL_FEATURES
-from ranker.pipeline import score_batch
 from ranker.scorer import OnnxScorer, providers
+from ranker.stages import score_batch
 from sieve import artifacts
 from sieve.batcher import MicroBatcher
 
-RESULTS = Path(__file__).resolve().parent / "results"
 OVERLAPPED_MAX_BATCH = 4
 """Requests per batch of the overlapped variant: 8 callers make two batches."""
 
@@ -148,7 +145,7 @@ def call_sizes(scorer: OnnxScorer, sizes: list[int], repeats: int = 50) -> dict[
             t0 = time.perf_counter()
             scorer.score(x)
             t.append((time.perf_counter() - t0) * 1e3)
-        med = float(np.median(t))
+        med = percentiles(t)["p50"]
         out[str(1000 * m)] = {"median_ms": med, "ms_per_1000_rows": med / m}
         print(f"one call, {1000 * m:>6} rows: {med:7.3f} ms ({med / m:.3f} ms per 1000 rows)")
     return out
@@ -193,11 +190,11 @@ def main() -> None:
     )
     args = ap.parse_args()
     aset = artifacts.load(Path(args.artifacts))
-    m = aset.manifest["model"]
+    m = aset.manifest.model
     scorers = {}
     for name, role in VARIANTS.items():
         scorers[name] = OnnxScorer(
-            str(aset.verified(role)), m["input_name"], m["output_name"], m["features"], args.threads
+            str(aset.verified(role)), m.input_name, m.output_name, list(m.features), args.threads
         )
         scorers[name].load()
     costs = model_costs(scorers)
@@ -213,7 +210,7 @@ def main() -> None:
         by_variant[name] = {"call_sizes": sizes, "rows": rows}
     result = {
         "artifact_version": aset.version,
-        "model": m.get("kind"),
+        "model": m.kind,
         "providers": providers(),
         "intra_op_threads": args.threads,
         "max_wait_us": args.max_wait_us,
@@ -221,7 +218,7 @@ def main() -> None:
             "max_concurrent_batches": args.concurrent_batches,
             "max_batch": OVERLAPPED_MAX_BATCH,
         },
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "model_costs_1000_rows": costs,
         "batching": by_variant,
         "rows": by_variant["student_fp32"]["rows"],

@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.faults import FAULTS
 from tests.conftest import ROOT
+
+FAULTS = ("redis_kill", "candidate_stop", "candidate_slow", "artifact_swap", "overload")
+"""Every fault the benchmark injects by default, in its order."""
 
 POST_S = 6.0
 

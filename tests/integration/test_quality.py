@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.quality import DIVERSITY, DIVERSITY_METRICS, METRICS, evaluate
+from app.quality import DIVERSITY, DIVERSITY_METRICS, METRICS, evaluate
 from sieve import artifacts
 
 

@@ -9,7 +9,6 @@ import pydantic
 import pytest
 
 from app.config import load_config
-from benchmarks.rerank import naive_mmr
 from ranker.rerank import (
     AllowCategories,
     Blocklist,
@@ -32,6 +31,7 @@ from ranker.rerank import (
     run_chain,
     within_group_rank,
 )
+from tests.oracles import naive_mmr
 
 
 def test_within_group_rank() -> None:
