@@ -36,9 +36,10 @@ test: $(STAMP) redis
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy candidate ranker features sieve benchmarks
+	$(VENV)/bin/mypy app candidate ranker features sieve benchmarks
 
 protos: $(STAMP)
 	$(PY) -m sieve.protogen
