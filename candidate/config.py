@@ -48,19 +48,17 @@ class CandidateConfig(Frozen):
     still on it answers popular items (``retrieve_failed``) until it swaps too."""
     index_mmap: bool = False
     """Memory-map the index where its type allows instead of reading it into
-    memory. At 1M items (IVF4096,PQ192x4fs,Refine(SQ8), file in the page cache)
-    both load in about 0.5 s, and mapped search p99 was 11.4 ms against 6.7 ms:
-    every first touch of a page is a fault. Worth it only for an index larger
-    than memory can hold per process."""
+    memory: every first touch of a mapped page is a fault, so it is worth it only
+    for an index larger than memory can hold per process.
+    Search p99 11.4 ms mapped vs 6.7 ms read, at 1M (BENCHMARKS.md, ANN)."""
     omp_threads: int = Field(1, ge=1)
     """Faiss OpenMP threads; concurrency across requests is the better use of cores."""
     search_threads: int = Field(1, ge=1, le=256)
     """Worker threads that run searches (CPU, batching off); Faiss releases the GIL,
-    so n of them search n requests at once and queue the rest. On this 2-core box,
-    with the ranker, Redis and a load generator beside it, 1 gave Rank p99 65.7
-    and 61.2 ms at 100/s against 107.9 and 101.2 ms with 6 (asyncio's default
-    pool here), interleaved runs of 30 s: parallel searches took the core the
-    ranker's event loop needed. Raise it on a machine with cores to spare."""
+    so n of them search n requests at once and queue the rest. On a small box,
+    parallel searches take the core the ranker's event loop needs; raise it on a
+    machine with cores to spare.
+    Rank p99 at 100/s 65.7 ms with 1 vs 107.9 ms with 6 (BENCHMARKS.md, ANN)."""
     grace_s: float = Field(5.0, ge=0.0)
     """Time in-flight RPCs get to finish on shutdown."""
     drain_s: float = Field(1.0, ge=0.0)

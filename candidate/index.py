@@ -30,18 +30,13 @@ DEFAULT_SEARCH = {"nprobe": 16, "k_factor": 2, "efSearch": 256}
 AUTO_SMALL = ("Flat", "")
 """Below AUTO_THRESHOLD items exact search costs a few ms: no approximation."""
 AUTO_LARGE = ("IVF4096,PQ192x4fsr,Refine(SQfp16)", "nprobe=320,k_factor=3")
-"""The measured CPU default at 1M x 384 (benchmarks/results/ann.json, 2026-11-29,
-index in memory, one thread, three interleaved rounds): recall@1000 0.956, p50 /
-p99 2.68 / 3.32 ms, 23.5x faster than exact Flat in the same run; 885 MB, built
-in about 75 s. 4-bit fast-scan PQ shortlists 3k candidates cheaply; fp16 codes
-re-rank them. The codes encode each vector's residual to its list centroid
-(``fsr``): for inner product the look-up table is still one per query (each
-list adds its centroid's score, which the coarse search computed), and the
-finer codes keep the recall with a shortlist of 3k instead of 4k, each
-shortlisted row being one random read (the vector-encoded ``PQ192x4fs`` at
-nprobe=320,k_factor=4 gave the same recall at 3.20 / 4.21 ms, 19.7x). nprobe=272
-gives 0.951 at 2.45 ms (25.7x); recall 0.99 costs nprobe=1536,k_factor=6 (0.992,
-7.4 / 10.7 ms)."""
+"""The CPU default at AUTO_THRESHOLD items and more: 4-bit fast-scan PQ codes of
+each vector's residual to its list centroid (``fsr``) shortlist 3k candidates
+cheaply, and fp16 codes re-rank them. For inner product the residual codes still
+need one look-up table per query (each list adds its centroid's score, which the
+coarse search computed), and being finer they keep the recall with a shorter
+shortlist, each shortlisted row being one random read.
+At 1M x 384: recall@1000 0.956, p99 3.32 ms, 23.5x exact Flat (BENCHMARKS.md, ANN)."""
 AUTO_THRESHOLD = 200_000
 
 
@@ -144,14 +139,6 @@ def build_index(
 
 def write_index(index: faiss.Index, path: Path) -> None:
     faiss.write_index(index, str(path))
-
-
-def prefetch(path: Path, chunk: int = 16 << 20) -> None:
-    """Read a file once so its pages are in the page cache: a memory-mapped index
-    then serves its first queries without page faults (cold pages cost tens of ms)."""
-    with open(path, "rb", buffering=0) as f:
-        while f.read(chunk):
-            pass
 
 
 _READ_LOCK = threading.Lock()  # guards Faiss's process-wide deserialization limit

@@ -30,8 +30,8 @@ class HistoryConfig(Frozen):
 
 
 def _default_rules() -> tuple[AnyRule, ...]:
-    # MMR 0.5 + at most 5 per primary genre: genre ILD@50 x1.21 and embedding
-    # ILD@50 x1.04 at NDCG@10 x1.01 [0.98, 1.04] (benchmarks/results/quality.json)
+    # MMR 0.5 + at most 5 per primary genre: more genre diversity at no
+    # measurable NDCG@10 cost. Genre ILD@50 x1.21 at NDCG@10 x1.014 (BENCHMARKS.md, Diversity)
     return (Seen(), Fatigue(), Mmr(lambda_=0.5), GroupCap(cap=5))
 
 
@@ -104,9 +104,8 @@ class ReliabilityConfig(Frozen):
     RESOURCE_EXHAUSTED as a call arrives, before its message is read or any
     handler runs. ``max_in_flight`` cannot see calls queued in front of a
     saturated loop; this bound can. None: ``max_in_flight + 1`` (room for a
-    health check), so calls past the Rank bound take gRPC's shorter way out: at
-    3x this box's maximum, 4 in flight and 5 held shed at p99 25.3 and 18.4 ms
-    against 37.3 and 36.1 ms with 8 held (two interleaved runs each)."""
+    health check), so calls past the Rank bound take gRPC's shorter way out.
+    Shed p99 25.3 ms with 5 held vs 37.3 ms with 8, at 3x (BENCHMARKS.md, Shedding)."""
 
     @property
     def accepted_bound(self) -> int:
@@ -167,20 +166,22 @@ class RankerConfig(Frozen):
     max_exclude: int = Field(10_000, ge=0)
     rerank: RerankConfig = RerankConfig()
     model: Literal["fp32", "int8"] = "fp32"
-    """Which student to serve: FP32, or its INT8 twin (1.3x cheaper per 1000 rows
-    on this CPU, 0.99 of FP32's NDCG@10 in benchmarks/results/quality.json)."""
+    """Which student to serve: FP32, or its INT8 twin (dynamic quantization; the
+    tower's first layer and the output layer stay FP32).
+    INT8 / FP32 NDCG@10 1.004, 0.22 vs 0.24 ms per 1000 rows (BENCHMARKS.md, Scoring)."""
     intra_op_threads: int = Field(1, ge=1)
     """ONNX Runtime threads per call (1 is right under concurrency on a CPU)."""
     score_batching: Literal["auto", "on", "off"] = "auto"
     """Score the rows of concurrent Rank calls in one ONNX Runtime call: ``auto`` is
-    on when ONNX Runtime has the CUDA provider and off on a CPU, where one
-    4000-row call costs about four 1000-row calls
-    (benchmarks/results/score_batching.json)."""
+    on when ONNX Runtime has the CUDA provider and off on a CPU, where one big
+    call costs what the calls it replaces cost, so batching only adds the wait.
+    One 8000-row call 1.29 ms vs 8 x 0.17 ms (BENCHMARKS.md, Scoring)."""
     score_batch_max_requests: int = Field(32, ge=1, le=1024)
     """Most Rank calls (of ~1000 rows each) scored in one call."""
     score_batch_max_wait_us: int = Field(200, ge=0, le=100_000)
     score_batch_max_queue: int = Field(1024, ge=1)
-    """Rank calls that may wait for scoring; past it Rank answers RESOURCE_EXHAUSTED."""
+    """Rank calls that may wait for scoring; past it a Rank is not scored and takes
+    the ``ann_order`` rung (ANN order instead of the model)."""
     score_batch_concurrency: int = Field(1, ge=1, le=64)
     """Batches scored at once, each on its own thread (Ray Serve's
     ``max_concurrent_batches``, Triton's instance count). The next batch is
@@ -194,8 +195,9 @@ class RankerConfig(Frozen):
     """Catalogs of at least this many items are read from the online store into the
     in-process item table by a child process at low CPU priority, so a load beside
     live requests (a new artifact set, a new materialization) does not hold this
-    process's event loop: at 1M items the read takes about 30 s of CPU. Smaller
-    catalogs are read in process (a child costs about a second to start)."""
+    process's event loop. Smaller catalogs are read in process, where starting a
+    child would cost more than it saves.
+    About 30 s of CPU at 1M items; a child starts in about 1 s (BENCHMARKS.md, Serving)."""
     reload_check_s: float = Field(5.0, ge=0.0)
     """How often to look for a new artifact set in ``CURRENT`` (0: never). A new set
     is loaded beside the live one and goes live once the candidate service holds

@@ -46,19 +46,18 @@ INPUT_NAME = "features"
 OUTPUT_NAME = "score"
 ONNX_TOLERANCE = 5e-4
 """Largest |onnx - torch| accepted on the export check (probabilities in [0, 1]).
-Float32 kernels differ in summation order, and by CPU (SIMD width); the DCN's
-cross layers multiply those differences: up to 1.01e-5 here, 1.14e-4 for the
-teacher on CI's CPU, where a 1e-4 bound failed a build. An export bug (a lost
-layer, wrong weights or normalisation) moves scores by 1e-2 and more."""
+Float32 kernels differ in summation order, and by CPU (SIMD width), and the DCN's
+cross layers multiply those differences; an export bug (a lost layer, wrong
+weights or normalisation) moves scores by far more.
+Up to 1.14e-4 seen on CI's CPU, where 1e-4 failed a build (BENCHMARKS.md, Quality)."""
 INT8_TOLERANCE = 0.05
 """Largest |int8 - fp32| accepted on the quantization check."""
 INPUT_CLIP = 5.0
 """Standardised features are clipped to +-this inside every model. Rare binary
 features (a genre of 0.1% of items) standardise to 30 and more, and INT8's
 dynamic quantization gives the whole input one uint8 scale per batch, which the
-quantized layers read. With the tower's first layer in FP32, INT8 kept 0.994
-of FP32's NDCG@10 unclipped and 1.001 clipped (one build each, a student with
-one cross layer)."""
+quantized layers read.
+INT8 / FP32 NDCG@10 0.994 unclipped vs 1.001 clipped (BENCHMARKS.md, Quality)."""
 
 Search = Callable[[np.ndarray, int, np.ndarray], tuple[np.ndarray, np.ndarray]]
 """(user vector, k, excluded item ids) -> (item ids, scores), best first."""
@@ -177,15 +176,10 @@ def student_model(  # type: ignore[no-untyped-def]
     n_in: int, hidden: tuple[int, ...], cross_layers: int, mean: np.ndarray, std: np.ndarray
 ):
     """The served model: a small MLP, with ``cross_layers`` DCN-v2 cross layers
-    beside it when > 0 (one costs n_in^2 multiply-adds per row).
-
-    Trained on the labels and the teacher's logits alone, one cross layer kept
-    0.96 of the teacher's NDCG@10 where the MLP kept 0.93 (three seeds). With the
-    listwise term and the features of time the MLP needs it no longer: on the
-    MovieLens holdout, student / teacher NDCG@10 was 1.012, 1.025 and 1.010 for
-    the 64-32 MLP (seeds 0-2) against 1.031, 1.010 and 1.033 with one cross
-    layer, and INT8 / FP32 1.001, 1.001 and 0.997. The MLP scores 1000 rows in
-    0.18 ms against 0.29 ms (FP32; INT8 0.17 against 0.25), one thread."""
+    beside it when > 0 (one costs n_in^2 multiply-adds per row). With the
+    listwise term and the features of time the plain MLP keeps the teacher's
+    NDCG@10 as well as one cross layer does, at less cost.
+    1000 rows in 0.18 ms plain vs 0.29 ms with one cross layer (BENCHMARKS.md, Quality)."""
     if cross_layers > 0:
         return teacher_dcn(n_in, cross_layers, hidden, mean, std)
     return student_mlp(n_in, hidden, mean, std)
@@ -257,17 +251,17 @@ def fit(  # type: ignore[no-untyped-def]
     rows). The MSE weighs the rows of the
     teacher's top 5% logits ``1 + top_weight`` times the rest: NDCG@10 is decided
     at the top of each list, and there the student must agree with the teacher
-    most (x3 took the student from 0.965 to 0.985 of the teacher's NDCG@10, mean
-    of three seeds).
+    most.
 
     With ``group`` (each row's user; a user's rows contiguous) a batch is
     ``users_per_batch`` whole users instead of ``batch_size`` random rows, and
     ``list_weight`` adds the listwise term of distillation: the KL divergence from
     the teacher's softmax over each user's candidates to the student's (ListNet's
     loss on the teacher's logits). It puts the weight where one user's top items
-    are decided, rather than on rows across users: on the MovieLens holdout it took
-    the student from 0.960 to 0.989 of the teacher's NDCG@10 (mean of the same
-    three and four teacher seeds, weight 20). Returns the last epoch's mean loss."""
+    are decided, rather than on rows across users.
+    Student / teacher NDCG@10 0.960 without it vs 0.989 (BENCHMARKS.md, Quality).
+
+    Returns the last epoch's mean loss."""
     import torch
 
     torch.manual_seed(seed)
@@ -491,14 +485,11 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
     # the dynamo exporter's shape annotations trip the quantizer's type inference
     del model.graph.value_info[:]
     # The output layer keeps FP32 weights: its input joins the cross layer's
-    # unbounded output and the tower's, and one uint8 scale for both cost 7% of
-    # NDCG@10 on the MovieLens holdout (0.934 of FP32; 1.005 with it excluded).
-    # The tower's first layer (on the model's input, into a ReLU) keeps FP32 too:
-    # candidates differ from each other by small steps of their ANN score and
-    # popularity, finer than one uint8 step of the whole input's range. Quantized,
-    # it cost 1% of NDCG@10 (0.990 of FP32, against 1.001 kept, and 0.992 with
-    # the cross layer kept instead). Kept, INT8 saves 0.04 ms per 1000 rows
-    # against FP32 instead of 0.07 (0.252 and 0.217 ms; FP32 0.290).
+    # unbounded output and the tower's, and one uint8 scale would have to cover
+    # both ranges. The tower's first layer (on the model's input, into a ReLU) keeps
+    # FP32 too: candidates differ from each other by small steps of their ANN
+    # score and popularity, finer than one uint8 step of the whole input's range.
+    # INT8 / FP32 NDCG@10 0.934 output layer quantized, 0.990 first layer (BENCHMARKS.md, Quality).
     # The quantizer turns Gemm into MatMul + Add first, naming it <node>_MatMul.
     dense = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
     feeds_relu = {i for n in model.graph.node if n.op_type == "Relu" for i in n.input}
