@@ -70,35 +70,29 @@ async def load_item_table(
     ``process_min_items`` ids, a child process opens its own reader on ``repo``
     and does the reading at low CPU priority: decoding a million rows holds the
     GIL for tens of seconds, which would stall the live requests of this
-    process. ``child`` is the caller's long-lived one (a new one, closed after,
-    when None). Otherwise ``reader`` reads here, in ``read_all``'s small batches.
-    Either way the id index is sorted in a worker thread.
+    process (``child``: the caller's, started early; see ``ReadingChild``).
+    Otherwise ``reader`` reads here, in ``read_all``'s small batches. Either way
+    the id index is sorted in a worker thread.
     """
     ids = np.asarray(item_ids, np.int64)
     frame: FeatureFrame | None = None
     if repo is not None and process_min_items is not None and len(ids) >= process_min_items:
-        if child is not None:
-            frame = await child.read(repo, ids)
-        else:
-            once = ReadingChild()
-            try:
-                frame = await once.read(repo, ids)
-            finally:
-                once.close()
+        frame = await (child or ReadingChild()).read(repo, ids)
     if frame is None:
         frame = await read_all(reader, ITEM_VIEW, ids)
     return await asyncio.to_thread(ItemTable.from_frame, frame)
 
 
 class ReadingChild:
-    """A spawned child process (gRPC and asyncio do not survive a fork) that reads
-    item tables, kept between reads.
+    """Reads item tables in a child process (gRPC and asyncio do not survive a
+    fork of this one), a fresh child per read, forked from a fork server.
 
-    Starting a child copies this process's page tables with the GIL held, so the
-    event loop stands still for as long: about 100 ms at 4 GB of memory
-    (BENCHMARKS.md, The swap). Started at the first read, when a ranker has not
-    loaded a large set yet, and reused by every later one (a reload beside a
-    live 1M-item set), it costs that once, while the process is small.
+    Starting a child from this process would copy its page tables with the GIL
+    held, so the event loop would stand still for as long: 55-67 ms at 8 GB on an
+    idle 2-core box, more under load (BENCHMARKS.md, The swap). ``start`` starts
+    multiprocessing's fork server while the ranker is small, before it loads a
+    set; every later child is forked from that small server, and exits after its
+    read, so an idle ranker keeps no reader's memory.
 
     The child hands each frame over in ``.npy`` files, read here on a worker
     thread, not as its pickled return value: unpickling 200 MB of item columns
@@ -106,43 +100,41 @@ class ReadingChild:
     """
 
     def __init__(self) -> None:
-        self._pool: ProcessPoolExecutor | None = None
+        self._ctx = multiprocessing.get_context("forkserver")
+        self.last_child: tuple[int, int] | None = None  # (pid, parent pid) of the last read
+
+    def start(self) -> None:
+        """Start the fork server (blocking, about a second: call it at start-up,
+        off the event loop). A read without it starts it then."""
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
     async def read(self, repo: Path, ids: np.ndarray) -> FeatureFrame | None:
-        """``read_all`` of ``ids`` in the child; None when the child could not run
-        (then the caller reads in process, and the next read starts a new child);
-        the store's own errors (a refused connection) propagate."""
+        """``read_all`` of ``ids`` in a child; None when the child could not run
+        (then the caller reads in process); the store's own errors (a refused
+        connection) propagate."""
         loop = asyncio.get_running_loop()
-        if self._pool is None:
-            ctx = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=self._ctx)
         out = Path(tempfile.mkdtemp(prefix="sieve-items-"))
         try:
-            await loop.run_in_executor(self._pool, read_items_to, str(repo), ids, str(out))
+            self.last_child = await loop.run_in_executor(
+                pool, read_items_to, str(repo), ids, str(out)
+            )
             return await asyncio.to_thread(load_frame, out)
         except (BrokenProcessPool, OSError) as e:
             log.warning("item table: the reading child failed (%s); reading in process", e)
-            self.close()
             return None
         finally:
+            pool.shutdown(wait=False, cancel_futures=True)
             await asyncio.to_thread(shutil.rmtree, out, True)
 
-    def pids(self) -> set[int]:
-        """The child's process id (empty before the first read and after close)."""
-        if self._pool is None:
-            return set()
-        return {p.pid for p in (self._pool._processes or {}).values() if p.pid is not None}
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-
-
-def read_items_to(repo: str, ids: np.ndarray, out: str, nice: int = CHILD_NICE) -> None:
+def read_items_to(repo: str, ids: np.ndarray, out: str, nice: int = CHILD_NICE) -> tuple[int, int]:
     """The child's entry point: ``read_items``, saved into the folder ``out``
-    (``save_frame``)."""
+    (``save_frame``). Returns the child's process id and its parent's."""
     save_frame(read_items(repo, ids, nice), Path(out))
+    return os.getpid(), os.getppid()
 
 
 def read_items(repo: str, ids: np.ndarray, nice: int = CHILD_NICE) -> FeatureFrame:

@@ -13,7 +13,6 @@ import numpy as np
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from ranker.config import RankerConfig
 from ranker.resilience import Breaker
-from sieve.metrics import BREAKER_STATE
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +51,7 @@ class CandidateClient:
     def __init__(self, config: RankerConfig) -> None:
         self.config = config
         rel = config.reliability
-        self.breaker = Breaker("candidate", rel.breaker, BREAKER_STATE.labels("candidate").set)
-        BREAKER_STATE.labels("candidate").set(0)
+        self.breaker = Breaker.reported("candidate", rel.breaker)
         self._channel: grpc.aio.Channel | None = None
         self._stub: sieve_pb2_grpc.CandidateServiceStub | None = None
 

@@ -48,7 +48,7 @@ from ranker.response_cache import CachedAnswer, ResponseCache, open_response_cac
 from ranker.scorer import OnnxScorer, providers
 from sieve import artifacts
 from sieve.batcher import MicroBatcher
-from sieve.metrics import BREAKER_STATE, NONFINITE_FEATURES
+from sieve.metrics import NONFINITE_FEATURES
 from sieve.versions import VersionHolder
 
 log = logging.getLogger(__name__)
@@ -90,11 +90,7 @@ class RankPipeline:
             else None
         )
         self.candidates = CandidateClient(config)
-        self.store_breaker = Breaker(
-            "online_store", rel.breaker, BREAKER_STATE.labels("online_store").set
-        )
-        BREAKER_STATE.labels("online_store").set(0)
-        self.breakers = {"candidate": self.candidates.breaker, "online_store": self.store_breaker}
+        self.store_breaker = Breaker.reported("online_store", rel.breaker)
         # Users' last read features, served when the online store fails.
         self.user_cache: TtlCache[int, FeatureFrame] = TtlCache(
             rel.user_cache_size, rel.user_cache_ttl_s
@@ -113,7 +109,7 @@ class RankPipeline:
             name="ranker",
             logger=log,
         )
-        # Reads large item tables, for every set this ranker loads (item_table.py).
+        # Reads large item tables in child processes (features/item_table.py).
         self._child = ReadingChild()
         # A request's CPU work runs here, not on the event loop (None: on the loop).
         self._cpu: ThreadPoolExecutor | None = (
@@ -142,6 +138,7 @@ class RankPipeline:
         Raises:
             ArtifactError: naming the missing or corrupt file.
         """
+        await asyncio.to_thread(self._child.start)  # while this process is small
         await self.sets.start()
         self.candidates.start()
         if self.score_batcher is not None:
@@ -179,7 +176,6 @@ class RankPipeline:
             await self.response_cache.close()
         if self._cpu is not None:
             self._cpu.shutdown(wait=False)  # drained: the server stopped taking calls
-        self._child.close()
 
     async def rank(self, q: RankQuery, time_left_s: float | None = None) -> RankResult:
         """Rank for one user with the set live when the request starts, end to end.

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from ranker.config import BreakerConfig, StageBudgetMs
+from sieve.metrics import BREAKER_STATE
 
 STAGES = ("user_features", "retrieve", "item_features", "score", "rerank")
 """The timed stages of a Rank, in request order (each has a line of ``StageBudgetMs``)."""
@@ -81,6 +82,13 @@ class Breaker:
         self.state = CLOSED
         self._failed = 0  # consecutive failures while closed
         self._since = 0.0  # when it opened, or when the probe went out
+
+    @classmethod
+    def reported(cls, name: str, config: BreakerConfig) -> Breaker:
+        """A breaker whose state is the ``sieve_breaker_state`` gauge of ``name``
+        (0, closed, from the start)."""
+        BREAKER_STATE.labels(name).set(CLOSED)
+        return cls(name, config, BREAKER_STATE.labels(name).set)
 
     def _set(self, state: int) -> None:
         if state != self.state:

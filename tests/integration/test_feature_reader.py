@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import tempfile
 from pathlib import Path
 
@@ -146,25 +148,24 @@ async def test_item_table_read_by_a_child_equals_the_one_read_here(  # type: ign
         np.testing.assert_array_equal(child.columns[name], col, err_msg=name)
 
 
-async def test_a_kept_reading_child_is_started_once_and_reused(
+async def test_reading_children_are_forked_from_the_fork_server(  # type: ignore[no-untyped-def]
     redis_reader, redis_repo: Path
-) -> None:  # type: ignore[no-untyped-def]
-    """A ranker's reads of item tables go to one child, started at the first read
-    (later reads do not pay for starting a process beside a large live set)."""
+) -> None:
+    """A ranker's reads of item tables run in children forked from the fork server
+    it started while small, not from the ranker itself, one child per read."""
     ids = pd.read_parquet(redis_repo / "data" / "item_features.parquet", columns=["item_id"])
     ids = ids["item_id"].to_numpy(np.int64)
     here = await load_item_table(redis_reader, ids, redis_repo, process_min_items=len(ids) + 1)
     child = ReadingChild()
-    try:
-        first = await load_item_table(redis_reader, ids, redis_repo, 0, child)
-        assert child.pids() and len(child.pids()) == 1
-        pids = child.pids()
-        second = await load_item_table(redis_reader, ids, redis_repo, 0, child)
-        assert child.pids() == pids  # the same process
-    finally:
-        child.close()
-    assert child.pids() == set()
-    for table in (first, second):
+    await asyncio.to_thread(child.start)
+    tables, children = [], []
+    for _ in range(2):
+        tables.append(await load_item_table(redis_reader, ids, redis_repo, 0, child))
+        assert child.last_child is not None
+        children.append(child.last_child)
+    (pid1, parent1), (pid2, parent2) = children
+    assert pid1 != pid2 and parent1 == parent2 != os.getpid()
+    for table in tables:
         np.testing.assert_array_equal(table.ids, here.ids)
         for name, col in here.columns.items():
             np.testing.assert_array_equal(table.columns[name], col, err_msg=name)
