@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -147,13 +148,25 @@ def one_run(
                 checkout=side.checkout, cli_module=side.cli_module) as (rproc, rport),
     ):  # fmt: skip
         ready_s = time.perf_counter() - t0
+        procs = {"ranker": rproc.pid, "candidate": cproc.pid}
+        cpu0 = {name: cpu_seconds(pid) for name, pid in procs.items()}
         run = loadgen(f"127.0.0.1:{rport}", args.rate, args.seconds, args.warmup, users,
                       work / f"{tag}.json", seed=args.seed)  # fmt: skip
+        run["cpu_ms_per_call"] = {
+            name: round((cpu_seconds(pid) - cpu0[name]) * 1e3 / max(1, run["sent"]), 3)
+            for name, pid in procs.items()
+        }
         for proc in (rproc, cproc):
             if proc.poll() is not None:
                 raise RuntimeError(f"{proc.args!r} exited during the run")
     run["services_ready_s"] = round(ready_s, 1)
     return run
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def row(run: dict[str, Any], rnd: int, first: bool) -> dict[str, Any]:
@@ -171,6 +184,7 @@ def row(run: dict[str, Any], rnd: int, first: bool) -> dict[str, Any]:
         "all_calls_latency_ms": {p: run["latency_ms"].get(p) for p in PERCENTILES},
         "sender_lag_s": run["sender_lag_s"],
         "services_ready_s": run["services_ready_s"],
+        "cpu_ms_per_call": run["cpu_ms_per_call"],
     }
 
 
@@ -183,7 +197,13 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for code, n in r["errors"].items():
             errors[code] = errors.get(code, 0) + n
     ok = sum(r["ok"] for r in runs)
+    sent = sum(r["sent"] for r in runs)
+    cpu = {
+        name: round(sum(r["cpu_ms_per_call"][name] * r["sent"] for r in runs) / max(1, sent), 3)
+        for name in runs[0]["cpu_ms_per_call"]
+    }
     return {
+        "cpu_ms_per_call": cpu,
         "sent": sum(r["sent"] for r in runs),
         "ok": ok,
         "errors": errors,
@@ -360,7 +380,8 @@ def main() -> None:
             f"{name} {c['checkout']} ({c['cli_module']}, {c['commit'][:10]}"
             f"{', dirty' if c['dirty'] else ''}): pooled p50 {lat.get('p50', 0):.2f} "
             f"p95 {lat.get('p95', 0):.2f} p99 {lat.get('p99', 0):.2f} ms, ok {pool['ok']}, "
-            f"errors {pool['errors']}, rungs {100 * pool['rung_share']:.1f}%"
+            f"errors {pool['errors']}, rungs {100 * pool['rung_share']:.1f}%, CPU ms per "
+            f"call {pool['cpu_ms_per_call']}"
         )
     cmp_ = result["b_over_a"]
     for r in cmp_["per_round"]:
