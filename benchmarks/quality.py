@@ -2,23 +2,9 @@
 
     python -m benchmarks.quality --artifacts artifacts
 
-For every user with a relevant held-out item (rating >= the build's positive
-threshold): retrieve candidates as the ranker does (1000 from the ANN search with
-seen items excluded inside it, plus the most popular unseen items it missed), then
-rank them by popularity (over the whole catalog), by ANN order (the ANN
-candidates alone), and by each of the set's models: the DCN-v2 teacher, the
-distilled student in FP32 and in INT8 (ONNX Runtime, the serving features).
-Reports NDCG@10, NDCG@50, recall@50 (relevant items the funnel missed count as
-misses) and AUC over the candidates, each with a 95% bootstrap interval.
-
-Then the diversity trade-off: the student FP32's scores through several re-rank
-settings (``DIVERSITY``, the default chain among them), each scored by NDCG@10,
-intra-list diversity of the 50 returned items and of the first 10 (mean pairwise
-cosine distance of their text embeddings), the same over the items' genre
-multi-hot vectors (genre ILD), and genre coverage of the 50 (share of the
-catalog's genres present), with paired bootstrap ratios to plain score order.
-The evaluation is ``app.quality.evaluate`` (the tests run it too); this module
-writes ``benchmarks/results/quality.{json,png}`` and ``quality_diversity.png``.
+The evaluation (what is ranked, by what, and which metrics) is
+``app.quality.evaluate``, which the tests run too; this module runs it, writes
+``benchmarks/results/quality.{json,png}`` and ``quality_diversity.png``.
 """
 
 from __future__ import annotations
