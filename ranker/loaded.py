@@ -129,8 +129,9 @@ async def load_set(
             f"{config.model!r}); rebuild the set or serve 'fp32'"
         )
     # Checksums of every file read here (1.5 GB of embeddings at 1M items) are
-    # computed off the event loop: a reload must not stall the live requests.
-    roles = (role, "feature_store", "catalog", "item_embeddings")
+    # computed off the event loop: a reload must not stall the live requests (the
+    # catalog's by ``read_catalog``, below).
+    roles = (role, "feature_store", "item_embeddings")
     paths = await asyncio.to_thread(lambda: {r: aset.verified(r) for r in roles})
     scorer = OnnxScorer(
         str(paths[role]), model.input_name, model.output_name, model.features,

@@ -14,14 +14,13 @@ they read, so a half-written or tampered set is refused naming the file.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -226,11 +225,3 @@ def load(root: Path, version: str | None = None) -> ArtifactSet:
     if expected is not None and manifest.version != expected:
         raise ArtifactError(f"{path} is of version {manifest.version!r}, not {expected!r}")
     return ArtifactSet(root=folder, manifest=manifest)
-
-
-async def release_off_loop(held: list[Any]) -> None:
-    """Drop the references in ``held`` (the caller's last ones) on a worker thread,
-    so what they free is freed there. A retired 1M-item index takes 25 ms to free
-    here, and its destructor releases the GIL: freed on the event loop, it would
-    stall every call for that long at each swap."""
-    await asyncio.to_thread(held.clear)

@@ -8,6 +8,7 @@ refused at load (``parse``) with the path of the field that is wrong, as a bad
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import PurePosixPath
 from typing import Any, Literal
@@ -36,10 +37,8 @@ class FileEntry(Frozen):
 
     @model_validator(mode="after")
     def _inside_the_set(self) -> FileEntry:
-        parts = PurePosixPath(self.path).parts
-        if not self.path or PurePosixPath(self.path).is_absolute() or "\\" in self.path:
-            raise ValueError(f"names {self.path!r}, a path outside the artifact set")
-        if ".." in parts:
+        rel = PurePosixPath(self.path)
+        if not self.path or rel.is_absolute() or "\\" in self.path or ".." in rel.parts:
             raise ValueError(f"names {self.path!r}, a path outside the artifact set")
         return self
 
@@ -134,8 +133,6 @@ class Manifest(Frozen):
 
     def to_json(self) -> str:
         """The file's text: sorted keys, indented, one trailing newline."""
-        import json
-
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
 
 
