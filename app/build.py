@@ -1,8 +1,11 @@
 """``sieve build``: the offline jobs, in order, into one versioned artifact set.
 
-catalog + ratings -> temporal split -> item text embeddings -> user vectors ->
-Faiss index -> feature tables -> ranking model (ONNX, checked against torch) ->
-Feast apply + materialize -> manifest.json -> CURRENT.
+catalog + ratings -> time split (and the validation split carved from training)
+-> item text embeddings -> two towers (on the earlier part, then on all training;
+user tower to ONNX) -> co-occurrence neighbours -> feature tables and user
+vectors -> Faiss indexes (learned, text) -> ranker training rows from every
+candidate source -> ranking model (ONNX, checked against torch) -> Feast apply +
+materialize -> manifest.json -> CURRENT.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 
 from app.config import BuildConfig
 from sieve import artifacts
-from sieve.data import GENRES, MovieLens, load_movielens, temporal_split
+from sieve.data import GENRES, MovieLens, genre_multi_hot, load_movielens, split
 from sieve.manifest import (
     BuildSection,
     FeatureSchemaSection,
@@ -30,6 +33,7 @@ from sieve.manifest import (
     IndexSection,
     Manifest,
     ModelSection,
+    RetrieverSection,
     TeacherSection,
     ViewSection,
 )
@@ -63,6 +67,22 @@ def _version(data_dir: Path | None, synthetic: int, config: BuildConfig, now: da
     return f"{now:%Y%m%d%H%M%S}_{h.hexdigest()[:8]}"
 
 
+def _searcher(index: Any, item_ids: np.ndarray, params: dict[str, int]) -> Any:
+    """(vector, k, exclude) -> (ids, scores) over a Faiss index, as the candidate
+    service searches it."""
+    from candidate.index import CandidateIndex
+
+    retrieval = CandidateIndex(
+        index, item_ids, np.empty(0, np.int64), np.empty((0, index.d), np.float32), params
+    )
+
+    def search(vector: np.ndarray, k: int, exclude: np.ndarray) -> tuple[Any, Any]:
+        res = retrieval.search(vector, k, exclude)
+        return res.item_ids, res.scores
+
+    return search
+
+
 def build(
     data_dir: Path | None,
     out: Path,
@@ -84,16 +104,25 @@ def build(
         raise ValueError("give either data_dir or synthetic=N")
     from candidate.embed import DIM, MODEL_ID, embed_texts, item_texts
     from candidate.index import (
-        CandidateIndex,
         build_index,
         parse_search_params,
         resolve_auto,
         write_index,
     )
-    from features.definitions import FEATURE_SERVICE, VIEWS
+    from candidate.neighbours import cooccurrence_neighbours
+    from candidate.towers import (
+        HISTORY_INPUT,
+        MASK_INPUT,
+        USER_OUTPUT,
+        TowerSpec,
+        export_user_tower,
+        train_towers,
+    )
+    from features.definitions import FEATURE_SERVICE, views
     from features.materialize import build_feature_repo
     from features.tables import item_table, user_table
-    from ranker.features import MODEL_FEATURES
+    from ranker.features import MODEL_FEATURES, item_inputs
+    from ranker.funnel import OfflineFunnel
     from ranker.train import (
         INPUT_NAME,
         OUTPUT_NAME,
@@ -113,9 +142,10 @@ def build(
     vdir.mkdir(parents=True)
     report = BuildReport(version=version, root=vdir)
     t_all = time.perf_counter()
+    positive = config.positive_rating
 
     emb: np.ndarray | None = None
-    with report.stage("load + temporal split"):
+    with report.stage(f"load + {config.split} time split"):
         if data_dir is not None:
             ml = load_movielens(data_dir)
             source: dict[str, Any] = {"data_dir": str(data_dir.resolve())}
@@ -124,13 +154,16 @@ def build(
             ml = MovieLens(movies=cat.movies, ratings=cat.ratings, tags=cat.tags)
             emb = cat.embeddings
             source = {"synthetic": {"n_items": synthetic, "seed": config.seed}}
-        train, holdout = temporal_split(ml.ratings, config.holdout_fraction)
+        train, holdout = split(ml.ratings, config.holdout_fraction, config.split)
+        # the validation split, carved from training the same way
+        early, late = split(train, config.label_fraction, config.split)
         report.stats.update(
             items=len(ml.movies),
             users=int(ml.ratings["userId"].nunique()),
             ratings=len(ml.ratings),
             train=len(train),
             holdout=len(holdout),
+            split=config.split,
         )
         holdout.to_parquet(vdir / "holdout.parquet", index=False)
         ml.movies.rename(columns={"movieId": "item_id"}).to_parquet(
@@ -144,48 +177,84 @@ def build(
                 texts, cache_dir / f"embeddings-{MODEL_ID}.npz", config.embedding_batch_size
             )
             report.stats.update(embedded=n_new, embedding_cache_hits=len(texts) - n_new)
+    emb = np.ascontiguousarray(emb, np.float32)
+    item_ids = ml.movies["movieId"].to_numpy(np.int64)
+    genres = genre_multi_hot(ml.movies["genres"])
+    tower_spec = TowerSpec(**config.retriever.model_dump(), seed=config.seed)
+    window, top = config.neighbours_window, config.neighbours_top
+
+    with report.stage("learned retriever on the earlier part (validation, training rows)"):
+        towers_early = train_towers(early, item_ids, emb, genres, tower_spec)
+        neighbours_early = cooccurrence_neighbours(early, item_ids, window, top)
+    with report.stage("learned retriever on all training ratings, user tower to ONNX"):
+        towers = train_towers(train, item_ids, emb, genres, tower_spec)
+        tower_diff = export_user_tower(towers.model, tower_spec, vdir / "user_tower.onnx")
+        neighbours = cooccurrence_neighbours(train, item_ids, window, top)
+        np.save(vdir / "item_neighbours.npy", neighbours[0])
+        np.save(vdir / "item_neighbour_scores.npy", neighbours[1])
+        report.stats.update(
+            retriever_samples=towers.samples,
+            retriever_seconds=towers.seconds,
+            retriever_losses=towers.losses,
+        )
 
     with report.stage("feature tables + user vectors"):
         items = item_table(ml.movies, train)
-        np.save(vdir / "item_embeddings.npy", emb.astype(np.float32))
-        users = user_table(train, ml.movies, emb, config.positive_rating)
-        np.savez(
-            vdir / "user_vectors.npz",
-            user_ids=users["user_id"].to_numpy(np.int64),
-            vectors=np.stack(users["user_vector"].to_numpy()).astype(np.float32),
-        )
-
-    factory, search = resolve_auto(len(emb), config.index_factory, config.search_params)
-    parse_search_params(search)  # refuse a bad setting before the slow part
-    with report.stage(f"faiss index ({factory})"):
-        index = build_index(emb, factory, config.seed, config.train_size, progress=True)
-        write_index(index, vdir / "index.faiss")
-
-    with report.stage("ranker training rows"):
-        retrieval = CandidateIndex(
-            index,
-            ml.movies["movieId"].to_numpy(np.int64),
-            np.empty(0, np.int64),
-            np.empty((0, DIM), np.float32),
-            parse_search_params(search),
-        )
-
-        def search_fn(vector: np.ndarray, k: int, exclude: np.ndarray) -> tuple[Any, Any]:
-            res = retrieval.search(vector, k, exclude)
-            return res.item_ids, res.scores
-
-        rows = training_rows(
+        np.save(vdir / "item_embeddings.npy", towers.item_vectors)
+        np.save(vdir / "text_embeddings.npy", emb)
+        users = user_table(
             train,
             ml.movies,
             emb,
-            search_fn,
-            config.positive_rating,
-            config.label_fraction,
-            config.train_candidates,
-            config.popular_candidates,
-            config.train_users,
-            config.seed,
+            positive,
+            tower_spec.history,
+            (towers.user_ids, towers.user_vectors),
         )
+        for name, column in (("user_vectors", "user_vector"), ("text_user_vectors", "text_vector")):
+            np.savez(
+                vdir / f"{name}.npz",
+                user_ids=users["user_id"].to_numpy(np.int64),
+                vectors=np.stack(users[column].to_numpy()).astype(np.float32),
+            )
+
+    factory, search = resolve_auto(len(emb), config.index_factory, config.search_params)
+    parse_search_params(search)  # refuse a bad setting before the slow part
+    with report.stage(f"faiss indexes ({factory}): learned, text"):
+        index = build_index(towers.item_vectors, factory, config.seed, config.train_size, True)
+        write_index(index, vdir / "index.faiss")
+        text_index = build_index(emb, factory, config.seed, config.train_size, progress=True)
+        write_index(text_index, vdir / "text_index.faiss")
+
+    with report.stage("ranker training rows (every source, as served)"):
+        items_early = item_table(ml.movies, early)
+        users_early = user_table(
+            early,
+            ml.movies,
+            emb,
+            positive,
+            tower_spec.history,
+            (towers_early.user_ids, towers_early.user_vectors),
+        ).set_index("user_id")
+        funnel = OfflineFunnel(
+            item_ids=item_ids,
+            item_vectors=towers_early.item_vectors,
+            text_embeddings=emb,
+            neighbour_rows=neighbours_early[0],
+            neighbour_scores=neighbours_early[1],
+            popular_ids=item_ids[
+                np.argsort(-items_early["log_popularity"].to_numpy(), kind="stable")
+            ],
+            item_cols=item_inputs(items_early),
+            learned_search=_searcher(
+                build_index(towers_early.item_vectors, "Flat", config.seed, config.train_size),
+                item_ids,
+                {},
+            ),
+            text_search=_searcher(text_index, item_ids, parse_search_params(search)),
+            quotas=config.sources.model_dump(),
+        )
+        rows = training_rows(users_early, late, funnel, positive, config.train_users, config.seed)
+        report.stats["validation_recall"] = rows.recall
     with report.stage("teacher + student, ONNX, INT8"):
         spec = ModelSpec(
             student_hidden=config.hidden,
@@ -220,6 +289,12 @@ def build(
 
     files = {
         "index": "index.faiss",
+        "text_index": "text_index.faiss",
+        "user_tower": "user_tower.onnx",
+        "item_neighbours": "item_neighbours.npy",
+        "item_neighbour_scores": "item_neighbour_scores.npy",
+        "text_embeddings": "text_embeddings.npy",
+        "text_user_vectors": "text_user_vectors.npz",
         "model": result.files["student"],
         "model_int8": result.files["student_int8"],
         "teacher": result.files["teacher"],
@@ -238,7 +313,21 @@ def build(
         source=source,
         files={role: artifacts.file_entry(vdir, rel) for role, rel in files.items()},
         index=IndexSection(
-            factory=factory, search_params=search, dim=DIM, ntotal=int(index.ntotal)
+            factory=factory, search_params=search, dim=tower_spec.dim, ntotal=int(index.ntotal)
+        ),
+        text_index=IndexSection(
+            factory=factory, search_params=search, dim=DIM, ntotal=int(text_index.ntotal)
+        ),
+        retriever=RetrieverSection(
+            dim=tower_spec.dim,
+            history=tower_spec.history,
+            history_input=HISTORY_INPUT,
+            mask_input=MASK_INPUT,
+            output=USER_OUTPUT,
+            onnx_max_abs_diff=tower_diff,
+            samples=towers.samples,
+            seconds=towers.seconds,
+            validation=rows.recall,
         ),
         model=ModelSection(
             kind="distilled_mlp",
@@ -252,7 +341,7 @@ def build(
             input_name=INPUT_NAME,
             output_name=OUTPUT_NAME,
             features=MODEL_FEATURES,
-            popular_candidates=config.popular_candidates,
+            sources=config.sources.model_dump(),
             val_auc=result.val_auc,
             onnx_max_abs_diff=result.onnx_max_abs_diff,
             # a non-finite feature value at serving time is scored as the training mean
@@ -270,7 +359,7 @@ def build(
                         f.name: FeatureSpecSection(kind=f.kind, dim=f.dim) for f in v.features
                     },
                 )
-                for v in VIEWS
+                for v in views(tower_spec.dim)
             },
         ),
         build=BuildSection(

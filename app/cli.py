@@ -172,12 +172,13 @@ def format_response(
         dict(zip(catalog["item_id"], catalog["genres"], strict=True)) if catalog is not None else {}
     )
     out = [f"\nuser {user_id}: {len(resp.items)} items (artifact set {resp.artifact_version})"]
-    out.append(f"{'#':>3}  {'title':<48} {'genres':<34} {'cand':>6} {'rank':>6}")
+    out.append(f"{'#':>3}  {'title':<48} {'genres':<34} {'cand':>6} {'score':>6}  sources")
     for pos, item in enumerate(resp.items, 1):
         title = str(titles.get(item.item_id, f"item {item.item_id}"))[:48]
         g = str(genres.get(item.item_id, ""))[:34]
         out.append(
-            f"{pos:>3}  {title:<48} {g:<34} {item.candidate_score:6.3f} {item.final_score:6.3f}"
+            f"{pos:>3}  {title:<48} {g:<34} {item.candidate_score:6.3f} "
+            f"{item.final_score:6.3f}  {','.join(item.sources)}"
         )
     stages = "  ".join(f"{t.stage} {t.micros / 1000:.2f}" for t in resp.timings)
     out.append(f"stage times (ms): {stages}")

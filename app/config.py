@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -15,9 +16,60 @@ from sieve.config import Frozen
 from sieve.errors import ConfigError
 
 
+class RetrieverConfig(Frozen):
+    """The learned retriever: two towers trained with in-batch sampled softmax and
+    logQ correction (``candidate/towers.py``). Defaults chosen on the validation
+    split carved from training (BENCHMARKS.md, Quality)."""
+
+    dim: int = Field(64, ge=8, le=256)
+    """Dimension of the learned space the candidate index serves (64-128 usual;
+    the ANN's cost grows with it)."""
+    history: int = Field(50, ge=1, le=500)
+    """The user tower reads the user's last this-many rated items."""
+    target_rating: float = Field(0.0, ge=0.0, le=5.0)
+    """Ratings at or above this are the towers' targets (0: every rating). On the
+    validation split every rating gave recall@800 0.799 against 0.780 for ratings
+    >= 4 alone (BENCHMARKS.md, Quality)."""
+    epochs: int = Field(10, ge=1, le=200)
+    temperature: float = Field(0.05, gt=0.0, le=1.0)
+    """Softmax temperature of the in-batch loss."""
+    id_dropout: float = Field(0.5, ge=0.0, le=1.0)
+    """Share of items whose id embedding is dropped in each batch (their vector
+    comes from text, genres and popularity alone, as an unrated item's does)."""
+    hidden: int = Field(256, ge=8, le=4096)
+    batch_size: int = Field(1024, ge=16, le=65536)
+    lr: float = Field(2e-3, gt=0.0, le=1.0)
+    max_samples: int = Field(2_000_000, ge=1000)
+    """At most this many (history, next positive) pairs train the towers (seeded sample)."""
+    max_steps: int = Field(2000, ge=1)
+    """Epochs are cut so that training takes at most this many batches (at least one
+    epoch): a large catalog's many samples need fewer passes, and this bounds the
+    build's time (ml-latest-small: 31 batches an epoch, 10 epochs)."""
+
+
+class SourcesConfig(Frozen):
+    """Per-source candidate quotas (``ranker/sources.py``): each source adds up to
+    this many items no earlier source gave. Training rows are drawn with them and
+    the manifest carries them to the ranker."""
+
+    learned: int = Field(1200, ge=1, le=2048)
+    """From the learned ANN (the candidate service's main index)."""
+    text: int = Field(100, ge=0, le=2048)
+    """From the text ANN (reaches items nobody rated)."""
+    i2i: int = Field(100, ge=0, le=2048)
+    """Co-occurrence neighbours of the user's last items."""
+    popular: int = Field(100, ge=0, le=2048)
+    """The most popular items."""
+
+
 class BuildConfig(Frozen):
     """The offline jobs of ``sieve build``."""
 
+    split: Literal["user", "global"] = "user"
+    """How ratings are held out for evaluation: ``user``, each user's latest
+    ``holdout_fraction``; ``global``, everything after one time T (the
+    ``1 - holdout_fraction`` quantile of rating times), so no feature, index or
+    model sees any rating after T, as a served request never sees the future."""
     holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     """Share of each user's latest ratings held out for evaluation (at least one
     rating is held out and at least one kept for training)."""
@@ -39,11 +91,12 @@ class BuildConfig(Frozen):
     training rows (the earlier part gives their features and candidates)."""
     train_users: int = Field(1000, ge=1)
     """At most this many users (seeded sample) give the ranker's training rows."""
-    train_candidates: int = Field(1000, ge=1, le=2048)
-    """ANN candidates per training user, as the ranker retrieves them."""
-    popular_candidates: int = Field(200, ge=0, le=2048)
-    """Most popular unseen items added to the ANN candidates (training and serving:
-    the manifest carries it to the ranker)."""
+    retriever: RetrieverConfig = RetrieverConfig()
+    sources: SourcesConfig = SourcesConfig()
+    neighbours_window: int = Field(10, ge=1, le=200)
+    """Two items co-occur when a user rated them within this many ratings."""
+    neighbours_top: int = Field(50, ge=1, le=500)
+    """Neighbours kept per item for the item-to-item source."""
     hidden: tuple[int, ...] = (64, 32)
     """Hidden layer widths of the student MLP (the served model)."""
     student_cross_layers: int = Field(0, ge=0, le=4)

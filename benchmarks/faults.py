@@ -66,9 +66,9 @@ from sieve.local_redis import free_port, start_redis, wait_for_redis
 FAULTS = ("redis_kill", "candidate_stop", "candidate_slow", "artifact_swap", "overload")
 CAUSES = {
     "redis_kill": ("user_features_failed", "history_unavailable"),
-    "candidate_stop": ("retrieve_failed",),
-    "candidate_slow": ("retrieve_failed",),
-    "artifact_swap": ("retrieve_failed", "version_mismatch"),
+    "candidate_stop": ("retrieve_failed", "text_source_failed"),
+    "candidate_slow": ("retrieve_failed", "text_source_failed"),
+    "artifact_swap": ("retrieve_failed", "text_source_failed", "version_mismatch"),
     "overload": (),
 }
 """The degradations each fault causes: recovery is judged on these (and on any

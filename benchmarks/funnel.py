@@ -34,7 +34,7 @@ import pandas as pd  # noqa: E402
 
 from benchmarks.harness import RESULTS, machine, percentiles, pyplot  # noqa: E402
 from candidate.config import CandidateConfig  # noqa: E402
-from features.definitions import ITEM_VIEW, USER_VIEW  # noqa: E402
+from features.definitions import ITEM_VIEW, user_view  # noqa: E402
 from features.reader import open_reader  # noqa: E402
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc  # noqa: E402
 from ranker.config import RankerConfig, ReliabilityConfig, StageBudgetMs  # noqa: E402
@@ -134,14 +134,15 @@ async def bench_features(root: Path, repo: Path, rounds: int, seed: int) -> dict
     rng = np.random.default_rng(seed)
     ours: list[float] = []
     feast: list[float] = []
-    refs_u = [f"{USER_VIEW.name}:{f.name}" for f in USER_VIEW.features]
+    user_view_ = user_view(aset.manifest.index.dim)
+    refs_u = [f"{user_view_.name}:{f.name}" for f in user_view_.features]
     refs_i = [f"{ITEM_VIEW.name}:{f.name}" for f in ITEM_VIEW.features]
     try:
         for r in range(rounds + 3):  # the first 3 rounds are warm-up
             u = np.array([rng.choice(users)])
             ids = rng.choice(items, 1000, replace=False)
             t0 = time.perf_counter()
-            await reader.read(USER_VIEW, u)
+            await reader.read(user_view_, u)
             await reader.read(ITEM_VIEW, ids)
             t1 = time.perf_counter()
             store.get_online_features(features=refs_u, entity_rows=[{"user_id": int(u[0])}])

@@ -5,8 +5,9 @@
 A gRPC RankerService in one process, serving the same artifact set as sieve:
 user and item features through Feast's own ``get_online_features`` (the set's
 online store), exact search with a Faiss ``IndexFlatIP`` over all item embeddings
-(ask for k + |seen|, drop the seen after), the DCN-v2 teacher in ONNX Runtime, one
-request at a time (no batching, no in-process item table, no popular candidates,
+(ask for k + |seen|, drop the seen after) in the learned space with the stored
+user vector, the DCN-v2 teacher in ONNX Runtime, one request at a time (no
+batching, no in-process item table, no other candidate source, no user tower,
 no re-rank rules), top 50 by score. It answers with the same stage timings as
 sieve, so the latency benchmark can compare stage by stage.
 """
@@ -22,11 +23,13 @@ import faiss
 import grpc
 import numpy as np
 
-from features.definitions import ITEM_VIEW, USER_VIEW
+from features.definitions import ITEM_VIEW, user_view
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
-from ranker.features import assemble, item_inputs, user_inputs
+from ranker.features import assemble, item_inputs, source_inputs, user_inputs
 from ranker.scorer import OnnxScorer
+from ranker.sources import BIT
 from sieve import artifacts
+from sieve.ids import IdIndex
 
 N_CANDIDATES = 1000
 
@@ -39,15 +42,19 @@ class NaiveRanker(sieve_pb2_grpc.RankerServiceServicer):
         self.version = aset.version
         self.store = FeatureStore(repo_path=str(aset.verified("feature_store").parent))
         emb = np.load(aset.verified("item_embeddings"))
+        self.emb = emb
+        self.text = np.load(aset.verified("text_embeddings"), mmap_mode="r")
         self.index = faiss.IndexFlatIP(emb.shape[1])
         self.index.add(np.ascontiguousarray(emb, np.float32))
         self.ids = aset.read_catalog(["item_id"])["item_id"].to_numpy(np.int64)
+        self.rows = IdIndex(self.ids)
         m = aset.manifest.model
         self.scorer = OnnxScorer(
             str(aset.verified("teacher")), m.input_name, m.output_name, list(m.features), 1
         )
         self.scorer.load()
-        self.user_refs = [f"{USER_VIEW.name}:{f.name}" for f in USER_VIEW.features]
+        view = user_view(aset.manifest.index.dim)
+        self.user_refs = [f"{view.name}:{f.name}" for f in view.features]
         self.item_refs = [f"{ITEM_VIEW.name}:{f.name}" for f in ITEM_VIEW.features]
 
     async def Rank(
@@ -75,16 +82,27 @@ class NaiveRanker(sieve_pb2_grpc.RankerServiceServicer):
         scores, rows = self.index.search(vector, N_CANDIDATES + len(seen))
         cand = self.ids[rows[0]]
         keep = ~np.isin(cand, seen)
-        cand, ann = cand[keep][:N_CANDIDATES], scores[0][keep][:N_CANDIDATES]
+        cand, rows = cand[keep][:N_CANDIDATES], rows[0][keep][:N_CANDIDATES]
         mark("retrieve")
         items = self.store.get_online_features(
             features=self.item_refs, entity_rows=[{"item_id": int(i)} for i in cand]
         ).to_dict()
+        recent = np.asarray(user["recent_item_ids"][0] or [], np.int64)
+        ann, extra = source_inputs(
+            np.full(len(cand), BIT["learned"], np.uint8),
+            np.zeros(len(cand), np.float32),
+            self.emb[rows],
+            vector[0],
+            np.asarray(self.text[rows], np.float32),
+            np.asarray(user["text_vector"][0], np.float32),
+            self.emb[self.rows.rows(recent)[0][self.rows.rows(recent)[1]]],
+        )
         x = assemble(
             ann,
             np.arange(len(cand)),
             user_inputs({name: user[name][0] for name in user}),
             item_inputs(items),
+            extra,
         )
         mark("item_features")
         model = self.scorer.score(x)

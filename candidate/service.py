@@ -15,12 +15,12 @@ import numpy as np
 
 from candidate.config import CandidateConfig
 from candidate.index import CandidateIndex, SearchRequest, SearchResult
-from candidate.sets import LiveIndex, load_live, use_gpu
+from candidate.sets import SPACES, LiveIndex, load_live, use_gpu
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from sieve.batcher import MicroBatcher, per_group
 from sieve.errors import InvalidRequest, NotFound, grpc_errors
 from sieve.grpc_server import Server, add_servicer
-from sieve.validation import echo_list, id_list, query_vector
+from sieve.validation import echo, echo_list, id_list, query_vector
 from sieve.versions import VersionHolder
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class RetrieveQuery:
     exclude: np.ndarray  # int64
     allow: list[str]  # categories; empty: all
     version: str  # artifact version to serve from; empty: the newest loaded
+    source: str = ""  # the space to search ("" or "learned", "text")
 
 
 def parse_retrieve(req: sieve_pb2.RetrieveRequest, config: CandidateConfig) -> RetrieveQuery:
@@ -46,6 +47,10 @@ def parse_retrieve(req: sieve_pb2.RetrieveRequest, config: CandidateConfig) -> R
     which = req.WhichOneof("query")
     if which is None:
         raise InvalidRequest("set either user_vector or user_id")
+    if req.source not in ("", *SPACES):
+        raise InvalidRequest(
+            f"source must be one of {list(SPACES)} (or empty), got {echo(req.source)}"
+        )
     if not 1 <= req.k <= config.max_k:
         raise InvalidRequest(
             f"k must be in 1..{config.max_k} (candidate.max_k; Faiss on a GPU returns at "
@@ -56,11 +61,17 @@ def parse_retrieve(req: sieve_pb2.RetrieveRequest, config: CandidateConfig) -> R
         if req.user_id <= 0:
             raise InvalidRequest(f"user_id must be positive, got {req.user_id}")
         return RetrieveQuery(
-            None, req.user_id, req.k, exclude, list(req.allow_categories), req.artifact_version
+            None,
+            req.user_id,
+            req.k,
+            exclude,
+            list(req.allow_categories),
+            req.artifact_version,
+            req.source,
         )
     vector = query_vector(req.user_vector.values, "user_vector")
     return RetrieveQuery(
-        vector, 0, req.k, exclude, list(req.allow_categories), req.artifact_version
+        vector, 0, req.k, exclude, list(req.allow_categories), req.artifact_version, req.source
     )
 
 
@@ -163,7 +174,7 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
     ) -> sieve_pb2.RetrieveResponse:
         q = parse_retrieve(request, self.config)
         with self.sets.use(q.version) as live:
-            return await self._retrieve(q, live)
+            return await self._retrieve(q, live.space(q.source))
 
     async def _retrieve(self, q: RetrieveQuery, live: LiveIndex) -> sieve_pb2.RetrieveResponse:
         index = live.index

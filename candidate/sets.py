@@ -15,18 +15,41 @@ import pandas as pd
 from candidate.config import CandidateConfig
 from candidate.index import CandidateIndex, gpu_count, parse_search_params, set_gpu_params, to_gpu
 from sieve import artifacts
-from sieve.errors import ArtifactError, ConfigError
+from sieve.errors import ArtifactError, ConfigError, InvalidRequest
+from sieve.validation import echo
 
 log = logging.getLogger(__name__)
+
+
+SPACES = ("learned", "text")
+"""The spaces a set serves: the learned retriever's (the main index) and the text one."""
 
 
 @dataclass(frozen=True)
 class LiveIndex:
     """One loaded artifact set; never mutated, so a request that took it keeps a
-    consistent index and version through a swap."""
+    consistent index and version through a swap. ``text`` is the same set's text
+    space (its own ``LiveIndex``, so a batch of searches groups by space)."""
 
     index: CandidateIndex
     version: str
+    text: LiveIndex | None = None
+
+    def space(self, source: str) -> LiveIndex:
+        """The space a RetrieveRequest's ``source`` names ("" is the learned one).
+
+        Raises:
+            InvalidRequest: an unknown source, or a set without a text index.
+        """
+        if source in ("", "learned"):
+            return self
+        if source == "text":
+            if self.text is None:
+                raise InvalidRequest(
+                    f"artifact set {self.version} has no text index; source must be 'learned'"
+                )
+            return self.text
+        raise InvalidRequest(f"source must be one of {list(SPACES)} (or empty), got {echo(source)}")
 
 
 def category_masks(genres: pd.Series) -> dict[str, np.ndarray]:
@@ -64,21 +87,29 @@ async def load_live(config: CandidateConfig, root: Path, version: str, on_gpu: b
     Raises:
         ArtifactError: naming the missing, corrupt or malformed file.
     """
-    index = await asyncio.to_thread(load_index, config, root, version, on_gpu)
+    index, text = await asyncio.to_thread(load_index, config, root, version, on_gpu)
     await asyncio.to_thread(index.warm_up, min(1000, config.max_k))
-    return LiveIndex(index, version)
+    if text is not None:
+        await asyncio.to_thread(text.warm_up, min(1000, config.max_k))
+    return LiveIndex(index, version, LiveIndex(text, version) if text is not None else None)
 
 
-def load_index(config: CandidateConfig, root: Path, version: str, on_gpu: bool) -> CandidateIndex:
-    """The index of ``version`` under ``root``, verified, on the GPU when ``on_gpu``."""
+def load_index(
+    config: CandidateConfig, root: Path, version: str, on_gpu: bool
+) -> tuple[CandidateIndex, CandidateIndex | None]:
+    """The learned index of ``version`` under ``root``, verified, on the GPU when
+    ``on_gpu``, and its text index (on the CPU) when the set has one."""
     import faiss
 
     faiss.omp_set_num_threads(config.omp_threads)
     aset = artifacts.load(root, version)
     catalog = aset.read_catalog(["item_id", "genres"])
     item_ids = catalog["item_id"].to_numpy(np.int64)
+    masks = category_masks(catalog["genres"])
+    m = aset.manifest
     try:
-        search_params = parse_search_params(aset.manifest.index.search_params)
+        search_params = parse_search_params(m.index.search_params)
+        text_params = parse_search_params(m.text_index.search_params) if m.text_index else {}
     except ValueError as e:
         raise ArtifactError(f"{aset.root / artifacts.MANIFEST}: index: {e}") from e
     index_path = aset.verified("index")  # reading it for the checksum warms the cache too
@@ -88,8 +119,18 @@ def load_index(config: CandidateConfig, root: Path, version: str, on_gpu: bool) 
         aset.verified("user_vectors"),
         mmap=config.index_mmap,
         search_params=search_params,
-        categories=category_masks(catalog["genres"]),
+        categories=masks,
     )
+    text = None
+    if m.text_index is not None:
+        text = CandidateIndex.load(
+            aset.verified("text_index"),
+            item_ids,
+            aset.verified("text_user_vectors"),
+            mmap=config.index_mmap,
+            search_params=text_params,
+            categories=masks,
+        )
     where = "CPU"
     if on_gpu:
         embeddings = None
@@ -112,4 +153,4 @@ def load_index(config: CandidateConfig, root: Path, version: str, on_gpu: bool) 
         aset.manifest.index.factory,
         where,
     )
-    return index
+    return index, text

@@ -41,25 +41,42 @@ class ViewSpec:
 
 
 EMBEDDING_DIM = 384
+"""Dimension of the MiniLM text embeddings (the text source's space)."""
+RETRIEVAL_DIM = 64
+"""Default dimension of the learned retriever's space (``[build.retriever] dim``)."""
 N_GENRES = 20
 HISTORY_YEARS = 24
 """Length of an item's ``rating_history``: bin k counts its ratings in the k-th year
 before the training cut-off (0: the last year); the last bin gathers all older."""
 
-USER_VIEW = ViewSpec(
-    name="user_features",
-    entity="user",
-    join_key="user_id",
-    features=(
-        FeatureSpec("user_vector", "float_list", EMBEDDING_DIM),
-        FeatureSpec("genre_affinity", "float_list", N_GENRES),
-        FeatureSpec("rating_count", "int64"),
-        FeatureSpec("rating_mean", "float"),
-        FeatureSpec("rating_std", "float"),
-        FeatureSpec("idle_years", "float"),
-        FeatureSpec("seen_item_ids", "int64_list"),
-    ),
-)
+
+def user_view(vector_dim: int = RETRIEVAL_DIM) -> ViewSpec:
+    """The user view, with ``user_vector`` in the learned space of ``vector_dim``
+    (a set's manifest says which: ``index.dim``)."""
+    return ViewSpec(
+        name="user_features",
+        entity="user",
+        join_key="user_id",
+        features=(
+            # the user tower's output on the whole training history (the learned
+            # source's query when the request-time tower cannot run)
+            FeatureSpec("user_vector", "float_list", vector_dim),
+            # the mean text embedding of the liked items (the text source's query)
+            FeatureSpec("text_vector", "float_list", EMBEDDING_DIM),
+            FeatureSpec("genre_affinity", "float_list", N_GENRES),
+            FeatureSpec("rating_count", "int64"),
+            FeatureSpec("rating_mean", "float"),
+            FeatureSpec("rating_std", "float"),
+            FeatureSpec("idle_years", "float"),
+            FeatureSpec("seen_item_ids", "int64_list"),
+            # the last rated items, oldest first: the user tower's input at request
+            # time and the item-to-item source's seeds
+            FeatureSpec("recent_item_ids", "int64_list"),
+        ),
+    )
+
+
+USER_VIEW = user_view()
 ITEM_VIEW = ViewSpec(
     name="item_features",
     entity="item",
@@ -77,9 +94,17 @@ ITEM_VIEW = ViewSpec(
     ),
 )
 VIEWS = (USER_VIEW, ITEM_VIEW)
-FEATURE_SERVICE = "ranker_v2"
-"""The FeatureService the ranking model reads; its name goes in the manifest (v2:
-the user's idle time and the item's rating history, for the features of time)."""
+FEATURE_SERVICE = "ranker_v3"
+"""The FeatureService the ranking model reads; its name goes in the manifest (v3:
+the learned user vector, the text vector and the recent items, for the candidate
+sources; v2 added the features of time)."""
+
+
+def views(vector_dim: int = RETRIEVAL_DIM) -> tuple[ViewSpec, ViewSpec]:
+    """``VIEWS`` with the user vector in a ``vector_dim`` space."""
+    return (user_view(vector_dim), ITEM_VIEW)
+
+
 TIMESTAMP_FIELD = "event_timestamp"
 
 

@@ -76,11 +76,17 @@ def user_table(
     movies: pd.DataFrame,
     embeddings: np.ndarray,
     positive_rating: float,
+    n_recent: int = 50,
+    learned: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """One row per user in ``train`` with the ``USER_VIEW`` features.
 
-    ``user_vector`` is the L2-normalised mean embedding of the user's positively
-    rated items (all rated items when none is positive); ``genre_affinity`` is the
+    ``text_vector`` is the L2-normalised mean text embedding of the user's
+    positively rated items (all rated items when none is positive);
+    ``recent_item_ids`` the last ``n_recent`` rated items, oldest first;
+    ``user_vector`` the learned one of ``learned`` ((user ids, vectors), e.g. the
+    two towers'; zeros for a user it lacks, or of the text's dimension when
+    ``learned`` is None); ``genre_affinity`` is the
     share of those items in each genre; ``idle_years`` the time from the user's
     last rating to the cut-off (the latest rating in ``train``), the cut-off of
     ``item_table``'s ages and histories.
@@ -89,7 +95,9 @@ def user_table(
     row_of = pd.Series(np.arange(len(movies)), index=movies["movieId"].to_numpy())
     genres = genre_multi_hot(movies["genres"])
     users, vectors, affinities, counts, means, stds, idle, seen = [], [], [], [], [], [], [], []
-    for user_id, group in train.groupby("userId", sort=True):
+    recent = []
+    ordered = train.sort_values(["userId", "timestamp", "movieId"], kind="stable")
+    for user_id, group in ordered.groupby("userId", sort=True):
         rows = row_of.loc[group["movieId"].to_numpy()].to_numpy()
         liked = rows[group["rating"].to_numpy() >= positive_rating]
         basis = liked if len(liked) else rows
@@ -103,15 +111,26 @@ def user_table(
         stds.append(float(group["rating"].std(ddof=0)))
         idle.append((cutoff - float(group["timestamp"].max())) / SECONDS_PER_YEAR)
         seen.append(np.sort(group["movieId"].to_numpy(np.int64)))
+        recent.append(group["movieId"].to_numpy(np.int64)[-n_recent:] if n_recent else [])
+    user_ids = np.asarray(users, np.int64)
+    if learned is None:
+        learned_vectors = list(np.zeros((len(users), embeddings.shape[1]), np.float32))
+    else:
+        at = pd.Series(np.arange(len(learned[0])), index=learned[0])
+        pos = at.reindex(user_ids).to_numpy()
+        dim = learned[1].shape[1]
+        learned_vectors = [learned[1][int(p)] if p == p else np.zeros(dim, np.float32) for p in pos]
     return pd.DataFrame(
         {
-            USER_VIEW.join_key: np.asarray(users, np.int64),
-            "user_vector": vectors,
+            USER_VIEW.join_key: user_ids,
+            "user_vector": learned_vectors,
+            "text_vector": vectors,
             "genre_affinity": affinities,
             "rating_count": np.asarray(counts, np.int64),
             "rating_mean": np.asarray(means, np.float32),
             "rating_std": np.asarray(stds, np.float32),
             "idle_years": np.asarray(idle, np.float32),
             "seen_item_ids": seen,
+            "recent_item_ids": [np.asarray(r, np.int64) for r in recent],
         }
     )

@@ -68,37 +68,48 @@ class CandidateClient:
             self._channel = None
 
     async def retrieve(
-        self, version: str, vector: np.ndarray, exclude: np.ndarray, timeout_s: float
+        self,
+        version: str,
+        vector: np.ndarray,
+        exclude: np.ndarray,
+        timeout_s: float,
+        k: int,
+        source: str = "",
     ) -> tuple[sieve_pb2.RetrieveResponse | None, str]:
-        """``num_candidates`` candidates from the index of ``version``, or None and
-        why not (breaker open, no time left, or the call failed)."""
+        """``k`` candidates from the ``source`` space ("": the learned one) of
+        ``version``, or None and why not (breaker open, no time left, or the call
+        failed)."""
         breaker = self.breaker
+        what = "retrieve_failed" if source in ("", "learned") else f"{source}_source_failed"
         if self._stub is None:
-            return None, "retrieve_failed: candidate client not started"
+            return None, f"{what}: candidate client not started"
         if not breaker.allow():
-            return None, "retrieve_failed: candidate breaker open"
+            return None, f"{what}: candidate breaker open"
         if timeout_s <= 0:
-            return None, "retrieve_failed: no time left for retrieval"
+            return None, f"{what}: no time left for retrieval"
         try:
             resp = await self._stub.Retrieve(
                 sieve_pb2.RetrieveRequest(
                     user_vector=sieve_pb2.UserVector(values=vector),
-                    k=self.config.num_candidates,
+                    k=k,
                     exclude_item_ids=exclude,
                     artifact_version=version,  # the index of this request's set
+                    source=source,
                 ),
                 timeout=timeout_s,
             )
         except grpc.aio.AioRpcError as e:
-            log.warning("Retrieve failed: %s %s", e.code().name, e.details())
+            log.warning(
+                "Retrieve (%s) failed: %s %s", source or "learned", e.code().name, e.details()
+            )
             why = e.code().name
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 # e.g. the candidate service restarted and no longer holds our
                 # version: the service answers, so the breaker stays as it is
                 breaker.success()
-                return None, f"retrieve_failed: {why} ({e.details()})"
+                return None, f"{what}: {why} ({e.details()})"
             breaker.failure()
-            return None, f"retrieve_failed: {why}"
+            return None, f"{what}: {why}"
         breaker.success()
         return resp, ""
 

@@ -55,6 +55,9 @@ class RankResult:
     rungs: list[str] = field(default_factory=list)
     """The degradation-ladder rungs taken, in ladder order; empty: full quality."""
     moved_by: list[list[str]] = field(default_factory=list)  # debug: per returned item
+    sources: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint8))
+    """uint8 source bits per returned item (``ranker/sources.py``); empty when the
+    answer came from the response cache."""
     dropped: list[tuple[int, str, str, float]] = field(default_factory=list)
     """debug: (item id, rule, reason, model score)."""
 
@@ -114,6 +117,7 @@ class RankContext:
         version: str,
         moved_by: list[list[str]] | None = None,
         dropped: list[tuple[int, str, str, float]] | None = None,
+        sources: np.ndarray | None = None,
     ) -> RankResult:
         """The answer, carrying this request's rungs and degradations (its timings
         are set by ``finish``)."""
@@ -128,6 +132,7 @@ class RankContext:
             rungs=self.rungs,
             moved_by=moved_by or [],
             dropped=dropped or [],
+            sources=np.empty(0, np.uint8) if sources is None else sources,
         )
 
     def finish(self, result: RankResult, stage: str) -> RankResult:

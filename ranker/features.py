@@ -4,30 +4,36 @@ Pure numpy, used by training (many users at once), serving (one user, ~1200
 candidates) and the quality report, so the model sees the same features in all
 three places. The column list is versioned with the model in the manifest.
 
-Candidates come from two sources: the ANN search (rank 0..n-1, score = inner
-product of user vector and item embedding) and the most popular unseen items the
-search missed (``NOT_RETRIEVED`` rank, score computed here from the embeddings),
-since a content-based search alone misses most of what users rate next.
+Candidates come from four sources (``ranker/sources.py``); the model sees which
+gave each item, its learned score and rank, its text score, its co-occurrence
+with the user's last items and its learned similarity to them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from sieve.data import GENRES
-from sieve.ids import member
 
 NOT_RETRIEVED = -1
 """Candidate rank of an item that came from the popular source, not the ANN search."""
 _RANK_OF_MISSING = 2048.0  # past any ANN rank (k <= 2048)
 
 CROSS = (
-    "ann_score",  # user vector . item embedding
-    "log_candidate_rank",  # log1p of the ANN rank; log1p(2048) when not retrieved
-    "from_ann",  # 1 if the ANN search returned the item
+    "ann_score",  # learned user vector . learned item vector
+    "log_candidate_rank",  # log1p of the learned ANN rank; log1p(2048) when not retrieved
+    "from_ann",  # 1 if the learned ANN search gave the item
+    # the other candidate sources (ranker/sources.py) and their signals
+    "from_text",  # the text ANN gave it
+    "from_i2i",  # the item-to-item source gave it
+    "from_popular",  # the popular source gave it
+    "i2i_score",  # co-occurrence with the user's last items (0: none)
+    "text_score",  # user text vector . item text embedding
+    "recent_sim_max",  # largest learned cosine to the user's last items
+    "recent_sim_mean",  # their mean
     "genre_match",  # user's genre affinity . item's genre multi-hot
     "genre_cosine",  # the same, as a cosine
     "rating_gap",  # item_rating_mean - user_rating_mean
@@ -56,17 +62,62 @@ ITEM_INPUTS = ("genres", "log_popularity", "rating_mean", "age_years", "rating_h
 """The online features ``assemble`` reads (names of the Feast views' fields)."""
 
 
+SOURCE_COLUMNS = CROSS[3:10]
+"""The columns ``source_inputs`` computes, in ``CROSS`` order."""
+RECENT_SIM_ITEMS = 10
+"""``recent_sim_*`` compare a candidate with the user's last this-many items."""
+
+
+def source_inputs(
+    sources: np.ndarray,
+    i2i_score: np.ndarray,
+    item_vectors: np.ndarray,
+    user_vector: np.ndarray,
+    text_embeddings: np.ndarray,
+    text_vector: np.ndarray,
+    recent_vectors: np.ndarray,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(ann_score [n], the ``SOURCE_COLUMNS``) of one user's n candidates.
+
+    Args:
+        sources: uint8 [n], the candidates' source bits (``ranker.sources.BIT``).
+        item_vectors: [n, d] the candidates' learned vectors; ``user_vector`` [d].
+        text_embeddings: [n, 384] their text embeddings; ``text_vector`` [384].
+        recent_vectors: [m, d] learned vectors of the user's last items (m may be 0).
+    """
+    from ranker.sources import BIT
+
+    ann = item_vectors @ np.asarray(user_vector, np.float32)
+    recent = np.asarray(recent_vectors, np.float32)[-RECENT_SIM_ITEMS:]
+    if len(recent):
+        sims = item_vectors @ recent.T
+        sim_max, sim_mean = sims.max(axis=1), sims.mean(axis=1)
+    else:
+        sim_max = sim_mean = np.zeros(len(item_vectors), np.float32)
+    return ann.astype(np.float32), {
+        "from_text": (sources & BIT["text"]) > 0,
+        "from_i2i": (sources & BIT["i2i"]) > 0,
+        "from_popular": (sources & BIT["popular"]) > 0,
+        "i2i_score": i2i_score,
+        "text_score": text_embeddings @ np.asarray(text_vector, np.float32),
+        "recent_sim_max": sim_max,
+        "recent_sim_mean": sim_mean,
+    }
+
+
 def assemble(
     ann_score: np.ndarray,
     candidate_rank: np.ndarray,
     user: Mapping[str, np.ndarray],
     item: Mapping[str, np.ndarray],
+    extra: Mapping[str, np.ndarray],
 ) -> np.ndarray:
     """Model input rows, float32 [n, len(MODEL_FEATURES)].
 
     Args:
-        ann_score: [n] user vector . item embedding.
-        candidate_rank: [n] ANN rank, or ``NOT_RETRIEVED``.
+        ann_score: [n] learned user vector . item vector.
+        candidate_rank: [n] learned ANN rank, or ``NOT_RETRIEVED``.
+        extra: the ``SOURCE_COLUMNS`` ([n] each, ``source_inputs``).
         user: ``USER_INPUTS`` arrays with n rows or one (broadcast); list
             features are [n or 1, G].
         item: ``ITEM_INPUTS`` arrays with n rows.
@@ -85,9 +136,10 @@ def assemble(
     out[:, 0] = ann_score
     out[:, 1] = np.log1p(np.where(retrieved, rank, _RANK_OF_MISSING))
     out[:, 2] = retrieved
-    out[:, 3] = match
-    out[:, 4] = match / np.maximum(norms, 1e-6)
-    out[:, 5] = item_mean - user_mean
+    j = 3 + len(SOURCE_COLUMNS)
+    out[:, j] = match
+    out[:, j + 1] = match / np.maximum(norms, 1e-6)
+    out[:, j + 2] = item_mean - user_mean
     history = np.asarray(item["rating_history"], np.float32)
     idle = np.asarray(user["idle_years"], np.float32).reshape(-1)
     last = history.shape[1] - 1
@@ -100,9 +152,12 @@ def assemble(
         at = np.arange(n)
         era = history[at, year] + np.where(year < last, history[at, np.minimum(year + 1, last)], 0)
         by_then = np.einsum("ij,ij->i", history, np.arange(last + 1) >= year[:, None])
-    out[:, 6] = np.log1p(era)
-    out[:, 7] = by_then / np.maximum(history.sum(axis=1), 1.0)
-    out[:, 8] = np.asarray(item["age_years"], np.float32) - idle
+    for j, name in enumerate(SOURCE_COLUMNS, start=3):
+        out[:, j] = extra[name]
+    j = 3 + len(SOURCE_COLUMNS)
+    out[:, j + 3] = np.log1p(era)
+    out[:, j + 4] = by_then / np.maximum(history.sum(axis=1), 1.0)
+    out[:, j + 5] = np.asarray(item["age_years"], np.float32) - idle
     c = len(CROSS)
     out[:, c] = item["log_popularity"]
     out[:, c + 1] = item_mean
@@ -130,62 +185,3 @@ def item_inputs(table: Mapping[str, Any]) -> dict[str, np.ndarray]:
         col = np.asarray(table[name])
         out[name] = np.stack(list(col)) if col.dtype == object else col
     return out
-
-
-def with_popular(
-    ann_ids: np.ndarray,
-    ann_scores: np.ndarray,
-    popular_ids: np.ndarray,
-    exclude: np.ndarray,
-    n_popular: int,
-    user_vector: np.ndarray,
-    embeddings_of: Callable[[np.ndarray], np.ndarray],
-    popular_embeddings: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ANN candidates plus up to ``n_popular`` of ``popular_ids`` that are neither
-    among them nor in ``exclude``.
-
-    Args:
-        popular_ids: item ids, most popular first (only as many of the head as it
-            takes to find ``n_popular`` are read).
-        exclude: item ids never to add (seen by the user, or excluded by the caller).
-        embeddings_of: item ids -> float32 [m, d] embeddings.
-        popular_embeddings: optionally the embeddings of the first rows of
-            ``popular_ids``, gathered once per artifact set (the serving path: 200
-            random rows of a 1M-row memory-mapped file cost more than the rest).
-
-    Returns:
-        (ids int64, scores float32, ranks int32): ANN candidates first, in ANN
-        order with their ANN rank; then the added popular items, ``NOT_RETRIEVED``.
-    """
-    ann_ids = np.asarray(ann_ids, np.int64)
-    ranks = np.arange(len(ann_ids), dtype=np.int32)
-    if n_popular <= 0 or len(popular_ids) == 0:
-        return ann_ids, np.asarray(ann_scores, np.float32), ranks
-    exclude = np.asarray(exclude, np.int64)
-    if len(exclude) > 1 and not (exclude[1:] >= exclude[:-1]).all():
-        exclude = np.sort(exclude)
-    found = np.sort(ann_ids)
-    # At most len(exclude) + len(ann_ids) of the head are dropped, so that many
-    # extra always suffice; most users need far fewer: grow the head until it holds
-    # n_popular that stay (two sorted lookups per round instead of np.isin's sorts).
-    limit = min(len(popular_ids), n_popular + len(exclude) + len(ann_ids))
-    take = min(limit, 2 * n_popular + 64)
-    while True:
-        head = np.asarray(popular_ids[:take], np.int64)
-        keep = ~(member(head, exclude) | member(head, found))
-        if take >= limit or int(keep.sum()) >= n_popular:
-            break
-        take = min(limit, 4 * take)
-    at = np.flatnonzero(keep)[:n_popular]
-    extra = head[at]
-    if popular_embeddings is not None and (len(at) == 0 or at[-1] < len(popular_embeddings)):
-        emb = popular_embeddings[at]
-    else:
-        emb = embeddings_of(extra)
-    extra_scores = emb @ np.asarray(user_vector, np.float32)
-    return (
-        np.concatenate([ann_ids, extra]),
-        np.concatenate([np.asarray(ann_scores, np.float32), extra_scores.astype(np.float32)]),
-        np.concatenate([ranks, np.full(len(extra), NOT_RETRIEVED, np.int32)]),
-    )

@@ -22,11 +22,12 @@ from ranker.config import ReliabilityConfig
 from ranker.context import RankContext, RankResult
 from ranker.loaded import LoadedSet
 from ranker.response_cache import ResponseCache
+from ranker.sources import BIT
 
 log = logging.getLogger(__name__)
 
-RUNGS = ("cached_user_features", "fewer_candidates", "ann_order", "cached_response",
-         "popular_items")  # fmt: skip
+RUNGS = ("cached_user_features", "stored_user_vector", "fewer_candidates", "ann_order",
+         "cached_response", "popular_items")  # fmt: skip
 """The rungs, in ladder order."""
 
 
@@ -106,5 +107,6 @@ def popular(state: LoadedSet, ctx: RankContext) -> RankResult:
         zeros,
         np.full(len(rows), -1, np.int32),
         state.version,
+        sources=np.full(len(rows), BIT["popular"], np.uint8),
     )
     return ctx.finish(result, "fallback")

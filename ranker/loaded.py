@@ -17,22 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
-from features.definitions import VIEWS
+from features.definitions import ViewSpec, user_view, views
 from features.item_table import ItemTable, ReadingChild, load_item_table
 from features.reader import OnlineReader, open_reader
 from ranker.config import RankerConfig
 from ranker.features import MODEL_FEATURES
 from ranker.rerank import AnyRule, item_attributes
 from ranker.scorer import OnnxScorer
+from ranker.user_tower import UserTower
 from sieve import artifacts
 from sieve.errors import ArtifactError
 from sieve.ids import IdIndex
 
 log = logging.getLogger(__name__)
-
-POPULAR_HEAD = 4096
-"""Embeddings of this many of the most popular items are kept in memory, gathered
-once per set: the popular candidates of a request come from them."""
 
 
 @dataclass(frozen=True)
@@ -48,13 +45,22 @@ class LoadedSet:
     feature_defaults: np.ndarray  # float32 [F]: what a non-finite feature value becomes
     embeddings: np.ndarray  # float32 [n, d], catalog order, memory-mapped
     catalog: IdIndex  # item id -> row of ``embeddings``
-    n_popular: int  # popular unseen items added to the ANN candidates
     registry_mtime: float
     registry_path: Path
-    popular_embeddings: np.ndarray  # float32 [<= POPULAR_HEAD, d] of popular_ids' head
+    text_embeddings: np.ndarray  # float32 [n, 384], catalog order, memory-mapped
+    neighbour_rows: np.ndarray  # int32 [n, top]: item-to-item neighbours (catalog rows)
+    neighbour_scores: np.ndarray  # float32 [n, top]
+    user_tower: UserTower
+    quotas: dict[str, int]  # candidates per source (ranker/sources.py)
+    user_view: ViewSpec  # the user view, its vector in this set's learned space
+
+    def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """Catalog rows of ``item_ids`` that the catalog holds."""
+        rows, found = self.catalog.rows(item_ids)
+        return rows[found]
 
     def embeddings_of(self, item_ids: np.ndarray) -> np.ndarray:
-        """Embeddings of catalog items (ids the catalog lacks get zeros)."""
+        """Learned vectors of catalog items (ids the catalog lacks get zeros)."""
         return embeddings_by_id(self.embeddings, self.catalog, item_ids)
 
     def attribute_of(self, item_ids: np.ndarray, name: str) -> np.ndarray:
@@ -76,14 +82,11 @@ def embeddings_by_id(embeddings: np.ndarray, catalog: IdIndex, item_ids: np.ndar
     return out
 
 
-def popular_of(
-    items: ItemTable, embeddings: np.ndarray, catalog: IdIndex
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(item table rows, item ids) most popular first, and the embeddings of the
-    first ``POPULAR_HEAD`` ids (blocking: call it from a worker thread)."""
+def popular_of(items: ItemTable) -> tuple[np.ndarray, np.ndarray]:
+    """(item table rows, item ids) most popular first (blocking: call it from a
+    worker thread)."""
     popular = np.argsort(-items.columns["log_popularity"], kind="stable")
-    popular_ids = items.ids[popular]
-    return popular, popular_ids, embeddings_by_id(embeddings, catalog, popular_ids[:POPULAR_HEAD])
+    return popular, items.ids[popular]
 
 
 def touch_pages(array: np.ndarray, page_bytes: int = 4096) -> None:
@@ -131,20 +134,35 @@ async def load_set(
     # Checksums of every file read here (1.5 GB of embeddings at 1M items) are
     # computed off the event loop: a reload must not stall the live requests (the
     # catalog's by ``read_catalog``, below).
-    roles = (role, "feature_store", "item_embeddings")
+    if aset.manifest.retriever is None or aset.manifest.text_index is None:
+        raise ArtifactError(
+            f"{manifest} has no learned retriever or text index (a set built before "
+            "both were); rebuild it with this version's `sieve build`"
+        )
+    roles = (
+        role,
+        "feature_store",
+        "item_embeddings",
+        "text_embeddings",
+        "user_tower",
+        "item_neighbours",
+        "item_neighbour_scores",
+    )
     paths = await asyncio.to_thread(lambda: {r: aset.verified(r) for r in roles})
     scorer = OnnxScorer(
         str(paths[role]), model.input_name, model.output_name, model.features,
         config.intra_op_threads,
     )  # fmt: skip
     await asyncio.to_thread(scorer.load)
+    tower = UserTower(str(paths["user_tower"]), aset.manifest.retriever)
+    await asyncio.to_thread(tower.load)
     repo = paths["feature_store"].parent
     rel = config.reliability
     reader = open_reader(repo, rel.redis_pool_size, rel.redis_timeout_s)
     await reader.start()
     try:
-        await asyncio.to_thread(reader.prepare, VIEWS)
-        state = await _state_of(aset, config, rules, scorer, reader, repo, child)
+        await asyncio.to_thread(reader.prepare, views(aset.manifest.index.dim))
+        state = await _state_of(aset, config, rules, scorer, tower, reader, repo, child)
         await asyncio.to_thread(warm_up, state, config.num_candidates)
         return state
     except BaseException:
@@ -157,6 +175,7 @@ async def _state_of(
     config: RankerConfig,
     rules: tuple[AnyRule, ...],
     scorer: OnnxScorer,
+    tower: UserTower,
     reader: OnlineReader,
     repo: Path,
     child: ReadingChild | None,
@@ -202,11 +221,24 @@ async def _state_of(
             f"{aset.path('item_embeddings')} holds {embeddings.shape[1]}-dim vectors; "
             f"the manifest's index has dim {dim}"
         )
-    # Map every page now: requests gather ~400 random rows (popular candidates,
-    # MMR), and each first touch of a page is a fault.
-    await asyncio.to_thread(touch_pages, embeddings)
+    text = np.asarray(np.load(aset.path("text_embeddings"), mmap_mode="r"))
+    nb_rows = np.asarray(np.load(aset.path("item_neighbours"), mmap_mode="r"))
+    nb_scores = np.asarray(np.load(aset.path("item_neighbour_scores"), mmap_mode="r"))
+    for what, arr, width in (
+        ("text_embeddings", text, aset.manifest.text_index.dim if aset.manifest.text_index else 0),
+        ("item_neighbours", nb_rows, nb_scores.shape[1] if nb_scores.ndim == 2 else -1),
+        ("item_neighbour_scores", nb_scores, nb_rows.shape[1] if nb_rows.ndim == 2 else -1),
+    ):
+        if arr.ndim != 2 or arr.shape != (len(catalog_ids), width):
+            raise ArtifactError(
+                f"{aset.path(what)} has shape {arr.shape}, expected ({len(catalog_ids)}, {width})"
+            )
+    # Map every page now: requests gather ~1,500 random rows (every candidate's
+    # vectors), and each first touch of a page is a fault.
+    for arr in (embeddings, text):
+        await asyncio.to_thread(touch_pages, arr)
     catalog = await asyncio.to_thread(IdIndex, catalog_ids)
-    popular, popular_ids, head = await asyncio.to_thread(popular_of, items, embeddings, catalog)
+    popular, popular_ids = await asyncio.to_thread(popular_of, items)
     return LoadedSet(
         version=aset.version,
         reader=reader,
@@ -217,10 +249,14 @@ async def _state_of(
         feature_defaults=defaults,
         embeddings=embeddings,
         catalog=catalog,
-        n_popular=model.popular_candidates,
         registry_mtime=mtime,
         registry_path=registry,
-        popular_embeddings=head,
+        text_embeddings=text,
+        neighbour_rows=nb_rows,
+        neighbour_scores=nb_scores,
+        user_tower=tower,
+        quotas=dict(model.sources),
+        user_view=user_view(aset.manifest.index.dim),
     )
 
 
@@ -236,14 +272,7 @@ async def refreshed(
     items = await load_item_table(
         state.reader, state.items.ids, path.parent, config.item_load_process_min_items, child
     )
-    popular, popular_ids, head = await asyncio.to_thread(
-        popular_of, items, state.embeddings, state.catalog
-    )
+    popular, popular_ids = await asyncio.to_thread(popular_of, items)
     return dataclasses.replace(
-        state,
-        items=items,
-        popular=popular,
-        popular_ids=popular_ids,
-        popular_embeddings=head,
-        registry_mtime=mtime,
+        state, items=items, popular=popular, popular_ids=popular_ids, registry_mtime=mtime
     )

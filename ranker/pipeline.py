@@ -1,8 +1,10 @@
 """The ranker's request path, stage by stage, in one place.
 
     Rank(user) -> user features (online store)
-               -> Retrieve over gRPC: 1,000 candidates, seen items excluded in the search
-               -> + the most popular unseen items the search missed (200)
+               -> the user tower (ONNX) over the user's last items: the learned vector
+               -> Retrieve over gRPC, two at once: the learned space (800) and the
+                  text space (200), seen items excluded in the search
+               -> + item-to-item neighbours of the last items (200), popular (100)
                -> item features (in-process table), cross features
                -> score (ONNX Runtime)
                -> re-rank: the rule chain of ``ranker.rerank`` -> k items
@@ -220,14 +222,32 @@ class RankPipeline:
             return ladder.popular(state, ctx)
 
         exclude = np.union1d(user.lists("seen_item_ids")[0], q.exclude)
-        vector = user.array("user_vector")[0]
-        resp, failed = await self.candidates.retrieve(
-            state.version, vector, exclude, ctx.deadlines.left("retrieve")
+        vector = stages.request_vector(state, ctx, user)
+        left = ctx.deadlines.left("retrieve")
+        quotas = state.quotas
+        learned_call = self.candidates.retrieve(
+            state.version, vector, exclude, left, quotas.get("learned", 0)
         )
+        if quotas.get("text", 0) > 0:  # both spaces searched at once
+            (resp, failed), (text, text_failed) = await asyncio.gather(
+                learned_call,
+                self.candidates.retrieve(
+                    state.version,
+                    user.array("text_vector")[0],
+                    exclude,
+                    left,
+                    quotas["text"],
+                    "text",
+                ),
+            )
+        else:
+            (resp, failed), (text, text_failed) = await learned_call, (None, "")
         ctx.mark("retrieve")
         if resp is None:
             ctx.note(failed)
             return await ladder.fallback(state, ctx, self.response_cache)
+        if text_failed:  # the other sources still answer
+            ctx.note(text_failed)
         if resp.artifact_version != state.version:  # a safety net: the Retrieve was pinned
             ctx.note(f"version_mismatch: candidate {resp.artifact_version}, ranker {state.version}")
 
@@ -235,7 +255,7 @@ class RankPipeline:
         if batcher is None:  # both stages in one trip to the CPU thread
 
             def rows_then_scores() -> tuple[stages.Rows, np.ndarray | None]:
-                cand = stages.candidate_rows(state, ctx, resp, exclude, vector, user, rel)
+                cand = stages.candidate_rows(state, ctx, resp, text, exclude, vector, user, rel)
                 ctx.mark("item_features")
                 scores = stages.score_here(state, ctx, cand.x, rel)
                 ctx.mark("score")
@@ -244,7 +264,7 @@ class RankPipeline:
             cand, model_scores = await self.on_cpu(rows_then_scores)
         else:
             cand = await self.on_cpu(
-                stages.candidate_rows, state, ctx, resp, exclude, vector, user, rel
+                stages.candidate_rows, state, ctx, resp, text, exclude, vector, user, rel
             )
             ctx.mark("item_features")
             model_scores = await stages.score_batched(batcher, state, ctx, cand.x, rel)

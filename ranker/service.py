@@ -12,6 +12,7 @@ from ranker.config import RankerConfig
 from ranker.context import parse_rank
 from ranker.ladder import RUNGS
 from ranker.pipeline import RankPipeline
+from ranker.sources import source_names
 from sieve.errors import InvalidRequest, Overloaded, grpc_errors
 from sieve.grpc_server import Server, add_servicer
 from sieve.metrics import IN_FLIGHT, RANK_ANSWERS, RANK_RUNGS, serve_metrics
@@ -58,6 +59,7 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
         RANK_ANSWERS.labels("degraded" if result.rungs or result.degradations else "full").inc()
         for rung in result.rungs:
             RANK_RUNGS.labels(rung).inc()
+        names = [source_names(int(b)) for b in result.sources]
         return sieve_pb2.RankResponse(
             items=[
                 sieve_pb2.RankedItem(
@@ -67,6 +69,7 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
                     model_score=float(m),
                     candidate_rank=int(r),
                     moved_by=result.moved_by[n] if result.moved_by else (),
+                    sources=names[n] if names else (),
                 )
                 for n, (i, f, c, m, r) in enumerate(
                     zip(

@@ -3,7 +3,8 @@
 in order; the CPU-only ones run on the ranker's CPU thread.
 
     user_features   online store (breaker, retries, deadline), else the user cache
-    candidate_rows  ANN + popular candidates, their item-table rows, model inputs
+    request_vector  the user tower over the user's last items, else the stored vector
+    candidate_rows  every source's candidates merged, their item-table rows, model inputs
     score_here      the model on this thread (or ``score_batched``: across requests)
     rerank          the rule chain over the scored candidates -> the answer
 """
@@ -17,17 +18,17 @@ from typing import NamedTuple
 import numpy as np
 from redis.asyncio.retry import Retry
 
-from features.definitions import USER_VIEW
 from features.reader import FeatureFrame
 from protos.sieve.v1 import sieve_pb2
 from ranker import ladder
 from ranker.config import ReliabilityConfig
 from ranker.context import RankContext, RankResult
-from ranker.features import ITEM_INPUTS, USER_INPUTS, assemble, with_popular
+from ranker.features import ITEM_INPUTS, USER_INPUTS, assemble, source_inputs
 from ranker.loaded import LoadedSet
 from ranker.rerank import AnyRule, Slate, run_chain
 from ranker.resilience import Breaker, TtlCache
 from ranker.scorer import OnnxScorer, replace_nonfinite
+from ranker.sources import Candidates, i2i_scores, merge
 from sieve.batcher import MicroBatcher, per_group
 from sieve.data import GENRE_INDEX
 
@@ -38,11 +39,12 @@ class Rows(NamedTuple):
     """A request's candidates as the model sees them."""
 
     ids: np.ndarray  # int64
-    scores: np.ndarray  # ANN scores, float32
-    ranks: np.ndarray  # ANN ranks (-1: a popular item the search missed)
+    scores: np.ndarray  # learned scores (user vector . item vector), float32
+    ranks: np.ndarray  # ranks in the learned ANN's list (-1: another source's item)
     rows: np.ndarray  # rows of the item table
     x: np.ndarray  # model inputs [n, MODEL_FEATURES]
     n_bad: int  # non-finite inputs replaced by defaults
+    sources: np.ndarray  # uint8 source bits (ranker/sources.py)
 
 
 async def user_features(
@@ -66,7 +68,7 @@ async def user_features(
         try:
             async with asyncio.timeout(left):
                 user = await retry.call_with_retry(
-                    lambda: state.reader.read(USER_VIEW, ids), lambda _: None
+                    lambda: state.reader.read(state.user_view, ids), lambda _: None
                 )
         except Exception as e:  # noqa: BLE001 - a failed store read degrades
             breaker.failure()
@@ -87,53 +89,85 @@ async def user_features(
     return cached
 
 
+def request_vector(state: LoadedSet, ctx: RankContext, user: FeatureFrame) -> np.ndarray:
+    """The user's learned vector by the user tower over their last items, at request
+    time; the stored vector (the ``stored_user_vector`` rung) when the user has no
+    recent items the catalog knows or the tower fails."""
+    stored = user.array("user_vector")[0]
+    rows = state.rows_of(user.lists("recent_item_ids")[0])
+    if len(rows) == 0:
+        return stored
+    try:
+        return state.user_tower.vector(state.embeddings[rows])
+    except Exception as e:  # noqa: BLE001 - the stored vector beats a failed Rank
+        log.warning("user tower failed: %s: %s", type(e).__name__, e)
+        ctx.take("stored_user_vector", f"user_tower_failed: {ladder.failure(e)}")
+        return stored
+
+
 def candidate_rows(
     state: LoadedSet,
     ctx: RankContext,
-    resp: sieve_pb2.RetrieveResponse,
+    learned: sieve_pb2.RetrieveResponse,
+    text: sieve_pb2.RetrieveResponse | None,
     exclude: np.ndarray,
     vector: np.ndarray,
     user: FeatureFrame,
     rel: ReliabilityConfig,
 ) -> Rows:
-    """The candidates (ANN + popular), cut to the best by ANN when retrieval ran
-    late (``fewer_candidates``), with their item-table rows and model inputs
-    (CPU only)."""
-    cand_ids, cand_scores, cand_ranks = with_popular(
-        np.asarray(resp.item_ids, np.int64),
-        np.asarray(resp.scores, np.float32),
+    """Every source's candidates merged (``ranker/sources.py``), cut to the best by
+    learned score when retrieval ran late (``fewer_candidates``), with their
+    item-table rows and model inputs (CPU only)."""
+    recent = state.rows_of(user.lists("recent_item_ids")[0])
+    i2i = i2i_scores(state.neighbour_rows, state.neighbour_scores, recent, state.catalog.ids)
+    cand = merge(
+        np.asarray(learned.item_ids, np.int64),
+        np.asarray(text.item_ids, np.int64) if text is not None else np.empty(0, np.int64),
+        i2i,
         state.popular_ids,
         exclude,
-        state.n_popular,
-        vector,
-        state.embeddings_of,
-        state.popular_embeddings,
+        state.quotas,
     )
+    cat_rows, in_catalog = state.catalog.rows(cand.ids)
+    vectors = np.take(state.embeddings, cat_rows, axis=0)
+    vectors[~in_catalog] = 0.0
     left = ctx.deadlines.left("score")
-    if ladder.fewer_candidates(left, rel, len(cand_ids)):
+    if ladder.fewer_candidates(left, rel, len(cand.ids)):
         n_keep = rel.degraded_candidates
-        keep = np.sort(np.argsort(-cand_scores, kind="stable")[:n_keep])
+        keep = np.sort(np.argsort(-(vectors @ vector), kind="stable")[:n_keep])
         ctx.take(
             "fewer_candidates",
             f"fewer_candidates: {left * 1e3:.1f} ms left for item features and scoring; "
-            f"scored the top {n_keep} of {len(cand_ids)} candidates by ANN score",
+            f"scored the top {n_keep} of {len(cand.ids)} candidates by learned score",
         )
-        cand_ids, cand_scores, cand_ranks = cand_ids[keep], cand_scores[keep], cand_ranks[keep]
-    rows, found = state.items.rows(cand_ids)
+        cand = Candidates(*(a[keep] for a in cand))
+        cat_rows, in_catalog, vectors = cat_rows[keep], in_catalog[keep], vectors[keep]
+    rows, found = state.items.rows(cand.ids)
+    found &= in_catalog
     if not found.all():
         ctx.note(f"missing_item_features: {int((~found).sum())} candidates dropped")
-        cand_ids, cand_scores, rows = cand_ids[found], cand_scores[found], rows[found]
-        cand_ranks = cand_ranks[found]
+        cand = Candidates(*(a[found] for a in cand))
+        rows, cat_rows, vectors = rows[found], cat_rows[found], vectors[found]
+    scores, extra = source_inputs(
+        cand.sources,
+        cand.i2i_score,
+        vectors,
+        vector,
+        np.take(state.text_embeddings, cat_rows, axis=0),
+        user.array("text_vector")[0],
+        state.embeddings[recent],
+    )
     x = assemble(
-        cand_scores,
-        cand_ranks,
+        scores,
+        cand.learned_rank,
         {name: user.array(name) for name in USER_INPUTS},
         state.items.take(ITEM_INPUTS, rows),
+        extra,
     )
     n_bad = replace_nonfinite(x, state.feature_defaults)
     if n_bad:
         ctx.note(f"nonfinite_features: {n_bad} values scored with defaults")
-    return Rows(cand_ids, cand_scores, cand_ranks, rows, x, n_bad)
+    return Rows(cand.ids, scores, cand.learned_rank, rows, x, n_bad, cand.sources)
 
 
 def score_here(
@@ -229,6 +263,7 @@ def rerank(
         shown_model[chosen],
         cand.ranks[chosen].astype(np.int32),
         state.version,
+        sources=cand.sources[chosen],
         moved_by=out.moved_by,
         dropped=[
             (int(cand_ids[i]), rule, why, float(shown_model[i])) for i, rule, why in out.dropped

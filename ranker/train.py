@@ -6,9 +6,10 @@ probability that the user rates the item highly next; input standardisation is
 inside the graph.
 
 Training rows look like the rows the ranker scores. Each user's training history
-is split in time once more: the earlier part gives the user and item features and
-the user vector that retrieves candidates (ANN plus popular, as served), the later
-part labels them. A positive is a candidate the user went on to rate highly.
+is split in time once more: the earlier part gives the user and item features,
+the towers, indexes and neighbours that give the candidates (every source, as
+served), the later part labels them. A positive is a candidate the user went on
+to rate highly.
 
 - Teacher: DCN-v2 (full-rank cross layers) beside a deep tower, on the same
   features (Wang et al., 2021).
@@ -23,7 +24,6 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,14 +31,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ranker.evaluate import auc
-from ranker.features import (
-    MODEL_FEATURES,
-    assemble,
-    item_inputs,
-    user_inputs,
-    with_popular,
-)
+from ranker.evaluate import auc, ndcg_at_k
+from ranker.features import MODEL_FEATURES
+from ranker.funnel import OfflineFunnel
+from ranker.sources import BIT, SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -59,78 +55,62 @@ dynamic quantization gives the whole input one uint8 scale per batch, which the
 quantized layers read.
 INT8 / FP32 NDCG@10 0.994 unclipped vs 1.001 clipped (BENCHMARKS.md, Quality)."""
 
-Search = Callable[[np.ndarray, int, np.ndarray], tuple[np.ndarray, np.ndarray]]
-"""(user vector, k, excluded item ids) -> (item ids, scores), best first."""
-
 
 @dataclass(frozen=True)
 class Rows:
     x: np.ndarray  # float32 [n, F]
     y: np.ndarray  # float32 [n]
     group: np.ndarray  # int64 [n]: the user of each row
+    recall: dict[str, float] = field(default_factory=dict)
+    """Share of the users' later positives among the candidates, per source and in
+    all (``recall_funnel``), and the learned order's NDCG@10 (validation figures)."""
 
 
 def training_rows(
-    train: pd.DataFrame,
-    movies: pd.DataFrame,
-    embeddings: np.ndarray,
-    search: Search,
+    users: pd.DataFrame,
+    late: pd.DataFrame,
+    funnel: OfflineFunnel,
     positive_rating: float,
-    label_fraction: float,
-    n_candidates: int,
-    n_popular: int,
     max_users: int,
     seed: int,
 ) -> Rows:
     """Candidate rows of up to ``max_users`` users, labelled by their later ratings.
 
-    Args:
-        train: the training ratings (userId, movieId, rating, timestamp).
-        movies: the catalog; row i has embedding ``embeddings[i]``.
-        search: the ANN search over the catalog, as the candidate service runs it.
-        label_fraction: share of each user's latest training ratings that label.
+    Each user's training history is split in time once more (``late`` is the later
+    part): the earlier part gives the user table ``users`` (indexed by user id) and
+    everything ``funnel`` serves from (towers, indexes, neighbours, item features),
+    and the candidates come from ``funnel`` as the ranker draws them. A positive is a
+    candidate the user went on to rate at least ``positive_rating``.
     """
-    from features.tables import item_table, user_table
-    from sieve.data import temporal_split
-
-    early, late = temporal_split(train, label_fraction)
-    items = item_table(movies, early)
-    users = user_table(early, movies, embeddings, positive_rating).set_index("user_id")
     liked_later = late[late["rating"] >= positive_rating].groupby("userId")["movieId"]
     labelled = np.array([u for u in liked_later.groups if u in users.index], np.int64)
     rng = np.random.default_rng(seed)
     if len(labelled) > max_users:
         labelled = np.sort(rng.choice(labelled, max_users, replace=False))
-    ids = movies["movieId"].to_numpy(np.int64)
-    sorter = np.argsort(ids, kind="stable")
-    by_pop = ids[np.argsort(-items["log_popularity"].to_numpy(), kind="stable")]
-    item_cols = item_inputs(items)
-
-    def rows_of(item_ids: np.ndarray) -> np.ndarray:
-        return sorter[np.searchsorted(ids, item_ids, sorter=sorter)]
-
     xs, ys, groups = [], [], []
+    found: dict[str, list[float]] = {name: [] for name in ("funnel", "learned_ndcg@10", *SOURCES)}
     for user_id in labelled:
         u = users.loc[user_id]
-        seen = np.asarray(u["seen_item_ids"], np.int64)
-        vector = np.asarray(u["user_vector"], np.float32)
-        ann_ids, ann_scores = search(vector, n_candidates, seen)
-        cand, scores, ranks = with_popular(
-            ann_ids,
-            ann_scores,
-            by_pop,
-            seen,
-            n_popular,
-            vector,
-            lambda i: embeddings[rows_of(i)],
-        )
-        r = rows_of(cand)
-        xs.append(assemble(scores, ranks, user_inputs(u), {c: v[r] for c, v in item_cols.items()}))
-        ys.append(np.isin(cand, liked_later.get_group(user_id).to_numpy()).astype(np.float32))
-        groups.append(np.full(len(cand), user_id, np.int64))
+        seen = np.sort(np.asarray(u["seen_item_ids"], np.int64))
+        cand = funnel.candidates(u, seen)
+        xs.append(funnel.inputs(u, cand))
+        liked = liked_later.get_group(user_id).to_numpy()
+        y = np.isin(cand.ids, liked)
+        ys.append(y.astype(np.float32))
+        groups.append(np.full(len(cand.ids), user_id, np.int64))
+        n_liked = len(np.unique(liked))
+        found["funnel"].append(float(y.sum()) / n_liked)
+        for name in SOURCES:
+            found[name].append(float((y & ((cand.sources & BIT[name]) > 0)).sum()) / n_liked)
+        learned = cand.ids[cand.learned_rank >= 0]
+        found["learned_ndcg@10"].append(ndcg_at_k(learned, {int(i) for i in liked}, 10))
     if not xs:
         raise ValueError("no user has a later positive rating to label training rows")
-    return Rows(np.concatenate(xs), np.concatenate(ys), np.concatenate(groups))
+    recall = {
+        (k if k.endswith("@10") else f"recall_{k}"): round(float(np.mean(v)), 4)
+        for k, v in found.items()
+    }
+    return Rows(np.concatenate(xs), np.concatenate(ys), np.concatenate(groups), recall)
 
 
 def _standardised(mean: np.ndarray, std: np.ndarray):  # type: ignore[no-untyped-def]

@@ -125,6 +125,36 @@ def temporal_split(
     )
 
 
+def global_split(
+    ratings: pd.DataFrame, holdout_fraction: float
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Hold out every rating at or after one time T, the ``1 - holdout_fraction``
+    quantile of the rating times: a model trained on the rest has seen nothing any
+    user did after T, as a served request never sees the future.
+
+    Returns:
+        (train, holdout), disjoint, together equal to ``ratings``.
+    """
+    ordered = ratings.sort_values(["userId", "timestamp", "movieId"], kind="stable")
+    cut = float(np.quantile(ordered["timestamp"].to_numpy(np.float64), 1.0 - holdout_fraction))
+    later = ordered["timestamp"].to_numpy(np.float64) >= cut
+    return (
+        ordered[~later].reset_index(drop=True),
+        ordered[later].reset_index(drop=True),
+    )
+
+
+def split(
+    ratings: pd.DataFrame, holdout_fraction: float, kind: str = "user"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``temporal_split`` (``kind="user"``) or ``global_split`` (``"global"``)."""
+    if kind == "global":
+        return global_split(ratings, holdout_fraction)
+    if kind == "user":
+        return temporal_split(ratings, holdout_fraction)
+    raise ValueError(f"split is {kind!r}, not 'user' or 'global'")
+
+
 def genre_multi_hot(genres: pd.Series) -> np.ndarray:
     """``"A|B"`` strings -> float32 [n, len(GENRES)]; unknown genres are ignored."""
     out = np.zeros((len(genres), len(GENRES)), dtype=np.float32)

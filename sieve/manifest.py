@@ -55,6 +55,24 @@ class IndexSection(Frozen):
     ntotal: int = Field(ge=0)
 
 
+class RetrieverSection(Frozen):
+    """The learned retriever: its user tower (ONNX), run by the ranker per request."""
+
+    kind: str = "two_tower"
+    dim: int = Field(ge=1)
+    history: int = Field(ge=1)
+    """The user tower's input: the last this-many items' vectors, oldest first."""
+    history_input: str
+    mask_input: str
+    output: str
+    onnx_max_abs_diff: float = 0.0
+    samples: int = 0
+    seconds: float = 0.0
+    validation: dict[str, float] = {}
+    """Recall and NDCG of the towers trained on the earlier part of training,
+    measured on its later part (the validation split)."""
+
+
 class TeacherSection(Frozen):
     kind: str
     cross_layers: int = Field(ge=0)
@@ -73,8 +91,8 @@ class ModelSection(Frozen):
     features: tuple[str, ...]
     """Model inputs in column order; the ranker refuses a set whose features are
     not the ones it computes."""
-    popular_candidates: int = Field(0, ge=0)
-    """Most popular unseen items added to the ANN candidates (training and serving)."""
+    sources: dict[str, int] = {}
+    """Candidate quotas per source (``ranker/sources.py``), training and serving."""
     val_auc: dict[str, float] = {}
     onnx_max_abs_diff: dict[str, float] = {}
     feature_defaults: tuple[float, ...] | None = None
@@ -120,6 +138,10 @@ class Manifest(Frozen):
     files: dict[str, FileEntry]
     """Role (``index``, ``model``, ``catalog``, ...) -> file."""
     index: IndexSection
+    """The main index: the learned retriever's item vectors."""
+    text_index: IndexSection | None = None
+    """The text source's index over the MiniLM item embeddings (role ``text_index``)."""
+    retriever: RetrieverSection | None = None
     model: ModelSection
     feature_schema: FeatureSchemaSection
     build: BuildSection = BuildSection()

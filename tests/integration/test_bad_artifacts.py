@@ -83,7 +83,7 @@ def half_the_rows(data: bytes, path: Path) -> bytes:
 
 
 def other_dim(data: bytes, path: Path) -> bytes:
-    return _npy(np.load(path)[:, :100], path)
+    return _npy(np.load(path)[:, :32], path)
 
 
 def yaml_garbage(data: bytes, path: Path) -> bytes:
@@ -250,12 +250,24 @@ CASES = [
         "item_embeddings",
         (RANKER,),
         {
-            "truncated": (truncated, r" is malformed: its header \(float32 \(9742, 384\)\) needs"),
+            "truncated": (truncated, r" is malformed: its header \(float32 \(9742, 64\)\) needs"),
             "garbage": (garbage, " is malformed: not a .npy array"),
             "half_the_rows": (half_the_rows, r" has 4871 rows, the catalog 9742"),
             "other_dim": (other_dim, " .*dim"),
         },
     ),
+    *_file_cases("text_index", (CANDIDATE,), {"truncated": (truncated, FAISS + "read error")}),
+    *_file_cases(
+        "text_embeddings",
+        (RANKER,),
+        {"half_the_rows": (half_the_rows, r" has shape \(4871, 384\), expected \(9742, 384\)")},
+    ),
+    *_file_cases(
+        "item_neighbours",
+        (RANKER,),
+        {"half_the_rows": (half_the_rows, r" has shape \(4871, 50\), expected \(9742, 50\)")},
+    ),
+    *_file_cases("user_tower", (RANKER,), {"garbage": (garbage, " is not a loadable ONNX model")}),
     *_file_cases(
         "model",
         (RANKER,),

@@ -56,10 +56,18 @@ def test_manifest_names_what_belongs_together(artifact_set: artifacts.ArtifactSe
     assert m.model.features == MODEL_FEATURES
     # held-out users of the training rows: the models learned something
     assert all(v > 0.75 for v in m.model.val_auc.values()), m.model.val_auc
-    assert m.index.ntotal == 9742 and m.index.dim == 384
-    assert m.feature_schema.feature_service == "ranker_v2"
+    # the learned space (the main index) and the text space, both exact at 9.7k items
+    assert m.index.ntotal == 9742 and m.index.dim == 64
+    assert m.text_index is not None and (m.text_index.ntotal, m.text_index.dim) == (9742, 384)
+    assert m.feature_schema.feature_service == "ranker_v3"
     assert m.index.factory == "Flat" and m.index.search_params == ""  # auto, 9.7k items
-    assert set(m.build.stage_seconds) >= {"faiss index (Flat)", "feast apply + materialize"}
+    assert m.feature_schema.views["user_features"].features["user_vector"].dim == 64
+    assert "faiss indexes (Flat): learned, text" in m.build.stage_seconds
+    # the towers' export check and their validation figures (the validation split)
+    r = m.retriever
+    assert r is not None and r.dim == 64 and r.onnx_max_abs_diff < 1e-4
+    assert 0.5 < r.validation["recall_learned"] < r.validation["recall_funnel"] <= 1.0
+    assert m.model.sources == {"learned": 1200, "text": 100, "i2i": 100, "popular": 100}
     stats = m.build.stats
     assert stats["train"] + stats["holdout"] == stats["ratings"] == 100_836
 

@@ -30,7 +30,9 @@ class UserVector(_message.Message):
     VALUES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """L2-normalised, of the index's dimension (384 for all-MiniLM-L6-v2)."""
+        """L2-normalised, of the searched space's dimension (the learned space's, 64 by
+        default; 384 for the text space).
+        """
 
     def __init__(
         self,
@@ -55,6 +57,7 @@ class RetrieveRequest(_message.Message):
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _builtins.int
     ALLOW_CATEGORIES_FIELD_NUMBER: _builtins.int
     ARTIFACT_VERSION_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
     """Look the vector up in the artifact set the service has loaded."""
     k: _builtins.int
@@ -63,6 +66,12 @@ class RetrieveRequest(_message.Message):
     """Serve from this artifact version; empty: the newest loaded. A version the
     service does not hold answers FAILED_PRECONDITION naming the ones it holds
     (the ranker pins the version its own features and model come from).
+    """
+    source: _builtins.str
+    """Which of the set's spaces to search: "" or "learned", the learned
+    retriever's item vectors (the main index, whose dimension the manifest's
+    index.dim gives); "text", the MiniLM text embeddings (384). A user_id query
+    uses that space's stored user vector.
     """
     @_builtins.property
     def user_vector(self) -> Global___UserVector:
@@ -89,10 +98,11 @@ class RetrieveRequest(_message.Message):
         exclude_item_ids: _abc.Iterable[_builtins.int] | None = ...,
         allow_categories: _abc.Iterable[_builtins.str] | None = ...,
         artifact_version: _builtins.str = ...,
+        source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["query", b"query", "user_id", b"user_id", "user_vector", b"user_vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_categories", b"allow_categories", "artifact_version", b"artifact_version", "exclude_item_ids", b"exclude_item_ids", "k", b"k", "query", b"query", "user_id", b"user_id", "user_vector", b"user_vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_categories", b"allow_categories", "artifact_version", b"artifact_version", "exclude_item_ids", b"exclude_item_ids", "k", b"k", "query", b"query", "source", b"source", "user_id", b"user_id", "user_vector", b"user_vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["user_vector", "user_id"]  # noqa: Y015
     _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
@@ -184,6 +194,7 @@ class RankedItem(_message.Message):
     MODEL_SCORE_FIELD_NUMBER: _builtins.int
     CANDIDATE_RANK_FIELD_NUMBER: _builtins.int
     MOVED_BY_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
     item_id: _builtins.int
     final_score: _builtins.float
     """Model score after the re-rank rules that change scores (freshness, fatigue,
@@ -192,21 +203,28 @@ class RankedItem(_message.Message):
     one with a higher final_score.
     """
     candidate_score: _builtins.float
-    """User vector . item embedding: the ANN score for retrieved items, computed
-    by the ranker for popular candidates (0 for cold-start fallbacks).
+    """Learned user vector . learned item vector, computed by the ranker for every
+    candidate (0 for cold-start fallbacks).
     """
     model_score: _builtins.float
     """Probability of a positive rating from the ranking model."""
     candidate_rank: _builtins.int
-    """Position in the ANN candidate list (0-based); -1 for items that did not
-    come from the ANN search (the popular candidate source, or the
-    popular-items fallback).
+    """Position in the learned ANN's list (0-based); -1 for items that did not
+    come from it (the other candidate sources, or the popular-items fallback).
     """
     @_builtins.property
     def moved_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """debug only: each re-rank rule that changed the item's position or score,
         as "<rule>: #<before> -> #<after>[, score <before> -> <after>]" (positions
         1-based among the candidates still in the running), in chain order.
+        """
+
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The candidate sources that gave the item, in source order: learned (the
+        learned retriever's ANN), text (the text ANN), i2i (neighbours of the user's
+        last items), popular (also every item of the popular-items rung); empty for
+        an answer from the response cache.
         """
 
     def __init__(
@@ -218,10 +236,11 @@ class RankedItem(_message.Message):
         model_score: _builtins.float = ...,
         candidate_rank: _builtins.int = ...,
         moved_by: _abc.Iterable[_builtins.str] | None = ...,
+        sources: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_rank", b"candidate_rank", "candidate_score", b"candidate_score", "final_score", b"final_score", "item_id", b"item_id", "model_score", b"model_score", "moved_by", b"moved_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_rank", b"candidate_rank", "candidate_score", b"candidate_score", "final_score", b"final_score", "item_id", b"item_id", "model_score", b"model_score", "moved_by", b"moved_by", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,8 +4,19 @@ import numpy as np
 import pytest
 
 from features.definitions import HISTORY_YEARS
-from ranker.features import MODEL_FEATURES, NOT_RETRIEVED, assemble, with_popular
+from ranker.features import (
+    MODEL_FEATURES,
+    NOT_RETRIEVED,
+    SOURCE_COLUMNS,
+    assemble,
+    source_inputs,
+)
+from ranker.sources import BIT
 from sieve.data import GENRES
+
+
+def _no_sources(n: int) -> dict[str, np.ndarray]:
+    return {name: np.zeros(n, np.float32) for name in SOURCE_COLUMNS}
 
 
 def test_assemble_exact_values() -> None:
@@ -35,12 +46,15 @@ def test_assemble_exact_values() -> None:
             "age_years": np.array([10.0, 0.5], np.float32),
             "rating_history": history,
         },
+        {**_no_sources(2), "from_text": np.array([0, 1]), "i2i_score": np.array([0.0, 2.5])},
     )
     assert x.dtype == np.float32 and x.shape == (2, len(MODEL_FEATURES))
     col = {name: x[:, j] for j, name in enumerate(MODEL_FEATURES)}
     np.testing.assert_array_equal(col["ann_score"], [0.5, 0.25])
     np.testing.assert_allclose(col["log_candidate_rank"], [0.0, np.log1p(2048)], rtol=1e-6)
     np.testing.assert_array_equal(col["from_ann"], [1, 0])
+    np.testing.assert_array_equal(col["from_text"], [0, 1])
+    np.testing.assert_array_equal(col["i2i_score"], [0.0, 2.5])
     np.testing.assert_array_equal(col["genre_match"], [0.5, 0.5])
     # cosine: 0.5 / (|aff| = 0.7071 * |genres| = 1.4142) = 0.5
     np.testing.assert_allclose(col["genre_cosine"], [0.5, 0.5], rtol=1e-5)
@@ -78,7 +92,7 @@ def test_era_features_of_a_user_idle_past_the_history() -> None:
             "rating_std": np.array([0.0], np.float32),
             "idle_years": np.array([idle], np.float32),
         }
-        x = assemble(np.array([0.1], np.float32), np.array([0]), user, item)
+        x = assemble(np.array([0.1], np.float32), np.array([0]), user, item, _no_sources(1))
         return {n: float(x[0, j]) for j, n in enumerate(MODEL_FEATURES) if n.startswith("era_")}
 
     old = era(40.0)
@@ -114,77 +128,36 @@ def test_one_user_broadcast_equals_a_user_per_row() -> None:
             "idle_years": np.array([idle], np.float32),
         }
         per_row = {k: np.repeat(v, n, axis=0) for k, v in one.items()}
+        extra = _no_sources(n)
         np.testing.assert_allclose(
-            assemble(scores, ranks, one, item), assemble(scores, ranks, per_row, item), rtol=1e-6
+            assemble(scores, ranks, one, item, extra),
+            assemble(scores, ranks, per_row, item, extra),
+            rtol=1e-6,
         )
 
 
-def test_with_popular_adds_only_what_the_search_missed() -> None:
-    emb = np.eye(6, dtype=np.float32)
-    user = np.arange(6, dtype=np.float32)
-    ids, scores, ranks = with_popular(
-        np.array([10, 12]),
-        np.array([0.9, 0.8], np.float32),
-        np.array([12, 13, 14, 15]),
-        np.array([11]),  # excluded
-        2,
-        user,
-        lambda i: emb[np.asarray(i) - 10],
+def test_source_inputs_exact_values() -> None:
+    items = np.array([[1, 0], [0, 1], [0.6, 0.8]], np.float32)  # learned vectors
+    text = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+    recent = np.array([[1, 0], [0, 1]], np.float32)
+    sources = np.array([BIT["learned"], BIT["text"] | BIT["i2i"], BIT["popular"]], np.uint8)
+    ann, extra = source_inputs(
+        sources,
+        np.array([0.0, 1.5, 0.0], np.float32),
+        items,
+        np.array([0.0, 1.0], np.float32),
+        text,
+        np.array([0.5, 0.25, 0.0], np.float32),
+        recent,
     )
-    assert ids.tolist() == [10, 12, 13, 14]
-    assert ranks.tolist() == [0, 1, NOT_RETRIEVED, NOT_RETRIEVED]
-    np.testing.assert_allclose(scores, [0.9, 0.8, 3.0, 4.0], rtol=1e-6)  # user . embedding
-    # popular items the search found do not use up the popular slots: with the
-    # two most popular both retrieved, the next two unseen ones are added
-    ids, _, _ = with_popular(
-        np.array([10, 12]),
-        np.array([0.9, 0.8], np.float32),
-        np.array([12, 10, 11, 13, 14, 15]),
-        np.array([11]),
-        2,
-        user,
-        lambda i: emb[np.asarray(i) - 10],
-    )
-    assert ids.tolist() == [10, 12, 13, 14]
-    same = with_popular(
-        np.array([1]),
-        np.array([0.1], np.float32),
-        np.array([2]),
-        np.array([], np.int64),
-        0,
-        user,
-        None,  # type: ignore[arg-type]
-    )
-    assert same[0].tolist() == [1]
-
-
-def _with_popular_by_isin(ann_ids, popular_ids, exclude, n_popular):  # type: ignore[no-untyped-def]
-    """The first version: one np.isin over the whole head that could be needed."""
-    head = popular_ids[: n_popular + len(exclude) + len(ann_ids)]
-    return head[~np.isin(head, exclude) & ~np.isin(head, ann_ids)][:n_popular]
-
-
-@pytest.mark.parametrize("seed", range(30))
-def test_with_popular_equals_the_isin_version(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    n_items = int(rng.integers(50, 3000))
-    emb = rng.normal(size=(n_items, 8)).astype(np.float32)
-    popular = rng.permutation(n_items).astype(np.int64)
-    # heavy users: most of the popular head seen, so the head must grow
-    n_seen = int(rng.integers(0, n_items // 2 + 1))
-    seen = popular[:n_seen] if seed % 3 == 0 else rng.choice(n_items, n_seen, replace=False)
-    exclude = np.asarray(seen, np.int64) if seed % 2 else np.sort(seen).astype(np.int64)
-    ann = rng.choice(np.setdiff1d(np.arange(n_items), exclude), min(40, n_items - n_seen),
-                     replace=False)  # fmt: skip
-    n_popular = int(rng.integers(0, 60))
-    user = rng.normal(size=8).astype(np.float32)
-    head_len = int(rng.integers(0, n_items))
-    for head in (None, emb[popular[:head_len]]):
-        ids, scores, ranks = with_popular(
-            ann, rng.random(len(ann)).astype(np.float32), popular, exclude, n_popular, user,
-            lambda i: emb[np.asarray(i)], head,
-        )  # fmt: skip
-        want = _with_popular_by_isin(ann, popular, exclude, n_popular) if n_popular else []
-        assert ids[len(ann) :].tolist() == list(want)
-        np.testing.assert_allclose(scores[len(ann) :], emb[want] @ user, rtol=1e-5, atol=1e-5)
-        assert (ranks[len(ann) :] == NOT_RETRIEVED).all()
+    np.testing.assert_allclose(ann, [0.0, 1.0, 0.8])
+    assert extra["from_text"].tolist() == [False, True, False]
+    assert extra["from_i2i"].tolist() == [False, True, False]
+    assert extra["from_popular"].tolist() == [False, False, True]
+    np.testing.assert_allclose(extra["text_score"], [0.5, 0.25, 0.0])
+    np.testing.assert_allclose(extra["recent_sim_max"], [1.0, 1.0, 0.8])
+    np.testing.assert_allclose(extra["recent_sim_mean"], [0.5, 0.5, 0.7])
+    # no recent items: the similarities are 0, not NaN
+    _, none = source_inputs(sources, np.zeros(3, np.float32), items, np.ones(2), text,
+                            np.ones(3), np.empty((0, 2), np.float32))  # fmt: skip
+    assert none["recent_sim_max"].tolist() == [0, 0, 0]

@@ -17,6 +17,7 @@ from sieve.data import (
     fetch_movielens,
     genre_multi_hot,
     load_movielens,
+    split,
     temporal_split,
 )
 
@@ -50,6 +51,18 @@ def test_temporal_split_on_movielens(movielens_dir: Path) -> None:
     assert (last_train.loc[first_hold.index] <= first_hold).all()
     pairs = set(zip(train.userId, train.movieId, strict=True))
     assert not pairs & set(zip(hold.userId, hold.movieId, strict=True))
+
+
+def test_global_split_holds_out_everything_after_one_time(movielens_dir: Path) -> None:
+    ml = load_movielens(movielens_dir)
+    train, hold = split(ml.ratings, 0.2, "global")
+    assert len(train) + len(hold) == len(ml.ratings)
+    assert train.timestamp.max() < hold.timestamp.min()  # nothing after T in training
+    assert abs(len(hold) / len(ml.ratings) - 0.2) < 0.01
+    # users whose ratings all come after T have no training part: the report skips them
+    assert set(hold.userId) - set(train.userId)
+    with pytest.raises(ValueError, match="not 'user' or 'global'"):
+        split(ml.ratings, 0.2, "random")
 
 
 def test_genre_multi_hot() -> None:
