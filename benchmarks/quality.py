@@ -1,10 +1,14 @@
 """Ranking quality on the held-out ratings, with bootstrap intervals over users.
 
-    python -m benchmarks.quality --artifacts artifacts
+    python -m benchmarks.quality --artifacts artifacts     # the live set there
+    python -m benchmarks.quality --data DIR --seeds 0,1,2 --splits user,global
 
-The evaluation (what is ranked, by what, and which metrics) is
+The second form builds a set per (split, seed) from any folder in the MovieLens
+layout and evaluates each. The evaluation (what is ranked, by what, which
+metrics, the baselines tuned on the validation split) is
 ``app.quality.evaluate``, which the tests run too; this module runs it, writes
-``benchmarks/results/quality.{json,png}`` and ``quality_diversity.png``.
+``benchmarks/results/quality.{json,png}`` and ``quality_diversity.png`` (of the
+first run).
 """
 
 from __future__ import annotations
@@ -79,14 +83,76 @@ def plot_diversity(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+HEADLINE = (
+    ("funnel_recall", lambda r: r["funnel_recall"]),
+    ("ann ndcg@10", lambda r: r["results"]["ann"]["ndcg@10"]["mean"]),
+    ("popularity ndcg@10", lambda r: r["results"]["popularity"]["ndcg@10"]["mean"]),
+    ("student ndcg@10", lambda r: r["results"]["student_fp32"]["ndcg@10"]["mean"]),
+    ("student recall@50", lambda r: r["results"]["student_fp32"]["recall@50"]["mean"]),
+    ("student/teacher", lambda r: r["ratios"]["student_fp32/teacher ndcg@10"]["ratio"]),
+    ("int8/fp32", lambda r: r["ratios"]["student_int8/student_fp32 ndcg@10"]["ratio"]),
+)
+
+
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The figures the targets are stated in, for one run."""
+    out: dict[str, Any] = {name: round(float(get(result)), 4) for name, get in HEADLINE}
+    b = result.get("baselines", {})
+    for name, v in b.get("methods", {}).items():
+        if "results" in v:
+            out[f"{name} ndcg@10"] = round(v["results"]["ndcg@10"]["mean"], 4)
+            out[f"{name} recall@funnel"] = round(v["recall_at_funnel_size"]["mean"], 4)
+    if "student_fp32 / best ndcg@10" in b:
+        r = b["student_fp32 / best ndcg@10"]
+        out[f"student/{b['best']}"] = [round(r[k], 3) for k in ("ratio", "low", "high")]
+    out["cold positives reached"] = result["cold_items"]
+    return out
+
+
+def runs(data: Path, work: Path, seeds: list[int], splits: list[str]) -> dict[str, Any]:
+    """Build and evaluate a set per (split, seed) from ``data``."""
+    from app.build import build
+    from app.config import BuildConfig
+
+    out: dict[str, Any] = {"data": str(data), "runs": []}
+    for split in splits:
+        for seed in seeds:
+            root = work / f"{split}-seed{seed}"
+            report = build(data, root, BuildConfig(seed=seed, split=split), work / "cache")
+            result = evaluate(root)
+            result["build_seconds"] = report.stage_seconds
+            out["runs"].append(result)
+            print(f"[quality] {split} seed {seed}: {json.dumps(headline(result))}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--artifacts", default="artifacts")
+    ap.add_argument("--data", help="a MovieLens-layout folder: build a set per split and seed")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--splits", default="user,global")
+    ap.add_argument("--work", default="/tmp/sieve-quality", help="where --data builds go")
     ap.add_argument("--name", default="quality")
     args = ap.parse_args()
-    result = evaluate(Path(args.artifacts))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.data:
+        many = runs(
+            Path(args.data),
+            Path(args.work),
+            [int(s) for s in args.seeds.split(",")],
+            args.splits.split(","),
+        )
+        many["headline"] = [
+            {"split": r["split"], "seed": r["seed"], **headline(r)} for r in many["runs"]
+        ]
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(many, indent=2) + "\n")
+        result = many["runs"][0]
+        for row in many["headline"]:
+            print(json.dumps(row))
+    else:
+        result = evaluate(Path(args.artifacts))
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, RESULTS / f"{args.name}.png")
     plot_diversity(result, RESULTS / f"{args.name}_diversity.png")
     print(f"{result['users']} users with relevant held-out items")
