@@ -217,12 +217,18 @@ def build(
                 vectors=np.stack(users[column].to_numpy()).astype(np.float32),
             )
 
-    factory, search = resolve_auto(len(emb), config.index_factory, config.search_params)
-    parse_search_params(search)  # refuse a bad setting before the slow part
-    with report.stage(f"faiss indexes ({factory}): learned, text"):
+    factory, search = resolve_auto(
+        len(emb), config.index_factory, config.search_params, tower_spec.dim
+    )
+    text_factory, text_search = resolve_auto(
+        len(emb), config.text_index_factory, config.text_search_params, DIM
+    )
+    for params in (search, text_search):
+        parse_search_params(params)  # refuse a bad setting before the slow part
+    with report.stage(f"faiss indexes: learned ({factory}), text ({text_factory})"):
         index = build_index(towers.item_vectors, factory, config.seed, config.train_size, True)
         write_index(index, vdir / "index.faiss")
-        text_index = build_index(emb, factory, config.seed, config.train_size, progress=True)
+        text_index = build_index(emb, text_factory, config.seed, config.train_size, True)
         write_index(text_index, vdir / "text_index.faiss")
 
     with report.stage("ranker training rows (every source, as served)"):
@@ -250,7 +256,7 @@ def build(
                 item_ids,
                 {},
             ),
-            text_search=_searcher(text_index, item_ids, parse_search_params(search)),
+            text_search=_searcher(text_index, item_ids, parse_search_params(text_search)),
             quotas=config.sources.model_dump(),
         )
         rows = training_rows(users_early, late, funnel, positive, config.train_users, config.seed)
@@ -316,7 +322,10 @@ def build(
             factory=factory, search_params=search, dim=tower_spec.dim, ntotal=int(index.ntotal)
         ),
         text_index=IndexSection(
-            factory=factory, search_params=search, dim=DIM, ntotal=int(text_index.ntotal)
+            factory=text_factory,
+            search_params=text_search,
+            dim=DIM,
+            ntotal=int(text_index.ntotal),
         ),
         retriever=RetrieverSection(
             dim=tower_spec.dim,

@@ -79,11 +79,15 @@ class BuildConfig(Frozen):
     """How many of an item's most frequent tags go into its text."""
     embedding_batch_size: int = Field(64, ge=1, le=4096)
     index_factory: str = "auto"
-    """Faiss ``index_factory`` string, inner-product metric (e.g. ``IVF4096,SQ8``), or
-    ``auto``: exact ``Flat`` below 200k items, the measured IVF default above."""
+    """Faiss ``index_factory`` string of the learned space's index (the main one),
+    inner-product metric (e.g. ``IVF4096,SQ8``), or ``auto``: exact ``Flat`` below
+    200k items, the measured IVF default for its dimension above."""
     search_params: str = "auto"
     """Faiss ParameterSpace syntax, e.g. ``nprobe=128`` or ``nprobe=64,k_factor=4``
     (keys: nprobe, k_factor, efSearch); ``auto`` goes with ``index_factory``."""
+    text_index_factory: str = "auto"
+    """The same for the text space's index (384 dimensions)."""
+    text_search_params: str = "auto"
     train_size: int = Field(200_000, ge=1_000)
     """Rows sampled (seeded) to train the index's quantizers."""
     label_fraction: float = Field(0.2, gt=0.0, lt=1.0)

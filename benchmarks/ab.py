@@ -14,12 +14,16 @@ checkout's packages (checked, and recorded as ``imports_from``).
 started again from ``WORK/redis`` (same port, the saved materialized store), and
 both sides serve ``WORK/artifacts`` with ``WORK/sieve.toml`` (Redis online store,
 Redis shown-history), the flags the latency benchmark uses and the same users
-file. Each round runs side A then B, or B then A (ABBA: the order alternates, so
-a machine that slows down over the run does not favour one side): start the
-candidate and ranker processes, drive ``Rank`` open-loop (``benchmarks.loadgen``,
-Poisson at ``--rate``, same seed for both sides) for ``--seconds`` after
-``--warmup``, stop them. The shown-history (Redis db 1) is emptied before every
-run so each starts from the same state.
+file. With ``--work-b``, side B serves that folder's set instead (its own Redis
+too): for two checkouts whose sets differ in format, each built by its own code
+from the same synthetic catalog, so the users are the same.
+
+Each round runs side A then B, or B then A (ABBA: the order alternates, so a machine
+that slows down over the run does not favour one side): start the candidate and
+ranker processes, drive ``Rank`` open-loop (``benchmarks.loadgen``, Poisson at
+``--rate``, same seed for both sides) for ``--seconds`` after ``--warmup``, stop
+them. The shown-history (Redis db 1) is emptied before every run so each starts from
+the same state.
 
 Reports per side the per-round and pooled (HDR histograms added up) p50 / p95 /
 p99 of the answered calls, the share of answers that took a rung of the
@@ -32,6 +36,7 @@ Writes ``RESULTS/ab.json`` (with the machine and both checkouts' commits) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -247,21 +252,34 @@ def compare(rows: dict[str, list[dict[str, Any]]], pool: dict[str, Any]) -> dict
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    work = Path(args.work).resolve()
-    root = work / "artifacts"
-    config = Path(args.config).resolve() if args.config else work / "sieve.toml"
-    if not (root / artifacts.CURRENT).exists() or not (work / "redis" / "port").exists():
+def _work(folder: str, config: str | None) -> tuple[Path, Path]:
+    """(work folder, its config), checked."""
+    work = Path(folder).resolve()
+    cfg = Path(config).resolve() if config else work / "sieve.toml"
+    if (
+        not (work / "artifacts" / artifacts.CURRENT).exists()
+        or not (work / "redis" / "port").exists()
+    ):
         raise SystemExit(f"{work} has no built set: run benchmarks.latency_budget --work {work}")
-    if not config.is_file():
-        raise SystemExit(f"no config {config}: run benchmarks.latency_budget --work {work}")
+    if not cfg.is_file():
+        raise SystemExit(f"no config {cfg}: run benchmarks.latency_budget --work {work}")
+    return work, cfg
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work, config = _work(args.work, args.config)
+    works = {"A": (work, config), "B": _work(args.work_b, None) if args.work_b else (work, config)}
+    root = work / "artifacts"
     sides = {"A": Side.parse("A", args.a), "B": Side.parse("B", args.b)}
     checkouts = {name: describe(side) for name, side in sides.items()}
-    redis_port = redis_port_of(work)
     runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
     rows: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
     order = []
-    with local_redis(port=redis_port, data_dir=work / "redis") as redis_address:
+    with contextlib.ExitStack() as stack:
+        address = {
+            w: stack.enter_context(local_redis(port=redis_port_of(w), data_dir=w / "redis"))
+            for w in {w for w, _ in works.values()}
+        }
         aset = artifacts.load(root)
         users = work / "users.txt"
         if not users.is_file():
@@ -270,7 +288,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             names = ("A", "B") if rnd % 2 == 0 else ("B", "A")
             order.append("".join(names))
             for name in names:
-                r = one_run(sides[name], rnd, args, work, config, users, redis_address)
+                w, cfg = works[name]
+                r = one_run(sides[name], rnd, args, w, cfg, users, address[w])
                 runs[name].append(r)
                 rows[name].append(row(r, rnd, first=name == names[0]))
                 lat = r["ok_latency_ms"]
@@ -285,6 +304,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "items": aset.manifest.index.ntotal,
         "artifact_version": aset.version,
+        "artifact_version_b": artifacts.load(works["B"][0] / "artifacts").version,
         "index": aset.manifest.index.factory,
         "checkouts": checkouts,
         "settings": {
@@ -295,6 +315,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "order": order,
             "seed": args.seed,
             "config": str(config),
+            "work_b": str(works["B"][0]),
             "users_file": str(users),
             "latency": "answered (OK) Rank calls, from the intended send time (open loop)",
             "shown_history": f"Redis db {HISTORY_DB}, emptied before every run",
@@ -355,6 +376,7 @@ def _fmt(x: float | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--work", required=True, help="a benchmarks.latency_budget work folder")
+    ap.add_argument("--work-b", help="side B's own work folder (default: --work)")
     ap.add_argument("--a", required=True, help="DIR:MODULE, e.g. /work/old:sieve.cli")
     ap.add_argument("--b", required=True, help="DIR:MODULE, e.g. /work/main:app.cli")
     ap.add_argument("--rate", type=float, default=100.0, help="Rank/s (Poisson)")

@@ -37,12 +37,19 @@ need one look-up table per query (each list adds its centroid's score, which the
 coarse search computed), and being finer they keep the recall with a shorter
 shortlist, each shortlisted row being one random read.
 At 1M x 384: recall@1000 0.956, p99 3.32 ms, 23.5x exact Flat (BENCHMARKS.md, ANN)."""
+AUTO_LARGE_COMPACT = ("IVF4096,Flat", "nprobe=128")
+"""The CPU default at AUTO_THRESHOLD items and more for vectors of at most
+COMPACT_DIM dimensions (the learned space): full vectors (256 bytes at 64 dims)
+cost less to scan than the 384-dim codes, and need no re-rank stage."""
+COMPACT_DIM = 128
 AUTO_THRESHOLD = 200_000
 
 
-def resolve_auto(n_items: int, factory: str, params: str) -> tuple[str, str]:
-    """Replace ``"auto"`` in the factory or the parameters by the measured defaults."""
-    auto_factory, auto_params = AUTO_SMALL if n_items < AUTO_THRESHOLD else AUTO_LARGE
+def resolve_auto(n_items: int, factory: str, params: str, dim: int = 384) -> tuple[str, str]:
+    """Replace ``"auto"`` in the factory or the parameters by the measured defaults
+    for ``n_items`` vectors of ``dim`` dimensions."""
+    large = AUTO_LARGE_COMPACT if dim <= COMPACT_DIM else AUTO_LARGE
+    auto_factory, auto_params = AUTO_SMALL if n_items < AUTO_THRESHOLD else large
     if factory == "auto":
         return auto_factory, auto_params if params == "auto" else params
     return factory, "" if params == "auto" else params

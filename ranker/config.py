@@ -160,7 +160,6 @@ class RankerConfig(Frozen):
     host: str = "127.0.0.1"
     port: int = Field(50062, ge=0, le=65535)
     candidate_address: str = "127.0.0.1:50061"
-    num_candidates: int = Field(1000, ge=1, le=2048)
     default_k: int = Field(50, ge=1)
     max_k: int = Field(500, ge=1)
     max_exclude: int = Field(10_000, ge=0)

@@ -163,7 +163,7 @@ async def load_set(
     try:
         await asyncio.to_thread(reader.prepare, views(aset.manifest.index.dim))
         state = await _state_of(aset, config, rules, scorer, tower, reader, repo, child)
-        await asyncio.to_thread(warm_up, state, config.num_candidates)
+        await asyncio.to_thread(warm_up, state, sum(state.quotas.values()))
         return state
     except BaseException:
         await reader.close()

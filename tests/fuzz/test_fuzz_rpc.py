@@ -71,7 +71,8 @@ class World:
     """What the properties check answers against, read from the served artifact set."""
 
     version: str
-    dim: int
+    dim: int  # of the learned space (source "" or "learned")
+    text_dim: int  # of the text space (source "text")
     item_ids: np.ndarray  # catalog order
     categories: dict[str, np.ndarray]  # genre -> bool mask over the catalog
     seen: dict[int, np.ndarray]  # known user -> seen item ids
@@ -114,6 +115,7 @@ def world(artifact_set: artifacts.ArtifactSet, servers: dict[str, Any]) -> World
     return World(
         version=servers["candidate_servicer"].version,
         dim=int(emb.shape[1]),
+        text_dim=int(artifact_set.manifest.text_index.dim),  # type: ignore[union-attr]
         item_ids=catalog["item_id"].to_numpy(np.int64),
         categories={n: genres.map(lambda gs, n=n: n in gs).to_numpy(bool) for n in names},
         seen={
@@ -337,10 +339,19 @@ def rank_calls(world: World) -> st.SearchStrategy[Call]:
 
 def retrieve_calls(world: World) -> st.SearchStrategy[Call]:
     def make(
-        query: tuple[str, Any], k: int, exclude: Shown, allow: list[str], version: str
+        query: tuple[str, Any],
+        k: int,
+        exclude: Shown,
+        allow: list[str],
+        version: str,
+        source: str,
     ) -> Call:
         req = sieve_pb2.RetrieveRequest(
-            k=k, exclude_item_ids=exclude.value, allow_categories=allow, artifact_version=version
+            k=k,
+            exclude_item_ids=exclude.value,
+            allow_categories=allow,
+            artifact_version=version,
+            source=source,
         )
         kind, value = query
         if kind == "user_id":
@@ -349,14 +360,21 @@ def retrieve_calls(world: World) -> st.SearchStrategy[Call]:
             req.user_vector.values.extend(value.value)
         text = (
             f"{kind}={value!r}, k={k}, exclude={exclude!r}, "
-            f"allow={_short(allow)}, version={_short(version)}"
+            f"allow={_short(allow)}, version={_short(version)}, source={_short(source)}"
         )
         return Call(RETRIEVE, req, text)
 
     query = weighted(
         (1, st.just(("none", None))),
         (5, st.tuples(st.just("user_id"), user_ids())),
-        (5, st.tuples(st.just("user_vector"), vectors(world.dim))),
+        (4, st.tuples(st.just("user_vector"), vectors(world.dim))),
+        (2, st.tuples(st.just("user_vector"), vectors(world.text_dim))),
+    )
+    source = weighted(
+        (6, st.just("")),
+        (2, st.just("learned")),
+        (3, st.just("text")),
+        (1, st.text(max_size=12)),
     )
     return st.builds(
         make,
@@ -365,6 +383,7 @@ def retrieve_calls(world: World) -> st.SearchStrategy[Call]:
         id_lists(world.popular, world.candidate_config.max_exclude),
         category_lists(sorted(world.categories)),
         versions(world.version),
+        source,
     )
 
 
@@ -494,8 +513,11 @@ def bad_retrieve_fields(req: sieve_pb2.RetrieveRequest, world: World) -> set[str
         bad.add("user_id")
     elif which == "user_vector":
         v = np.asarray(req.user_vector.values, np.float64)
-        if len(v) != world.dim or not np.isfinite(v).all() or v @ v > np.finfo(np.float32).max:
+        dim = world.text_dim if req.source == "text" else world.dim
+        if len(v) != dim or not np.isfinite(v).all() or v @ v > np.finfo(np.float32).max:
             bad.add("user_vector")  # the last: its float32 inner products can overflow
+    if req.source not in ("", "learned", "text"):
+        bad.add("source")
     if not 1 <= req.k <= cfg.max_k:
         bad.add("k")
     ex = req.exclude_item_ids

@@ -62,7 +62,7 @@ def test_manifest_names_what_belongs_together(artifact_set: artifacts.ArtifactSe
     assert m.feature_schema.feature_service == "ranker_v3"
     assert m.index.factory == "Flat" and m.index.search_params == ""  # auto, 9.7k items
     assert m.feature_schema.views["user_features"].features["user_vector"].dim == 64
-    assert "faiss indexes (Flat): learned, text" in m.build.stage_seconds
+    assert "faiss indexes: learned (Flat), text (Flat)" in m.build.stage_seconds
     # the towers' export check and their validation figures (the validation split)
     r = m.retriever
     assert r is not None and r.dim == 64 and r.onnx_max_abs_diff < 1e-4

@@ -19,7 +19,7 @@ def test_quality_report_on_the_holdout(artifacts_root: Path) -> None:
     report = evaluate(
         artifacts_root,
         grids={
-            "ease": {"lambda_": (300.0, 3000.0)},
+            "ease": {"lambda_": (300.0,)},
             "ials": {"factors": (32,), "regularization": (1.0,), "alpha": (1.0,),
                      "iterations": (5,)},
         },
@@ -51,8 +51,9 @@ def test_quality_report_on_the_holdout(artifacts_root: Path) -> None:
     # scored with the same metric code, and sieve's served model compared to the best
     b = report["baselines"]
     assert set(b["methods"]) == {"popularity", "ease", "ials"}
-    assert [v["lambda_"] for v in b["methods"]["ease"]["validation"]] == [300.0, 3000.0]
-    assert b["methods"]["ease"]["params"]["lambda_"] in (300.0, 3000.0)
+    assert [v["lambda_"] for v in b["methods"]["ease"]["validation"]] == [300.0]
+    assert b["methods"]["ease"]["params"] == {"lambda_": 300.0}
+    assert 0.0 < b["methods"]["ease"]["validation"][0]["ndcg@10"] < 1.0
     assert b["best"] in b["methods"]
     pop = b["methods"]["popularity"]["results"]["ndcg@10"]["mean"]
     assert pop == pytest.approx(res["popularity"]["ndcg@10"]["mean"], abs=0.02)

@@ -373,3 +373,35 @@ async def test_search_threads_bound_the_searches_run_at_once(artifacts_root, thr
         assert most[0] == threads
     finally:
         await server.stop(0)
+
+
+async def test_a_failing_user_tower_takes_the_stored_vector_rung(servers, users) -> None:  # type: ignore[no-untyped-def]
+    """The user tower over the live set's own item vectors gives the stored vector
+    (same tower, same history); when it fails (here: item vectors of the wrong
+    dimension for its input), the stored vector answers and the rung says why."""
+    import dataclasses
+    import time
+
+    from ranker import stages
+    from ranker.config import StageBudgetMs
+    from ranker.context import RankContext, RankQuery
+    from ranker.resilience import Deadlines
+
+    pipeline = servers["pipeline"]
+    state = pipeline.sets.live
+    frame = await state.reader.read(state.user_view, np.array([42], np.int64))
+
+    def context() -> RankContext:
+        return RankContext(RankQuery(42, 10, np.empty(0, np.int64), False),
+                           Deadlines(StageBudgetMs(), time.perf_counter()))  # fmt: skip
+
+    ok = context()
+    vector = stages.request_vector(state, ok, frame)
+    np.testing.assert_allclose(vector, users.loc[42, "user_vector"], atol=1e-5)
+    assert ok.rungs == []
+    broken = dataclasses.replace(state, embeddings=np.zeros((len(state.catalog), 3), np.float32))
+    ctx = context()
+    vector = stages.request_vector(broken, ctx, frame)
+    np.testing.assert_array_equal(vector, users.loc[42, "user_vector"])
+    assert ctx.rungs == ["stored_user_vector"]
+    assert ctx.degradations[0].startswith("user_tower_failed: ")

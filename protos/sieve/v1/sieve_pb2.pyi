@@ -340,8 +340,8 @@ class RankResponse(_message.Message):
     def rungs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The rungs of the degradation ladder this answer took, in ladder order, when
         a dependency failed or a stage ran out of time (degradations says why):
-        cached_user_features, fewer_candidates, ann_order, cached_response,
-        popular_items. Empty: a full-quality answer.
+        cached_user_features, stored_user_vector, fewer_candidates, ann_order,
+        cached_response, popular_items. Empty: a full-quality answer.
         """
 
     def __init__(
