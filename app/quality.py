@@ -236,7 +236,6 @@ def evaluate(
                 if cold_rel:
                     top50 = ranked[name][0][:50]
                     cold_found["student_top50"] += int(np.isin(top50, list(cold_rel)).sum())
-                emb = item_vectors[rows]
                 text_emb = np.asarray(text[rows], np.float32)
                 slate = Slate(
                     ids=ids,
@@ -245,7 +244,7 @@ def evaluate(
                         "genres": item_cols["genres"][rows],
                         "age_years": item_cols["age_years"][rows],
                     },
-                    embeddings_of=emb.__getitem__,
+                    embeddings_of=text_emb.__getitem__,
                     attribute_of=lambda ids, col: np.empty(0, np.int64),
                     exclude=seen,
                     categories=GENRE_INDEX,

@@ -413,8 +413,9 @@ class PositionDecay(Rule):
 
 
 class Mmr(Rule):
-    """Maximal marginal relevance over item embeddings among the best ``pool``
-    items: lambda 1 is score order, lower trades score for novelty."""
+    """Maximal marginal relevance over item embeddings (the ranker gives the text
+    embeddings: content, not co-consumption) among the best ``pool`` items:
+    lambda 1 is score order, lower trades score for novelty."""
 
     name: Literal["mmr"] = "mmr"
     kind = "order"
