@@ -95,8 +95,9 @@ SETTINGS: list[tuple[str, list[str]]] = [
 
 
 LEARNED_SETTINGS: list[tuple[str, list[str]]] = [
-    ("IVF4096,Flat", [f"nprobe={n}" for n in (32, 64, 128, 256)]),
-    ("IVF4096,SQfp16", [f"nprobe={n}" for n in (64, 128, 256)]),
+    ("IVF4096,Flat", [f"nprobe={n}" for n in (64, 128, 256, 384, 512, 768)]),
+    ("IVF4096,SQfp16", [f"nprobe={n}" for n in (128, 256, 384, 512, 768)]),
+    ("IVF1024,SQfp16", [f"nprobe={n}" for n in (64, 96, 128, 192)]),
 ]
 """With ``--artifacts``: settings for the learned space (64 dimensions by default),
 where full vectors are cheap enough to scan without a re-rank stage."""

@@ -93,6 +93,10 @@ class ModelSection(Frozen):
     not the ones it computes."""
     sources: dict[str, int] = {}
     """Candidate quotas per source (``ranker/sources.py``), training and serving."""
+    popular_candidates: int = Field(0, ge=0)
+    """Sets built before the candidate sources: their popular quota. Read so that
+    such a set loads far enough to be refused by name (the ranker needs its
+    learned retriever); unused."""
     val_auc: dict[str, float] = {}
     onnx_max_abs_diff: dict[str, float] = {}
     feature_defaults: tuple[float, ...] | None = None
