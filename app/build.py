@@ -67,20 +67,14 @@ def _version(data_dir: Path | None, synthetic: int, config: BuildConfig, now: da
     return f"{now:%Y%m%d%H%M%S}_{h.hexdigest()[:8]}"
 
 
-def _searcher(index: Any, item_ids: np.ndarray, params: dict[str, int]) -> Any:
-    """(vector, k, exclude) -> (ids, scores) over a Faiss index, as the candidate
-    service searches it."""
+def _retrieval(index: Any, item_ids: np.ndarray, params: dict[str, int]) -> Any:
+    """A Faiss index over the catalog, searched as the candidate service searches
+    it (no stored user vectors)."""
     from candidate.index import CandidateIndex
 
-    retrieval = CandidateIndex(
+    return CandidateIndex(
         index, item_ids, np.empty(0, np.int64), np.empty((0, index.d), np.float32), params
     )
-
-    def search(vector: np.ndarray, k: int, exclude: np.ndarray) -> tuple[Any, Any]:
-        res = retrieval.search(vector, k, exclude)
-        return res.item_ids, res.scores
-
-    return search
 
 
 def build(
@@ -251,12 +245,12 @@ def build(
                 np.argsort(-items_early["log_popularity"].to_numpy(), kind="stable")
             ],
             item_cols=item_inputs(items_early),
-            learned_search=_searcher(
+            learned_search=_retrieval(
                 build_index(towers_early.item_vectors, "Flat", config.seed, config.train_size),
                 item_ids,
                 {},
-            ),
-            text_search=_searcher(text_index, item_ids, parse_search_params(text_search)),
+            ).top,
+            text_search=_retrieval(text_index, item_ids, parse_search_params(text_search)).top,
             quotas=config.sources.model_dump(),
         )
         rows = training_rows(users_early, late, funnel, positive, config.train_users, config.seed)

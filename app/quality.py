@@ -156,13 +156,6 @@ def evaluate(
     pop = item_cols["log_popularity"].astype(np.float32)
     by_pop = catalog_ids[np.argsort(-pop, kind="stable")]
 
-    def searcher(index: CandidateIndex) -> Any:
-        def search(vector: np.ndarray, k: int, exclude: np.ndarray) -> tuple[Any, Any]:
-            res = index.search(vector, k, exclude)
-            return res.item_ids, res.scores
-
-        return search
-
     funnel = OfflineFunnel(
         item_ids=catalog_ids,
         item_vectors=item_vectors,
@@ -171,8 +164,8 @@ def evaluate(
         neighbour_scores=np.load(aset.verified("item_neighbour_scores")),
         popular_ids=by_pop,
         item_cols=item_cols,
-        learned_search=searcher(learned_index),
-        text_search=searcher(text_index),
+        learned_search=learned_index.top,
+        text_search=text_index.top,
         quotas=dict(m.model.sources),
     )
     scorers = {}

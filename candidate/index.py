@@ -458,6 +458,13 @@ class CandidateIndex:
         req = SearchRequest(query, k, np.asarray(exclude_item_ids, np.int64), allow_categories)
         return self.search_many([req])[0]
 
+    def top(
+        self, query: np.ndarray, k: int, exclude_item_ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``search`` as (item ids, scores), the search the offline funnel takes."""
+        res = self.search(query, k, exclude_item_ids)
+        return res.item_ids, res.scores
+
     def _search_selected(
         self,
         query: np.ndarray,
