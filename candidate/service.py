@@ -36,6 +36,51 @@ class RetrieveQuery:
     allow: list[str]  # categories; empty: all
     version: str  # artifact version to serve from; empty: the newest loaded
     source: str = ""  # the space to search ("" or "learned", "text")
+    more: tuple[SpaceQuery, ...] = ()  # more searches in other spaces, answered in order
+
+
+@dataclass(frozen=True)
+class SpaceQuery:
+    """One of ``RetrieveRequest.more``: a search of another space, with the main
+    query's exclusions, categories and version."""
+
+    source: str
+    vector: np.ndarray  # float32 [d of that space]
+    k: int
+
+
+def _space(source: str) -> str:
+    return source or "learned"
+
+
+def parse_more(req: sieve_pb2.RetrieveRequest, config: CandidateConfig) -> tuple[SpaceQuery, ...]:
+    """Validate ``RetrieveRequest.more``: a known space each, none searched twice
+    (the main query's included), k in range, a vector each.
+
+    Raises:
+        InvalidRequest: naming ``more[i]`` and the field.
+    """
+    seen = {_space(req.source)}
+    out = []
+    for i, m in enumerate(req.more):
+        if m.source not in ("", *SPACES):
+            raise InvalidRequest(
+                f"more[{i}].source must be one of {list(SPACES)} (or empty), got {echo(m.source)}"
+            )
+        if _space(m.source) in seen:
+            raise InvalidRequest(
+                f"more[{i}] searches the {_space(m.source)} space again: one search per space "
+                "and call (the main query's space counts)"
+            )
+        seen.add(_space(m.source))
+        if not 1 <= m.k <= config.max_k:
+            raise InvalidRequest(f"more[{i}].k must be in 1..{config.max_k}, got {m.k}")
+        if not m.HasField("user_vector"):
+            raise InvalidRequest(f"more[{i}].user_vector is missing")
+        out.append(
+            SpaceQuery(m.source, query_vector(m.user_vector.values, f"more[{i}].user_vector"), m.k)
+        )
+    return tuple(out)
 
 
 def parse_retrieve(req: sieve_pb2.RetrieveRequest, config: CandidateConfig) -> RetrieveQuery:
@@ -57,6 +102,7 @@ def parse_retrieve(req: sieve_pb2.RetrieveRequest, config: CandidateConfig) -> R
             f"most 2048), got {req.k}"
         )
     exclude = id_list(req.exclude_item_ids, config.max_exclude, "exclude_item_ids")
+    more = parse_more(req, config)
     if which == "user_id":
         if req.user_id <= 0:
             raise InvalidRequest(f"user_id must be positive, got {req.user_id}")
@@ -68,10 +114,18 @@ def parse_retrieve(req: sieve_pb2.RetrieveRequest, config: CandidateConfig) -> R
             list(req.allow_categories),
             req.artifact_version,
             req.source,
+            more,
         )
     vector = query_vector(req.user_vector.values, "user_vector")
     return RetrieveQuery(
-        vector, 0, req.k, exclude, list(req.allow_categories), req.artifact_version, req.source
+        vector,
+        0,
+        req.k,
+        exclude,
+        list(req.allow_categories),
+        req.artifact_version,
+        req.source,
+        more,
     )
 
 
@@ -82,16 +136,20 @@ def check_on(index: CandidateIndex, q: RetrieveQuery) -> None:
     Raises:
         InvalidRequest: naming user_vector or allow_categories.
     """
-    if q.vector is not None and len(q.vector) != index.dim:
-        raise InvalidRequest(
-            f"user_vector has {len(q.vector)} values, the index expects {index.dim}"
-        )
+    if q.vector is not None:
+        check_dim(index, q.vector, "user_vector")
     known = index.categories
     unknown = [c for c in dict.fromkeys(q.allow) if c not in known]
     if unknown:
         raise InvalidRequest(
             f"allow_categories holds unknown categories {echo_list(unknown)}; known: {known}"
         )
+
+
+def check_dim(index: CandidateIndex, vector: np.ndarray, field: str) -> None:
+    """Raises InvalidRequest when ``vector`` does not have the index's dimension."""
+    if len(vector) != index.dim:
+        raise InvalidRequest(f"{field} has {len(vector)} values, the index expects {index.dim}")
 
 
 _Batcher = MicroBatcher[tuple[LiveIndex, SearchRequest], tuple[SearchResult, str]]
@@ -174,34 +232,68 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
     ) -> sieve_pb2.RetrieveResponse:
         q = parse_retrieve(request, self.config)
         with self.sets.use(q.version) as live:
-            return await self._retrieve(q, live.space(q.source))
+            return await self._retrieve(q, live.space(q.source), live)
 
-    async def _retrieve(self, q: RetrieveQuery, live: LiveIndex) -> sieve_pb2.RetrieveResponse:
-        index = live.index
-        check_on(index, q)
+    async def _retrieve(
+        self, q: RetrieveQuery, main: LiveIndex, live: LiveIndex
+    ) -> sieve_pb2.RetrieveResponse:
+        check_on(main.index, q)
         vector = q.vector
         if vector is None:
-            vector = index.user_vector(q.user_id)
+            vector = main.index.user_vector(q.user_id)
             if vector is None:
                 raise NotFound(f"user_id {q.user_id} has no stored vector; send user_vector")
-        t0 = time.perf_counter()
-        version = live.version
+        searches = [(main, vector, q.k)]
+        for i, m in enumerate(q.more):
+            space = live.space(m.source)
+            check_dim(space.index, m.vector, f"more[{i}].user_vector")
+            searches.append((space, m.vector, m.k))
         if self.batcher is not None:
             # Checked here, so one bad vector cannot fail the batch it would join.
-            req = SearchRequest(index.check_query(vector), q.k, q.exclude, q.allow)
-            result, version = await self.batcher.submit((live, req))
+            found = await asyncio.gather(*(self._batched(s, v, k, q) for s, v, k in searches))
         else:
-            # Faiss releases the GIL: the loop serves other calls while a worker searches.
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._search_pool, index.search, vector, q.k, q.exclude, q.allow
+            # Faiss releases the GIL: the loop serves other calls while a worker
+            # searches; every space of the call in one hand-off.
+            found = await asyncio.get_running_loop().run_in_executor(
+                self._search_pool, _search_all, searches, q.exclude, q.allow
             )
-        search_us = int((time.perf_counter() - t0) * 1e6)
+        (result, version, search_us), *rest = found
         return sieve_pb2.RetrieveResponse(
             item_ids=result.item_ids.tolist(),
             scores=result.scores.tolist(),
             artifact_version=version,
             search_us=search_us,
+            more=[
+                sieve_pb2.SpaceResult(
+                    source=m.source,
+                    item_ids=r.item_ids.tolist(),
+                    scores=r.scores.tolist(),
+                    search_us=us,
+                )
+                for m, (r, _, us) in zip(q.more, rest, strict=True)
+            ],
         )
+
+    async def _batched(
+        self, space: LiveIndex, vector: np.ndarray, k: int, q: RetrieveQuery
+    ) -> tuple[SearchResult, str, int]:
+        assert self.batcher is not None
+        t0 = time.perf_counter()
+        req = SearchRequest(space.index.check_query(vector), k, q.exclude, q.allow)
+        result, version = await self.batcher.submit((space, req))
+        return result, version, int((time.perf_counter() - t0) * 1e6)
+
+
+def _search_all(
+    searches: list[tuple[LiveIndex, np.ndarray, int]], exclude: np.ndarray, allow: list[str]
+) -> list[tuple[SearchResult, str, int]]:
+    """Each (space, vector, k) searched in turn: (result, version, microseconds)."""
+    out = []
+    for space, vector, k in searches:
+        t0 = time.perf_counter()
+        result = space.index.search(vector, k, exclude, allow)
+        out.append((result, space.version, int((time.perf_counter() - t0) * 1e6)))
+    return out
 
 
 async def create_server(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 
 import grpc
 import numpy as np
@@ -75,10 +76,12 @@ class CandidateClient:
         timeout_s: float,
         k: int,
         source: str = "",
+        more: Sequence[tuple[str, np.ndarray, int]] = (),
     ) -> tuple[sieve_pb2.RetrieveResponse | None, str]:
         """``k`` candidates from the ``source`` space ("": the learned one) of
         ``version``, or None and why not (breaker open, no time left, or the call
-        failed)."""
+        failed). ``more``: (source, vector, k) of other spaces searched in the same
+        call (``RetrieveRequest.more``), answered in ``response.more``."""
         breaker = self.breaker
         what = "retrieve_failed" if source in ("", "learned") else f"{source}_source_failed"
         if self._stub is None:
@@ -95,6 +98,12 @@ class CandidateClient:
                     exclude_item_ids=exclude,
                     artifact_version=version,  # the index of this request's set
                     source=source,
+                    more=[
+                        sieve_pb2.SpaceQuery(
+                            source=name, user_vector=sieve_pb2.UserVector(values=v), k=n
+                        )
+                        for name, v, n in more
+                    ],
                 ),
                 timeout=timeout_s,
             )

@@ -226,43 +226,50 @@ class RankPipeline:
         vector = stages.request_vector(state, ctx, user)
         left = ctx.deadlines.left("retrieve")
         quotas = state.quotas
-        learned_call = self.candidates.retrieve(
-            state.version, vector, exclude, left, quotas.get("learned", 0)
+        more = []
+        if quotas.get("text", 0) > 0:  # both spaces searched in one call
+            text_vector = user.array("text_vector")[0]
+            if np.isfinite(text_vector).all():  # a bad one must not fail the learned search
+                more.append(("text", text_vector, quotas["text"]))
+            else:
+                ctx.note("text_source_failed: the user's text_vector is not finite")
+        resp, failed = await self.candidates.retrieve(
+            state.version, vector, exclude, left, quotas.get("learned", 0), more=more
         )
-        if quotas.get("text", 0) > 0:  # both spaces searched at once
-            (resp, failed), (text, text_failed) = await asyncio.gather(
-                learned_call,
-                self.candidates.retrieve(
-                    state.version,
-                    user.array("text_vector")[0],
-                    exclude,
-                    left,
-                    quotas["text"],
-                    "text",
-                ),
-            )
-        else:
-            (resp, failed), (text, text_failed) = await learned_call, (None, "")
         ctx.mark("retrieve")
         if resp is None:
             ctx.note(failed)
             return await ladder.fallback(state, ctx, self.response_cache)
-        if text_failed:  # the other sources still answer
-            ctx.note(text_failed)
+        text = None
+        if more:
+            if len(resp.more) == len(more):
+                text = resp.more[0]
+            else:  # the other sources still answer
+                ctx.note(
+                    "text_source_failed: the candidate service answered no text search "
+                    "(it predates RetrieveRequest.more)"
+                )
         if resp.artifact_version != state.version:  # a safety net: the Retrieve was pinned
             ctx.note(f"version_mismatch: candidate {resp.artifact_version}, ranker {state.version}")
 
         batcher = self.score_batcher
-        if batcher is None:  # both stages in one trip to the CPU thread
+        # The shown-history read went out beside the user features: when it is in
+        # already (the usual case), re-ranking joins the same trip to the CPU thread.
+        recent_in = shown is None or shown.done()
+        recent = await self._recent(shown, ctx) if recent_in else None
+        result: RankResult | None = None
+        if batcher is None:  # the stages in one trip to the CPU thread
 
-            def rows_then_scores() -> tuple[stages.Rows, np.ndarray | None]:
+            def on_cpu_trip() -> tuple[stages.Rows, np.ndarray | None, RankResult | None]:
                 cand = stages.candidate_rows(state, ctx, resp, text, exclude, vector, user, rel)
                 ctx.mark("item_features")
                 scores = stages.score_here(state, ctx, cand.x, rel)
                 ctx.mark("score")
-                return cand, scores
+                if not recent_in:
+                    return cand, scores, None
+                return cand, scores, self._rerank(state, ctx, cand, scores, exclude, recent)
 
-            cand, model_scores = await self.on_cpu(rows_then_scores)
+            cand, model_scores, result = await self.on_cpu(on_cpu_trip)
         else:
             cand = await self.on_cpu(
                 stages.candidate_rows, state, ctx, resp, text, exclude, vector, user, rel
@@ -273,12 +280,12 @@ class RankPipeline:
         if cand.n_bad:
             self.nonfinite_feature_values += cand.n_bad
             NONFINITE_FEATURES.inc(cand.n_bad)
-
-        recent = await self._recent(shown, ctx)
-        result = await self.on_cpu(
-            stages.rerank, state, ctx, self.rules, self._rule_columns, cand, model_scores,
-            exclude, np.empty(0, np.int64) if recent is None else recent,
-        )  # fmt: skip
+        if result is None:
+            if not recent_in:
+                recent = await self._recent(shown, ctx)
+            result = await self.on_cpu(
+                self._rerank, state, ctx, cand, model_scores, exclude, recent
+            )
         if recent is not None:  # a history that failed is not worth a second timeout
             await self._record(q.user_id, result.item_ids, ctx)
         if ctx.full_quality and self.response_cache is not None:
@@ -293,6 +300,20 @@ class RankPipeline:
                 self.response_cache.put(state.version, q.user_id, answer), "response-cache write"
             )
         return ctx.finish(result, "rerank")
+
+    def _rerank(
+        self,
+        state: LoadedSet,
+        ctx: RankContext,
+        cand: stages.Rows,
+        model_scores: np.ndarray | None,
+        exclude: np.ndarray,
+        recent: np.ndarray | None,
+    ) -> RankResult:
+        return stages.rerank(
+            state, ctx, self.rules, self._rule_columns, cand, model_scores, exclude,
+            np.empty(0, np.int64) if recent is None else recent,
+        )  # fmt: skip
 
     @staticmethod
     async def _recent(

@@ -109,7 +109,7 @@ def candidate_rows(
     state: LoadedSet,
     ctx: RankContext,
     learned: sieve_pb2.RetrieveResponse,
-    text: sieve_pb2.RetrieveResponse | None,
+    text: sieve_pb2.SpaceResult | None,
     exclude: np.ndarray,
     vector: np.ndarray,
     user: FeatureFrame,

@@ -345,6 +345,7 @@ def retrieve_calls(world: World) -> st.SearchStrategy[Call]:
         allow: list[str],
         version: str,
         source: str,
+        more: list[tuple[str, Any, int]],
     ) -> Call:
         req = sieve_pb2.RetrieveRequest(
             k=k,
@@ -353,6 +354,10 @@ def retrieve_calls(world: World) -> st.SearchStrategy[Call]:
             artifact_version=version,
             source=source,
         )
+        for more_source, vector, more_k in more:
+            m = req.more.add(source=more_source, k=more_k)
+            if vector is not None:
+                m.user_vector.values.extend(vector.value)
         kind, value = query
         if kind == "user_id":
             req.user_id = value
@@ -360,7 +365,8 @@ def retrieve_calls(world: World) -> st.SearchStrategy[Call]:
             req.user_vector.values.extend(value.value)
         text = (
             f"{kind}={value!r}, k={k}, exclude={exclude!r}, "
-            f"allow={_short(allow)}, version={_short(version)}, source={_short(source)}"
+            f"allow={_short(allow)}, version={_short(version)}, source={_short(source)}, "
+            f"more={[(src, v, n) for src, v, n in more]!r}"
         )
         return Call(RETRIEVE, req, text)
 
@@ -376,6 +382,15 @@ def retrieve_calls(world: World) -> st.SearchStrategy[Call]:
         (3, st.just("text")),
         (1, st.text(max_size=12)),
     )
+    more = st.tuples(
+        source,
+        weighted(
+            (1, st.none()),
+            (2, vectors(world.dim)),
+            (4, vectors(world.text_dim)),
+        ),
+        ks(1, world.candidate_config.max_k, 100),
+    )
     return st.builds(
         make,
         query,
@@ -384,6 +399,7 @@ def retrieve_calls(world: World) -> st.SearchStrategy[Call]:
         category_lists(sorted(world.categories)),
         versions(world.version),
         source,
+        weighted((6, st.just([])), (3, st.lists(more, min_size=1, max_size=2))),
     )
 
 
@@ -525,6 +541,19 @@ def bad_retrieve_fields(req: sieve_pb2.RetrieveRequest, world: World) -> set[str
         bad.add("exclude_item_ids")
     if set(req.allow_categories) - set(world.categories):
         bad.add("allow_categories")
+    spaces = {req.source or "learned"}
+    for i, m in enumerate(req.more):
+        if m.source not in ("", "learned", "text"):
+            bad.add(f"more[{i}].source")
+        elif (m.source or "learned") in spaces:
+            bad.add(f"more[{i}]")  # a space searched twice in one call
+        spaces.add(m.source or "learned")
+        if not 1 <= m.k <= cfg.max_k:
+            bad.add(f"more[{i}].k")
+        v = np.asarray(m.user_vector.values, np.float64)
+        dim = world.text_dim if m.source == "text" else world.dim
+        if len(v) != dim or not np.isfinite(v).all() or v @ v > np.finfo(np.float32).max:
+            bad.add(f"more[{i}].user_vector")  # missing, empty or of another space
     return bad
 
 
@@ -564,6 +593,12 @@ def check_retrieve(
         valid &= in_cats
     assert len(ids) == min(req.k, int(valid.sum())), (len(ids), req.k, int(valid.sum()))
     assert resp.artifact_version == (req.artifact_version or world.version)
+    assert [m.source for m in resp.more] == [m.source for m in req.more]
+    for m, answer in zip(req.more, resp.more, strict=True):
+        more_ids = np.asarray(answer.item_ids, np.int64)
+        assert len(more_ids) == len(answer.scores) == min(m.k, int(valid.sum()))
+        assert np.isin(more_ids, world.item_ids[valid]).all(), "excluded or outside the categories"
+        assert np.isfinite(np.asarray(answer.scores)).all()
 
 
 def check(call: Call, status: grpc.StatusCode, details: str, resp: Any, world: World) -> None:

@@ -104,6 +104,46 @@ async def test_text_source_is_exact_over_the_text_space(servers, users, artifact
     assert "source must be one of ['learned', 'text']" in err.value.details()
 
 
+async def test_more_searches_answer_as_separate_calls_would(servers, users) -> None:  # type: ignore[no-untyped-def]
+    """``more`` searches another space in the same call, with the main query's
+    exclusions: each answer is the one a call of its own gives; a space asked
+    twice, a bad k, a missing or wrong-sized vector name ``more[i]``."""
+    user = users.loc[42]
+    seen = user["seen_item_ids"]
+    learned = sieve_pb2.UserVector(values=user["user_vector"])
+    text = sieve_pb2.UserVector(values=user["text_vector"])
+    both = await _retrieve(
+        servers,
+        user_vector=learned,
+        k=200,
+        exclude_item_ids=seen,
+        more=[sieve_pb2.SpaceQuery(source="text", user_vector=text, k=50)],
+    )
+    alone = await _retrieve(servers, user_vector=learned, k=200, exclude_item_ids=seen)
+    text_alone = await _retrieve(
+        servers, user_vector=text, k=50, exclude_item_ids=seen, source="text"
+    )
+    assert list(both.item_ids) == list(alone.item_ids)
+    (more,) = both.more
+    assert more.source == "text" and list(more.item_ids) == list(text_alone.item_ids)
+    np.testing.assert_allclose(more.scores, text_alone.scores, rtol=1e-6)
+    assert not set(more.item_ids) & set(seen.tolist())
+    bad = {
+        "searches the learned space again": sieve_pb2.SpaceQuery(user_vector=learned, k=5),
+        "more[0].k must be in 1..": sieve_pb2.SpaceQuery(source="text", user_vector=text, k=0),
+        "more[0].user_vector is missing": sieve_pb2.SpaceQuery(source="text", k=5),
+        "more[0].user_vector has 64 values, the index expects 384": sieve_pb2.SpaceQuery(
+            source="text", user_vector=learned, k=5
+        ),
+        "more[0].source must be one of": sieve_pb2.SpaceQuery(source="bm25", k=5),
+    }
+    for message, query in bad.items():
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _retrieve(servers, user_vector=learned, k=5, more=[query])
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in err.value.details(), err.value.details()
+
+
 async def test_rank_applies_genre_cap_and_caller_exclusions(servers, catalog) -> None:  # type: ignore[no-untyped-def]
     first = await _rank(servers, user_id=42, k=20)
     drop = [i.item_id for i in first.items[:5]]

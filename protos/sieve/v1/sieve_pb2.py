@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/sieve/v1/sieve.proto\x12\x08sieve.v1\"\x1c\n\nUserVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xc3\x01\n\x0fRetrieveRequest\x12+\n\x0buser_vector\x18\x01 \x01(\x0b\x32\x14.sieve.v1.UserVectorH\x00\x12\x11\n\x07user_id\x18\x02 \x01(\x03H\x00\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\x03\x12\x18\n\x10\x61llow_categories\x18\x05 \x03(\t\x12\x18\n\x10\x61rtifact_version\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\tB\x07\n\x05query\"a\n\x10RetrieveResponse\x12\x10\n\x08item_ids\x18\x01 \x03(\x03\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x18\n\x10\x61rtifact_version\x18\x03 \x01(\t\x12\x11\n\tsearch_us\x18\x04 \x01(\x03\"R\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\x03\x12\r\n\x05\x64\x65\x62ug\x18\x04 \x01(\x08\"\x9b\x01\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\x13\n\x0b\x66inal_score\x18\x02 \x01(\x02\x12\x17\n\x0f\x63\x61ndidate_score\x18\x03 \x01(\x02\x12\x13\n\x0bmodel_score\x18\x04 \x01(\x02\x12\x16\n\x0e\x63\x61ndidate_rank\x18\x05 \x01(\x05\x12\x10\n\x08moved_by\x18\x06 \x03(\t\x12\x0f\n\x07sources\x18\x07 \x03(\t\"Q\n\x0b\x44roppedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0bmodel_score\x18\x04 \x01(\x02\",\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0e\n\x06micros\x18\x02 \x01(\x03\"\xc2\x01\n\x0cRankResponse\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.sieve.v1.RankedItem\x12&\n\x07timings\x18\x02 \x03(\x0b\x32\x15.sieve.v1.StageTiming\x12\x18\n\x10\x61rtifact_version\x18\x03 \x01(\t\x12\x14\n\x0c\x64\x65gradations\x18\x04 \x03(\t\x12&\n\x07\x64ropped\x18\x05 \x03(\x0b\x32\x15.sieve.v1.DroppedItem\x12\r\n\x05rungs\x18\x06 \x03(\t2U\n\x10\x43\x61ndidateService\x12\x41\n\x08Retrieve\x12\x19.sieve.v1.RetrieveRequest\x1a\x1a.sieve.v1.RetrieveResponse2F\n\rRankerService\x12\x35\n\x04Rank\x12\x15.sieve.v1.RankRequest\x1a\x16.sieve.v1.RankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/sieve/v1/sieve.proto\x12\x08sieve.v1\"\x1c\n\nUserVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xe7\x01\n\x0fRetrieveRequest\x12+\n\x0buser_vector\x18\x01 \x01(\x0b\x32\x14.sieve.v1.UserVectorH\x00\x12\x11\n\x07user_id\x18\x02 \x01(\x03H\x00\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\x03\x12\x18\n\x10\x61llow_categories\x18\x05 \x03(\t\x12\x18\n\x10\x61rtifact_version\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\"\n\x04more\x18\x08 \x03(\x0b\x32\x14.sieve.v1.SpaceQueryB\x07\n\x05query\"R\n\nSpaceQuery\x12\x0e\n\x06source\x18\x01 \x01(\t\x12)\n\x0buser_vector\x18\x02 \x01(\x0b\x32\x14.sieve.v1.UserVector\x12\t\n\x01k\x18\x03 \x01(\x05\"R\n\x0bSpaceResult\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\x03\x12\x0e\n\x06scores\x18\x03 \x03(\x02\x12\x11\n\tsearch_us\x18\x04 \x01(\x03\"\x86\x01\n\x10RetrieveResponse\x12\x10\n\x08item_ids\x18\x01 \x03(\x03\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x18\n\x10\x61rtifact_version\x18\x03 \x01(\t\x12\x11\n\tsearch_us\x18\x04 \x01(\x03\x12#\n\x04more\x18\x05 \x03(\x0b\x32\x15.sieve.v1.SpaceResult\"R\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\x03\x12\r\n\x05\x64\x65\x62ug\x18\x04 \x01(\x08\"\x9b\x01\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\x13\n\x0b\x66inal_score\x18\x02 \x01(\x02\x12\x17\n\x0f\x63\x61ndidate_score\x18\x03 \x01(\x02\x12\x13\n\x0bmodel_score\x18\x04 \x01(\x02\x12\x16\n\x0e\x63\x61ndidate_rank\x18\x05 \x01(\x05\x12\x10\n\x08moved_by\x18\x06 \x03(\t\x12\x0f\n\x07sources\x18\x07 \x03(\t\"Q\n\x0b\x44roppedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0bmodel_score\x18\x04 \x01(\x02\",\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0e\n\x06micros\x18\x02 \x01(\x03\"\xc2\x01\n\x0cRankResponse\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.sieve.v1.RankedItem\x12&\n\x07timings\x18\x02 \x03(\x0b\x32\x15.sieve.v1.StageTiming\x12\x18\n\x10\x61rtifact_version\x18\x03 \x01(\t\x12\x14\n\x0c\x64\x65gradations\x18\x04 \x03(\t\x12&\n\x07\x64ropped\x18\x05 \x03(\x0b\x32\x15.sieve.v1.DroppedItem\x12\r\n\x05rungs\x18\x06 \x03(\t2U\n\x10\x43\x61ndidateService\x12\x41\n\x08Retrieve\x12\x19.sieve.v1.RetrieveRequest\x1a\x1a.sieve.v1.RetrieveResponse2F\n\rRankerService\x12\x35\n\x04Rank\x12\x15.sieve.v1.RankRequest\x1a\x16.sieve.v1.RankResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USERVECTOR']._serialized_start=41
   _globals['_USERVECTOR']._serialized_end=69
   _globals['_RETRIEVEREQUEST']._serialized_start=72
-  _globals['_RETRIEVEREQUEST']._serialized_end=267
-  _globals['_RETRIEVERESPONSE']._serialized_start=269
-  _globals['_RETRIEVERESPONSE']._serialized_end=366
-  _globals['_RANKREQUEST']._serialized_start=368
-  _globals['_RANKREQUEST']._serialized_end=450
-  _globals['_RANKEDITEM']._serialized_start=453
-  _globals['_RANKEDITEM']._serialized_end=608
-  _globals['_DROPPEDITEM']._serialized_start=610
-  _globals['_DROPPEDITEM']._serialized_end=691
-  _globals['_STAGETIMING']._serialized_start=693
-  _globals['_STAGETIMING']._serialized_end=737
-  _globals['_RANKRESPONSE']._serialized_start=740
-  _globals['_RANKRESPONSE']._serialized_end=934
-  _globals['_CANDIDATESERVICE']._serialized_start=936
-  _globals['_CANDIDATESERVICE']._serialized_end=1021
-  _globals['_RANKERSERVICE']._serialized_start=1023
-  _globals['_RANKERSERVICE']._serialized_end=1093
+  _globals['_RETRIEVEREQUEST']._serialized_end=303
+  _globals['_SPACEQUERY']._serialized_start=305
+  _globals['_SPACEQUERY']._serialized_end=387
+  _globals['_SPACERESULT']._serialized_start=389
+  _globals['_SPACERESULT']._serialized_end=471
+  _globals['_RETRIEVERESPONSE']._serialized_start=474
+  _globals['_RETRIEVERESPONSE']._serialized_end=608
+  _globals['_RANKREQUEST']._serialized_start=610
+  _globals['_RANKREQUEST']._serialized_end=692
+  _globals['_RANKEDITEM']._serialized_start=695
+  _globals['_RANKEDITEM']._serialized_end=850
+  _globals['_DROPPEDITEM']._serialized_start=852
+  _globals['_DROPPEDITEM']._serialized_end=933
+  _globals['_STAGETIMING']._serialized_start=935
+  _globals['_STAGETIMING']._serialized_end=979
+  _globals['_RANKRESPONSE']._serialized_start=982
+  _globals['_RANKRESPONSE']._serialized_end=1176
+  _globals['_CANDIDATESERVICE']._serialized_start=1178
+  _globals['_CANDIDATESERVICE']._serialized_end=1263
+  _globals['_RANKERSERVICE']._serialized_start=1265
+  _globals['_RANKERSERVICE']._serialized_end=1335
 # @@protoc_insertion_point(module_scope)

@@ -58,6 +58,7 @@ class RetrieveRequest(_message.Message):
     ALLOW_CATEGORIES_FIELD_NUMBER: _builtins.int
     ARTIFACT_VERSION_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
     """Look the vector up in the artifact set the service has loaded."""
     k: _builtins.int
@@ -89,6 +90,17 @@ class RetrieveRequest(_message.Message):
         empty means every category. Applied inside the search, like exclusions.
         """
 
+    @_builtins.property
+    def more(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpaceQuery]:
+        """More searches answered in the same call, in the same set with the same
+        exclusions and categories, each in its own space (at most one per space
+        besides the main query's): the ranker asks for the text space beside the
+        learned one, so a Rank costs one round trip and one hand-off to the search
+        thread instead of two. Answered in RetrieveResponse.more, in this order; a
+        service that predates the field answers the main query only, so callers
+        check the count.
+        """
+
     def __init__(
         self,
         *,
@@ -99,16 +111,83 @@ class RetrieveRequest(_message.Message):
         allow_categories: _abc.Iterable[_builtins.str] | None = ...,
         artifact_version: _builtins.str = ...,
         source: _builtins.str = ...,
+        more: _abc.Iterable[Global___SpaceQuery] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["query", b"query", "user_id", b"user_id", "user_vector", b"user_vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_categories", b"allow_categories", "artifact_version", b"artifact_version", "exclude_item_ids", b"exclude_item_ids", "k", b"k", "query", b"query", "source", b"source", "user_id", b"user_id", "user_vector", b"user_vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_categories", b"allow_categories", "artifact_version", b"artifact_version", "exclude_item_ids", b"exclude_item_ids", "k", b"k", "more", b"more", "query", b"query", "source", b"source", "user_id", b"user_id", "user_vector", b"user_vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["user_vector", "user_id"]  # noqa: Y015
     _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_query) -> _WhichOneofReturnType_query | None: ...
 
 Global___RetrieveRequest: _TypeAlias = RetrieveRequest  # noqa: Y015
+
+@_typing.final
+class SpaceQuery(_message.Message):
+    """One more search of a RetrieveRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    USER_VECTOR_FIELD_NUMBER: _builtins.int
+    K_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """As RetrieveRequest.source."""
+    k: _builtins.int
+    """Number of candidates, as RetrieveRequest.k."""
+    @_builtins.property
+    def user_vector(self) -> Global___UserVector:
+        """Of that space's dimension."""
+
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        user_vector: Global___UserVector | None = ...,
+        k: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user_vector", b"user_vector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "source", b"source", "user_vector", b"user_vector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpaceQuery: _TypeAlias = SpaceQuery  # noqa: Y015
+
+@_typing.final
+class SpaceResult(_message.Message):
+    """The answer to one SpaceQuery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    ITEM_IDS_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    SEARCH_US_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    search_us: _builtins.int
+    @_builtins.property
+    def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Best first, as RetrieveResponse.item_ids and scores."""
+
+    @_builtins.property
+    def scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        item_ids: _abc.Iterable[_builtins.int] | None = ...,
+        scores: _abc.Iterable[_builtins.float] | None = ...,
+        search_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_ids", b"item_ids", "scores", b"scores", "search_us", b"search_us", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpaceResult: _TypeAlias = SpaceResult  # noqa: Y015
 
 @_typing.final
 class RetrieveResponse(_message.Message):
@@ -118,6 +197,7 @@ class RetrieveResponse(_message.Message):
     SCORES_FIELD_NUMBER: _builtins.int
     ARTIFACT_VERSION_FIELD_NUMBER: _builtins.int
     SEARCH_US_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     artifact_version: _builtins.str
     """Version of the artifact set that answered."""
     search_us: _builtins.int
@@ -132,6 +212,10 @@ class RetrieveResponse(_message.Message):
         normalised vectors), as the index computed it.
         """
 
+    @_builtins.property
+    def more(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpaceResult]:
+        """The answers to RetrieveRequest.more, in its order."""
+
     def __init__(
         self,
         *,
@@ -139,10 +223,11 @@ class RetrieveResponse(_message.Message):
         scores: _abc.Iterable[_builtins.float] | None = ...,
         artifact_version: _builtins.str = ...,
         search_us: _builtins.int = ...,
+        more: _abc.Iterable[Global___SpaceResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_version", b"artifact_version", "item_ids", b"item_ids", "scores", b"scores", "search_us", b"search_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_version", b"artifact_version", "item_ids", b"item_ids", "more", b"more", "scores", b"scores", "search_us", b"search_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
