@@ -2,6 +2,7 @@
 
     python -m benchmarks.ann [--n 1000000] [--queries 300] [--k 1000]
     python -m benchmarks.ann --artifacts A --k 1200 --name ann_learned
+    python -m benchmarks.ann --artifacts A --space text --k 100 --name ann_text_short
 
 On the seeded synthetic catalog (``sieve.synthetic``) with user vectors as
 queries (normalised mean of each user's positively rated items): exact ground
@@ -103,17 +104,32 @@ LEARNED_SETTINGS: list[tuple[str, list[str]]] = [
 where full vectors are cheap enough to scan without a re-rank stage."""
 
 
-def set_data(root: Path, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """(the set's learned item vectors, a seeded sample of its stored user vectors,
-    its version): the index the candidate service serves, on its own data."""
+TEXT_SHORT_PARAMS = [f"nprobe={n},k_factor=3" for n in (16, 32, 64, 128, 320)]
+"""With ``--artifacts --space text``: the set's own text index (not rebuilt) at
+these settings, for the text source's short list (``--k 100``)."""
+
+
+def set_data(
+    root: Path, n_queries: int, seed: int, space: str = "learned"
+) -> tuple[np.ndarray, np.ndarray, str, tuple[str, Path] | None]:
+    """(the set's item vectors of ``space``, a seeded sample of its stored user
+    vectors there, its version, and for the text space (its factory, its index
+    file)): the index the candidate service serves, on its own data."""
     from sieve import artifacts
 
     aset = artifacts.load(root)
-    emb = np.ascontiguousarray(np.load(aset.verified("item_embeddings")), np.float32)
-    with np.load(aset.verified("user_vectors")) as z:
+    names = ("item_embeddings", "user_vectors")
+    served = None
+    if space == "text":
+        names = ("text_embeddings", "text_user_vectors")
+        if aset.manifest.text_index is None:
+            raise SystemExit(f"{root}: set {aset.version} has no text index")
+        served = (aset.manifest.text_index.factory, aset.verified("text_index"))
+    emb = np.ascontiguousarray(np.load(aset.verified(names[0])), np.float32)
+    with np.load(aset.verified(names[1])) as z:
         users = z["vectors"]
     pick = np.random.default_rng(seed).permutation(len(users))[:n_queries]
-    return emb, np.ascontiguousarray(users[pick], np.float32), aset.version
+    return emb, np.ascontiguousarray(users[pick], np.float32), aset.version, served
 
 
 def prefetch(path: Path, chunk: int = 16 << 20) -> None:
@@ -200,6 +216,13 @@ def main() -> None:
         "into memory, as the candidate service does by default",
     )
     ap.add_argument("--artifacts", help="search a set's learned space instead (its vectors)")
+    ap.add_argument(
+        "--space",
+        choices=("learned", "text"),
+        default="learned",
+        help="with --artifacts: the text space searches the set's own text index "
+        "(TEXT_SHORT_PARAMS) with its stored text user vectors",
+    )
     args = ap.parse_args()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -207,9 +230,14 @@ def main() -> None:
 
     t0 = time.perf_counter()
     settings, tag = SETTINGS, f"seed{args.seed}"
+    served = None
     if args.artifacts:
-        emb, q, version = set_data(Path(args.artifacts), args.queries, args.seed)
-        args.n, settings, tag = len(emb), LEARNED_SETTINGS, f"set-{version}"
+        emb, q, version, served = set_data(
+            Path(args.artifacts), args.queries, args.seed, args.space
+        )
+        args.n, settings, tag = len(emb), LEARNED_SETTINGS, f"set-{version}-{args.space}"
+        if served is not None:
+            settings = [(served[0], TEXT_SHORT_PARAMS)]
     else:
         emb, q = data(args.n, args.queries, args.seed, cache)
     print(f"data: {emb.shape} items, {len(q)} queries ({time.perf_counter() - t0:.1f}s)")
@@ -229,7 +257,9 @@ def main() -> None:
     indexes: dict[str, faiss.Index] = {}
     for factory, _ in settings:
         path = cache / f"index-{args.n}-{tag}-{factory.replace(',', '_')}.faiss"
-        if not path.is_file():
+        if served is not None:
+            path = served[1]
+        elif not path.is_file():
             faiss.omp_set_num_threads(os.cpu_count() or 1)
             t0 = time.perf_counter()
             index = build_index(emb, factory, args.seed, args.train_size, progress=True)
@@ -287,7 +317,7 @@ def main() -> None:
         row["speedup_vs_flat_p50"] = flat_p50 / row["p50"]
     result = {
         "n": args.n,
-        "data": f"the learned space of {args.artifacts}" if args.artifacts else "synthetic",
+        "data": f"the {args.space} space of {args.artifacts}" if args.artifacts else "synthetic",
         "dim": int(emb.shape[1]),
         "k": args.k,
         "queries": len(q),

@@ -37,19 +37,29 @@ need one look-up table per query (each list adds its centroid's score, which the
 coarse search computed), and being finer they keep the recall with a shorter
 shortlist, each shortlisted row being one random read.
 At 1M x 384: recall@1000 0.956, p99 3.32 ms, 23.5x exact Flat (BENCHMARKS.md, ANN)."""
-AUTO_LARGE_COMPACT = ("IVF4096,SQfp16", "nprobe=512")
+AUTO_LARGE_SHORT = "nprobe=64,k_factor=3"
+"""AUTO_LARGE's parameters for a short list (at most SHORT_K results, as the text
+source's quota of 100): at 1M x 384, top-100, recall 0.951 at p50 0.45 ms against
+0.953 at 1.48 ms with nprobe 320 (BENCHMARKS.md, the learned retriever's funnel)."""
+SHORT_K = 200
+AUTO_LARGE_COMPACT = ("IVF4096,SQfp16", "nprobe=384")
 """The CPU default at AUTO_THRESHOLD items and more for vectors of at most
 COMPACT_DIM dimensions (the learned space): fp16 codes of the whole vector (128
 bytes at 64 dims) are scanned without a shortlist or a re-rank stage.
-At 1M x 64, top-1200: recall 0.971, p99 1.49 ms, 6.9x exact (BENCHMARKS.md, ANN)."""
+At 1M x 64, top-1200: recall 0.959, p99 1.16 ms, 8.9x exact (nprobe 512: 0.971 at
+1.49 ms; the Rank A/B at 100/s chose the cheaper one; BENCHMARKS.md, ANN)."""
 COMPACT_DIM = 128
 AUTO_THRESHOLD = 200_000
 
 
-def resolve_auto(n_items: int, factory: str, params: str, dim: int = 384) -> tuple[str, str]:
+def resolve_auto(
+    n_items: int, factory: str, params: str, dim: int = 384, k: int = 1000
+) -> tuple[str, str]:
     """Replace ``"auto"`` in the factory or the parameters by the measured defaults
-    for ``n_items`` vectors of ``dim`` dimensions."""
+    for ``n_items`` vectors of ``dim`` dimensions searched for ``k`` results."""
     large = AUTO_LARGE_COMPACT if dim <= COMPACT_DIM else AUTO_LARGE
+    if large is AUTO_LARGE and k <= SHORT_K:
+        large = (AUTO_LARGE[0], AUTO_LARGE_SHORT)
     auto_factory, auto_params = AUTO_SMALL if n_items < AUTO_THRESHOLD else large
     if factory == "auto":
         return auto_factory, auto_params if params == "auto" else params

@@ -97,7 +97,8 @@ def test_search_params_parsing_and_auto() -> None:
         parse_search_params("nprobe=0")
     assert resolve_auto(9_742, "auto", "auto") == ("Flat", "")
     assert resolve_auto(1_000_000, "auto", "auto")[0].startswith("IVF4096,PQ192")
-    assert resolve_auto(1_000_000, "auto", "auto", dim=64) == ("IVF4096,SQfp16", "nprobe=512")
+    assert resolve_auto(1_000_000, "auto", "auto", dim=64) == ("IVF4096,SQfp16", "nprobe=384")
+    assert resolve_auto(1_000_000, "auto", "auto", k=100)[1] == "nprobe=64,k_factor=3"
     assert resolve_auto(1_000_000, "HNSW32", "auto") == ("HNSW32", "")
     assert resolve_auto(5, "auto", "nprobe=3") == ("Flat", "nprobe=3")
 
