@@ -2,8 +2,8 @@
 
     Rank(user) -> user features (online store)
                -> the user tower (ONNX) over the user's last items: the learned vector
-               -> Retrieve over gRPC, two at once: the learned space (1,200) and the
-                  text space (100), seen items excluded in the search
+               -> one Retrieve over gRPC for both spaces: the learned one (1,200) and
+                  the text one (100, in ``more``), seen items excluded in the search
                -> + item-to-item neighbours of the last items (100), popular (100)
                   (the quotas of the set's manifest; these are the defaults)
                -> item features (in-process table), cross features
