@@ -215,7 +215,10 @@ def build(
         len(emb), config.index_factory, config.search_params, tower_spec.dim
     )
     text_factory, text_search = resolve_auto(
-        len(emb), config.text_index_factory, config.text_search_params, DIM,
+        len(emb),
+        config.text_index_factory,
+        config.text_search_params,
+        DIM,
         k=config.sources.text,
     )
     for params in (search, text_search):
