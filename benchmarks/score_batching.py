@@ -27,11 +27,13 @@ from typing import Any
 import numpy as np
 
 from benchmarks.harness import RESULTS, machine, percentiles, plot_on_off
+from ranker.device import onnx_cuda, providers
 from ranker.features import MODEL_FEATURES
-from ranker.scorer import OnnxScorer, providers
+from ranker.scorer import OnnxScorer
 from ranker.stages import score_batch
 from sieve import artifacts
 from sieve.batcher import MicroBatcher
+from sieve.device import decide
 
 OVERLAPPED_MAX_BATCH = 4
 """Requests per batch of the overlapped variant: 8 callers make two batches."""
@@ -188,14 +190,18 @@ def main() -> None:
     ap.add_argument(
         "--concurrent-batches", type=int, default=2, help="batches in flight, overlapped variant"
     )
+    ap.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                    help="as ranker.device: CUDA when a test session answers")  # fmt: skip
     args = ap.parse_args()
     aset = artifacts.load(Path(args.artifacts))
     m = aset.manifest.model
+    on_gpu = decide("--device", args.device, onnx_cuda, "")
     scorers = {}
     for name, role in VARIANTS.items():
         scorers[name] = OnnxScorer(
-            str(aset.verified(role)), m.input_name, m.output_name, list(m.features), args.threads
-        )
+            str(aset.verified(role)), m.input_name, m.output_name, list(m.features), args.threads,
+            providers(on_gpu),
+        )  # fmt: skip
         scorers[name].load()
     costs = model_costs(scorers)
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -211,7 +217,7 @@ def main() -> None:
     result = {
         "artifact_version": aset.version,
         "model": m.kind,
-        "providers": providers(),
+        "providers": providers(on_gpu),
         "intra_op_threads": args.threads,
         "max_wait_us": args.max_wait_us,
         "on_overlapped": {

@@ -13,8 +13,10 @@ import numpy as np
 import pandas as pd
 
 from candidate.config import CandidateConfig
+from candidate.device import faiss_gpu
 from candidate.index import CandidateIndex, gpu_count, parse_search_params, set_gpu_params, to_gpu
 from sieve import artifacts
+from sieve.device import decide
 from sieve.errors import ArtifactError, ConfigError, InvalidRequest
 from sieve.validation import echo
 
@@ -65,20 +67,18 @@ def category_masks(genres: pd.Series) -> dict[str, np.ndarray]:
 
 
 def use_gpu(config: CandidateConfig) -> bool:
-    """Whether to search on a GPU, decided once at start-up.
+    """Whether to search on a GPU, decided once at start-up: only when a test search
+    on GPU ``gpu_id`` answers what the CPU answers (``candidate.device.faiss_gpu``).
 
     Raises:
-        ConfigError: ``device`` is ``gpu`` and Faiss sees none.
+        ConfigError: ``device`` is ``gpu`` and that GPU is not usable, or
+            ``gpu_id`` names a GPU Faiss does not see.
     """
     gpus = gpu_count()
-    if config.device == "gpu" and gpus == 0:
-        raise ConfigError(
-            "candidate.device is 'gpu' but Faiss sees no GPU (faiss-cpu installed? "
-            "install the gpu extra, or set device to 'auto' or 'cpu')"
-        )
     if config.device != "cpu" and gpus > 0 and config.gpu_id >= gpus:
         raise ConfigError(f"candidate.gpu_id is {config.gpu_id}, Faiss sees {gpus} GPU(s)")
-    return config.device != "cpu" and gpus > 0
+    batching = "retrieve batching " + ("on" if config.batching == "on" else "off")
+    return decide("candidate.device", config.device, lambda: faiss_gpu(config.gpu_id), batching)
 
 
 async def load_live(config: CandidateConfig, root: Path, version: str, on_gpu: bool) -> LiveIndex:

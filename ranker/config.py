@@ -168,11 +168,16 @@ class RankerConfig(Frozen):
     """Which student to serve: FP32, or its INT8 twin (dynamic quantization; the
     tower's first layer and the output layer stay FP32).
     INT8 / FP32 NDCG@10 1.004, 0.22 vs 0.24 ms per 1000 rows (BENCHMARKS.md, Scoring)."""
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where the ranking model scores: ``auto`` takes CUDA when a test session on it
+    answers at start-up (the ``gpu`` extra on a host with an NVIDIA driver) and
+    otherwise the CPU, saying why once; ``gpu`` refuses to start without it. The
+    user tower (one row) always runs on the CPU."""
     intra_op_threads: int = Field(1, ge=1)
     """ONNX Runtime threads per call (1 is right under concurrency on a CPU)."""
     score_batching: Literal["auto", "on", "off"] = "auto"
     """Score the rows of concurrent Rank calls in one ONNX Runtime call: ``auto`` is
-    on when ONNX Runtime has the CUDA provider and off on a CPU, where one big
+    on when the model scores on CUDA (``device``) and off on a CPU, where one big
     call costs what the calls it replaces cost, so batching only adds the wait.
     One 8000-row call 1.29 ms vs 8 x 0.17 ms (BENCHMARKS.md, Scoring)."""
     score_batch_max_requests: int = Field(32, ge=1, le=1024)

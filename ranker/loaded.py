@@ -21,6 +21,7 @@ from features.definitions import ViewSpec, user_view, views
 from features.item_table import ItemTable, ReadingChild, load_item_table
 from features.reader import OnlineReader, open_reader
 from ranker.config import RankerConfig
+from ranker.device import providers
 from ranker.features import MODEL_FEATURES
 from ranker.rerank import AnyRule, item_attributes
 from ranker.scorer import OnnxScorer
@@ -112,10 +113,12 @@ async def load_set(
     config: RankerConfig,
     rules: tuple[AnyRule, ...],
     child: ReadingChild | None = None,
+    on_gpu: bool = False,
 ) -> LoadedSet:
     """Verify and load the files of ``aset`` the ranker reads, open its online store,
-    read its item table (a large one in ``child``) and warm the model up; blocking
-    work runs off the loop.
+    read its item table (a large one in ``child``) and warm the model up (on CUDA
+    with ``on_gpu``, decided once at start-up by ``ranker.device``); blocking work
+    runs off the loop.
 
     Raises:
         ArtifactError: naming the missing, corrupt or unfit file (a refused set
@@ -154,7 +157,7 @@ async def load_set(
     paths = await asyncio.to_thread(lambda: {r: aset.verified(r) for r in roles})
     scorer = OnnxScorer(
         str(paths[role]), model.input_name, model.output_name, model.features,
-        config.intra_op_threads,
+        config.intra_op_threads, providers(on_gpu),
     )  # fmt: skip
     await asyncio.to_thread(scorer.load)
     tower = UserTower(str(paths["user_tower"]), aset.manifest.retriever)

@@ -43,14 +43,16 @@ from ranker import ladder, stages
 from ranker.candidates import CandidateClient
 from ranker.config import RankerConfig
 from ranker.context import RankContext, RankQuery, RankResult
+from ranker.device import onnx_cuda
 from ranker.history import ShownHistory, open_history
 from ranker.loaded import LoadedSet, load_set, refreshed
 from ranker.rerank import item_attributes
 from ranker.resilience import Breaker, Deadlines, TtlCache
 from ranker.response_cache import CachedAnswer, ResponseCache, open_response_cache
-from ranker.scorer import OnnxScorer, providers
+from ranker.scorer import OnnxScorer
 from sieve import artifacts
 from sieve.batcher import MicroBatcher
+from sieve.device import decide
 from sieve.metrics import NONFINITE_FEATURES
 from sieve.versions import VersionHolder
 
@@ -71,8 +73,10 @@ class RankPipeline:
         self.artifacts_root = Path(artifacts_root)
         rel = self.reliability = config.reliability
         self.nonfinite_feature_values = 0  # replaced by defaults since start (a metric)
-        cuda = "CUDAExecutionProvider" in providers()
-        on = config.score_batching == "on" or (config.score_batching == "auto" and cuda)
+        on_batching = "score batching " + ("on" if config.score_batching == "on" else "off")
+        # Decided once, here: ``gpu`` without a CUDA that answers refuses to start.
+        self.on_gpu = decide("ranker.device", config.device, onnx_cuda, on_batching)
+        on = config.score_batching == "on" or (config.score_batching == "auto" and self.on_gpu)
         self.score_batcher: MicroBatcher[tuple[OnnxScorer, np.ndarray], np.ndarray] | None = (
             MicroBatcher(
                 stages.score_batch,
@@ -121,7 +125,7 @@ class RankPipeline:
 
     async def _load(self, version: str) -> LoadedSet:
         aset = artifacts.load(self.artifacts_root, version)
-        return await load_set(aset, self.config, self.rules, self._child)
+        return await load_set(aset, self.config, self.rules, self._child, self.on_gpu)
 
     async def on_cpu(self, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn(*args)`` on the request path's CPU threads (``reliability.cpu_threads``),

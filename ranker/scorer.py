@@ -6,15 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ranker.device import CPU, CUDA
 from sieve.errors import ArtifactError
-
-
-def providers() -> list[str]:
-    """CUDA first when this ONNX Runtime build has it (onnxruntime-gpu), else CPU."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
 def replace_nonfinite(x: np.ndarray, defaults: np.ndarray) -> int:
@@ -44,8 +37,10 @@ class OnnxScorer:
         output_name: str,
         features: Sequence[str],
         intra_op_threads: int,
+        providers: Sequence[str] = (CPU,),
     ) -> None:
         self.path = path
+        self.providers = list(providers)  # asked for (ranker.device.providers)
         self.input_name = input_name
         self.output_name = output_name
         self.features = list(features)
@@ -67,9 +62,15 @@ class OnnxScorer:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
-            session = ort.InferenceSession(self.path, opts, providers=providers())
+            session = ort.InferenceSession(self.path, opts, providers=self.providers)
         except Exception as e:  # ORT raises its own untyped errors for bad files
             raise ArtifactError(f"model file {self.path} is not a loadable ONNX model: {e}") from e
+        got = session.get_providers()
+        if self.providers[0] == CUDA and got[0] != CUDA:  # the probe passed, this model not
+            raise ArtifactError(
+                f"model file {self.path} did not start on CUDA (ONNX Runtime gave {got}); "
+                "the GPU passed its test at start-up, so the model's operators are the suspect"
+            )
         inputs = session.get_inputs()
         if [i.name for i in inputs] != [self.input_name]:
             raise ArtifactError(

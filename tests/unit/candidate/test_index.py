@@ -280,7 +280,8 @@ def test_device_gpu_without_a_gpu_is_refused_at_start() -> None:
     from sieve.errors import ConfigError
 
     assert use_gpu(CandidateConfig()) is False  # auto: CPU here
-    with pytest.raises(ConfigError, match="candidate.device is 'gpu' but Faiss sees no GPU"):
+    no_gpu_build = "candidate.device is 'gpu' but this Faiss build has no GPU support"
+    with pytest.raises(ConfigError, match=no_gpu_build):
         use_gpu(CandidateConfig(device="gpu"))
 
 
