@@ -5,12 +5,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sieve-installed
+# The gpu extra in its own venv (it replaces faiss-cpu and onnxruntime), no torch.
+VENV_GPU := .venv-gpu
+GPU_STAMP := $(VENV_GPU)/.sieve-installed
+GPU_WORK := .gpu-extra
 # Real MovieLens when it sits beside the checkout; otherwise quickstart downloads
 # it (and falls back to a seeded synthetic catalog when offline).
 SHARED_ML := ../shared/data/movielens/ml-latest-small
 DATA ?= $(if $(wildcard $(SHARED_ML)/ratings.csv),$(SHARED_ML),)
 
-.PHONY: demo test venv redis protos lint clean
+.PHONY: demo test venv venv-gpu test-gpu-extra redis protos lint clean
 
 venv: $(STAMP)
 
@@ -21,6 +25,23 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,offline,dev,bench,locust]'
 	touch $@
+
+venv-gpu: $(GPU_STAMP)
+
+$(GPU_STAMP): pyproject.toml constraints.txt constraints-gpu.txt
+	$(PYTHON) -m venv $(VENV_GPU)
+	$(VENV_GPU)/bin/python -m pip install -q --upgrade pip
+	$(VENV_GPU)/bin/python -m pip install -q -c constraints.txt -c constraints-gpu.txt \
+	  -e '.[gpu,dev,bench]'
+	touch $@
+
+# The gpu extra on this host, GPU or not: a set built by the cpu extra loads, both
+# services start and say where they run, benchmarks.gpu runs (tests/gpu_extra).
+test-gpu-extra: $(STAMP) $(GPU_STAMP)
+	rm -rf $(GPU_WORK) && mkdir -p $(GPU_WORK)
+	$(VENV)/bin/sieve build --synthetic 3000 --out $(GPU_WORK)/artifacts >$(GPU_WORK)/build.log
+	SIEVE_GPU_EXTRA_ARTIFACTS=$(GPU_WORK)/artifacts $(VENV_GPU)/bin/python -m pytest \
+	  --noconftest -p no:cacheprovider tests/gpu_extra $(PYTEST_ARGS)
 
 # Debian's redis-server, for the tests; the fixture starts it on a free port.
 redis:
@@ -45,4 +66,4 @@ protos: $(STAMP)
 	$(PY) -m sieve.protogen
 
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache
+	rm -rf $(VENV) $(VENV_GPU) $(GPU_WORK) artifacts .pytest_cache
