@@ -2,6 +2,7 @@
 with cross-request batching, and the latency budget at GPU rates.
 
     python -m benchmarks.gpu                                  # on a GPU host, 1M items
+    python -m benchmarks.gpu --vectors 1000000 --skip-latency # a GPU host, no set: minutes
     python -m benchmarks.gpu --artifacts DIR --quick --out DIR  # any host, CI-sized
 
 Run with the gpu extra installed (``make venv-gpu``; ``.venv-gpu/bin/python -m
@@ -25,6 +26,12 @@ Parts, each in ``gpu.json`` under ``--out`` (default ``benchmarks/results``):
    Rank/s) with the ladder on, its set of ``--items`` built once in ``--work``
    (Redis online store; needs redis-server and the offline extra for the build).
 
+``--vectors N`` measures the search parts on N generated unit vectors of the
+learned space's dimension (64 topic centres, items and queries near them; the IVF
+index built here with the learned space's default) instead of a set, and skips
+scoring and the latency part: the exact-search figures at 1M in the minutes a
+lent GPU machine gives, without the 40-minute 1M build.
+
 Targets, one summary line each: exact recall 1.0; Rank p99 <= 15 ms at >= 1000
 Rank/s at 1M items.
 """
@@ -47,7 +54,14 @@ import numpy as np
 from benchmarks.ann import recall, set_data, time_queries
 from benchmarks.harness import RESULTS, ROOT, machine, percentiles, pyplot
 from candidate.device import faiss_gpu
-from candidate.index import parse_search_params, search_parameters, set_gpu_params, to_gpu
+from candidate.index import (
+    build_index,
+    parse_search_params,
+    resolve_auto,
+    search_parameters,
+    set_gpu_params,
+    to_gpu,
+)
 from ranker.device import onnx_cuda, providers
 from sieve import artifacts
 from sieve.device import Probe
@@ -96,11 +110,29 @@ def mean_recall(emb: np.ndarray, q: np.ndarray, ids: np.ndarray, kth: np.ndarray
     return float(np.mean([recall(emb, q[i], ids[i], float(kth[i])) for i in range(len(q))]))
 
 
+def generated(n: int, n_queries: int, dim: int = 64, topics: int = 64) -> tuple[np.ndarray, ...]:
+    """(n item vectors, n_queries query vectors), unit length, each near one of
+    ``topics`` seeded centres: a stand-in for a set's learned space."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((topics, dim)).astype(np.float32)
+
+    def near(m: int) -> np.ndarray:
+        x = centres[rng.integers(0, topics, m)] + 0.8 * rng.standard_normal((m, dim))
+        x = x.astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    return near(n), near(n_queries)
+
+
 def ann_parts(
-    root: Path, n_queries: int, k: int, gpu: Probe
+    root: Path | None, n_queries: int, k: int, gpu: Probe, vectors: int = 0
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(exact, ivf_clone) on the set's learned space."""
-    emb, q, _, _ = set_data(root, n_queries, seed=0)
+    """(exact, ivf_clone) on the set's learned space, or on ``vectors`` generated
+    vectors when there is no set."""
+    if root is not None:
+        emb, q, _, _ = set_data(root, n_queries, seed=0)
+    else:
+        emb, q = generated(vectors, n_queries)
     k = min(k, len(emb))
     cpu = faiss.IndexFlatIP(emb.shape[1])
     cpu.add(emb)
@@ -108,15 +140,19 @@ def ann_parts(
     kth = truth[:, -1]
     exact: dict[str, Any] = {"items": len(emb), "dim": emb.shape[1], "k": k, "queries": len(q),
                              "cpu": timings(cpu, q, k)}  # fmt: skip
-    aset = artifacts.load(root)
-    m = aset.manifest.index
-    cpu_ivf = faiss.read_index(str(aset.verified("index")))
-    params = parse_search_params(m.search_params)
+    if root is not None:
+        m = artifacts.load(root).manifest.index
+        factory, spec = m.factory, m.search_params
+        cpu_ivf = faiss.read_index(str(artifacts.load(root).verified("index")))
+    else:
+        factory, spec = resolve_auto(len(emb), "auto", "auto", emb.shape[1], k)
+        cpu_ivf = build_index(emb, factory)
+    params = parse_search_params(spec)
     sp = search_parameters(cpu_ivf, params, k, None)
     _, cpu_ids = cpu_ivf.search(q, k, params=sp)
     clone: dict[str, Any] = {
-        "factory": m.factory,
-        "search_params": m.search_params,
+        "factory": factory,
+        "search_params": spec,
         "cpu": {"recall": mean_recall(emb, q, cpu_ids, kth), **timings(cpu_ivf, q, k, sp)},
     }
     if not gpu.usable:
@@ -128,7 +164,7 @@ def ann_parts(
     try:
         ivf = to_gpu(cpu_ivf, None)
     except Exception as e:  # noqa: BLE001 - an index type Faiss cannot clone is a result
-        clone["gpu"] = {"skipped": f"Faiss cannot clone {m.factory} to the GPU: {e}"}
+        clone["gpu"] = {"skipped": f"Faiss cannot clone {factory} to the GPU: {e}"}
         return exact, clone
     set_gpu_params(ivf.index, params)
     _, ids = ivf.index.search(q, k)
@@ -263,6 +299,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000, help="scoring: requests per level")
     ap.add_argument("--rates", default="200,500,1000")
     ap.add_argument("--step-s", type=float, default=20.0)
+    ap.add_argument("--vectors", type=int, default=0,
+                    help="search parts on this many generated vectors, no set")  # fmt: skip
+    ap.add_argument("--skip-latency", action="store_true", help="no latency part")
     ap.add_argument("--quick", action="store_true", help="CI's size: 64 queries, 200 requests")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
@@ -277,25 +316,28 @@ def main() -> None:
     print(f"ONNX Runtime CUDA: {'yes' if cuda.usable else 'no'} ({cuda.detail})")
     if not (gpu.usable and cuda.usable):
         latency = skipped(cuda if gpu.usable else gpu)
-    elif args.artifacts:
-        latency = {"skipped": "--artifacts given: the latency part builds and serves its own "
-                              "set in --work"}  # fmt: skip
+    elif args.skip_latency or args.vectors or args.artifacts:
+        latency = {"skipped": "asked not to (--skip-latency, --vectors or --artifacts: the "
+                              "latency part builds and serves its own set in --work)"}  # fmt: skip
     else:
         latency = latency_part(args, out)
-    root = Path(args.artifacts) if args.artifacts else args.work / "artifacts"
-    if not (root / artifacts.CURRENT).exists():
-        raise SystemExit(f"no artifact set in {root}: pass --artifacts (any host) or run on a "
-                         "GPU host, where the latency part builds one")  # fmt: skip
-    exact, clone = ann_parts(root, args.queries, args.k, gpu)
+    root: Path | None = None
+    if not args.vectors:
+        root = Path(args.artifacts) if args.artifacts else args.work / "artifacts"
+        if not (root / artifacts.CURRENT).exists():
+            raise SystemExit(f"no artifact set in {root}: pass --artifacts or --vectors N, or "
+                             "run on a GPU host, where the latency part builds one")  # fmt: skip
+    exact, clone = ann_parts(root, args.queries, args.k, gpu, args.vectors)
+    no_set = {"skipped": "--vectors: no set, no model to score"}
     result: dict[str, Any] = {
         "machine": machine(),
         "gpu": nvidia_smi(),
         "probes": {"faiss": vars(gpu), "onnxruntime": vars(cuda)},
         "versions": {"faiss": faiss.__version__},
-        "artifact_version": artifacts.load(root).version,
+        "artifact_version": artifacts.load(root).version if root else None,
         "exact": exact,
         "ivf_clone": clone,
-        "scoring": scoring_part(root, cuda, args.requests),
+        "scoring": scoring_part(root, cuda, args.requests) if root else no_set,
         "latency": latency,
     }
     result["summary"] = summary(result)

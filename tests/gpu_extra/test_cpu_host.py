@@ -179,3 +179,15 @@ def test_benchmarks_gpu_runs_and_marks_the_gpu_parts_skipped(tmp_path: Path) -> 
         assert result["summary"][0].startswith("exact GPU recall 1.0: SKIPPED (no usable GPU")
     else:
         assert result["exact"]["gpu"]["recall"] == pytest.approx(1.0)
+
+
+def test_benchmarks_gpu_on_generated_vectors_needs_no_set(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "benchmarks.gpu", "--vectors", "20000", "--quick",
+           "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["exact"]["items"] == 20000 and result["exact"]["dim"] == 64
+    assert result["ivf_clone"]["cpu"]["recall"] > 0.9  # the learned space's default index
+    assert result["scoring"]["skipped"].startswith("--vectors")
+    assert result["artifact_version"] is None
