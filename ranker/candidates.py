@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -16,6 +17,9 @@ from ranker.config import RankerConfig
 from ranker.resilience import Breaker
 
 log = logging.getLogger(__name__)
+LATE_NOTICE_S = 0.002
+"""A deadline noticed this much (or a fifth of the timeout) after it passed: the
+ranker's event loop was busy, not the candidate service slow."""
 
 
 def channel_options(retries: int) -> list[tuple[str, object]]:
@@ -90,6 +94,7 @@ class CandidateClient:
             return None, f"{what}: candidate breaker open"
         if timeout_s <= 0:
             return None, f"{what}: no time left for retrieval"
+        sent = time.perf_counter()
         try:
             resp = await self._stub.Retrieve(
                 sieve_pb2.RetrieveRequest(
@@ -112,6 +117,11 @@ class CandidateClient:
                 "Retrieve (%s) failed: %s %s", source or "learned", e.code().name, e.details()
             )
             why = e.code().name
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._own_fault(
+                timeout_s, time.perf_counter() - sent
+            ):
+                breaker.inconclusive()
+                return None, f"{what}: {why} (given {timeout_s * 1e3:.1f} ms)"
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 # e.g. the candidate service restarted and no longer holds our
                 # version: the service answers, so the breaker stays as it is
@@ -121,6 +131,15 @@ class CandidateClient:
             return None, f"{what}: {why}"
         breaker.success()
         return resp, ""
+
+    def _own_fault(self, timeout_s: float, took_s: float) -> bool:
+        """Whether a Retrieve past its deadline says more about this process than about
+        the candidate service: it was given less than the stage's own budget (this
+        request's queueing used the rest), or its deadline was noticed late (this
+        event loop was too busy to notice it in time, so it was too busy to read an
+        answer in time too). Such a call neither opens nor closes the breaker."""
+        fair_s = self.config.reliability.budget_ms.retrieve / 1e3
+        return timeout_s < fair_s or took_s - timeout_s > max(LATE_NOTICE_S, 0.2 * timeout_s)
 
     async def holds(self, version: str, dim: int) -> bool:
         """Whether the candidate service answers a Retrieve pinned to ``version``

@@ -98,6 +98,12 @@ class ReliabilityConfig(Frozen):
     max_in_flight: int = Field(32, ge=1)
     """Rank calls being served at once; past it Rank answers RESOURCE_EXHAUSTED at
     once, so the accepted ones keep their latency."""
+    adaptive_in_flight: bool = True
+    """Learn the in-flight bound from the answers, between ``min_in_flight`` and
+    ``max_in_flight`` (``ranker.resilience.InFlightLimit``): an answer that ran out
+    of time lowers it, timely ones raise it. Off: always ``max_in_flight``."""
+    min_in_flight: int = Field(2, ge=1)
+    """The adaptive bound never goes below this."""
     max_accepted: int | None = Field(None, ge=2)
     """RPCs gRPC holds at once, those still waiting for the event loop included
     (health checks count too); past it gRPC's own limiter answers

@@ -60,6 +60,8 @@ class RankResult:
     answer came from the response cache."""
     dropped: list[tuple[int, str, str, float]] = field(default_factory=list)
     """debug: (item id, rule, reason, model score)."""
+    out_of_time: bool = False
+    """A stage gave up work for lack of time (``RankContext.out_of_time``)."""
 
 
 class RankContext:
@@ -85,6 +87,11 @@ class RankContext:
         self.marks: list[tuple[str, int]] = []
         self.rungs: list[str] = []
         self.degradations: list[str] = []
+        self.out_of_time = False
+        """Set by a stage that gave up work because this request's time ran out
+        (fewer candidates, no scoring, a Retrieve given less than its own budget),
+        not because a dependency failed: the ranker's in-flight limit reacts to it
+        (``ranker/service.py``)."""
 
     @property
     def full_quality(self) -> bool:
@@ -139,4 +146,5 @@ class RankContext:
         """Close the last ``stage`` and stamp ``result`` with every stage's time."""
         self.mark(stage)
         result.timings = self.timings()
+        result.out_of_time = self.out_of_time
         return result

@@ -242,6 +242,8 @@ class RankPipeline:
         )
         ctx.mark("retrieve")
         if resp is None:
+            # given less than the stage's own budget: this request's time ran out
+            ctx.out_of_time |= left < rel.budget_ms.retrieve / 1e3
             ctx.note(failed)
             return await ladder.fallback(state, ctx, self.response_cache)
         text = None

@@ -112,11 +112,62 @@ class Breaker:
         self._failed = 0
         self._set(CLOSED)
 
+    def inconclusive(self) -> None:
+        """The call says nothing about the dependency: it was given less time than
+        its own budget (the caller's queueing used the rest). Neither a failure nor
+        a success; a half-open probe that ends so lets the next call probe at once."""
+        if self.state == HALF_OPEN:
+            self._since = self._clock() - self.open_s
+
     def failure(self) -> None:
         self._failed += 1
         if self.state == HALF_OPEN or self._failed >= self.failures:
             self._since = self._clock()
             self._set(OPEN)
+
+
+class InFlightLimit:
+    """How many Rank calls to serve at once, learned from the answers (AIMD, the
+    shape of TCP's congestion window and Netflix's concurrency-limits).
+
+    An answer that ran out of time (``RankResult.out_of_time``: the ranker's own
+    queueing ate a stage's budget) with more than ``min_limit`` calls in flight
+    cuts the limit to ``backoff`` x the calls in flight then, at most once per
+    ``window_s`` (one burst of late answers is one signal); each timely answer adds ``1 / limit``, so a limit that fits grows by
+    about one call per ``limit`` answers, up to ``max_limit``. Calls past the limit
+    are shed at once: under overload the admitted calls keep their time (and full
+    quality) and a healthy dependency is never blamed for the ranker's queue.
+    """
+
+    def __init__(
+        self,
+        min_limit: int,
+        max_limit: int,
+        backoff: float = 0.8,
+        window_s: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.min_limit, self.max_limit = min_limit, max_limit
+        self.backoff, self.window_s, self._clock = backoff, window_s, clock
+        self.value = float(max_limit)
+        self._cut_at = -float("inf")
+
+    @property
+    def limit(self) -> int:
+        return int(self.value)
+
+    def answered(self, out_of_time: bool, in_flight: int) -> None:
+        """Record one answer; ``in_flight``: calls being served as it finished (itself
+        included)."""
+        if not out_of_time:
+            self.value = min(float(self.max_limit), self.value + 1.0 / self.value)
+            return
+        if in_flight <= self.min_limit:
+            return  # late with next to nothing in flight: not a concurrency problem
+        now = self._clock()
+        if now - self._cut_at >= self.window_s:
+            self._cut_at = now
+            self.value = max(float(self.min_limit), min(self.value, in_flight) * self.backoff)
 
 
 K = TypeVar("K")

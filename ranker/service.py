@@ -12,10 +12,11 @@ from ranker.config import RankerConfig
 from ranker.context import parse_rank
 from ranker.ladder import RUNGS
 from ranker.pipeline import RankPipeline
+from ranker.resilience import InFlightLimit
 from ranker.sources import source_names
 from sieve.errors import InvalidRequest, Overloaded, grpc_errors
 from sieve.grpc_server import Server, add_servicer
-from sieve.metrics import IN_FLIGHT, RANK_ANSWERS, RANK_RUNGS, serve_metrics
+from sieve.metrics import IN_FLIGHT, IN_FLIGHT_LIMIT, RANK_ANSWERS, RANK_RUNGS, serve_metrics
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = sieve_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
@@ -27,19 +28,25 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
     def __init__(self, config: RankerConfig, pipeline: RankPipeline) -> None:
         self.config = config
         self.pipeline = pipeline
-        self.max_in_flight = config.reliability.max_in_flight
+        rel = config.reliability
+        self.max_in_flight = rel.max_in_flight
+        self.limit = InFlightLimit(min(rel.min_in_flight, rel.max_in_flight), rel.max_in_flight)
+        self.adaptive = rel.adaptive_in_flight
+        IN_FLIGHT_LIMIT.set(self.max_in_flight)
         self.in_flight = 0
 
     @grpc_errors
     async def Rank(
         self, request: sieve_pb2.RankRequest, context: grpc.aio.ServicerContext
     ) -> sieve_pb2.RankResponse:
-        if self.in_flight >= self.max_in_flight:
+        limit = self.limit.limit if self.adaptive else self.max_in_flight
+        if self.in_flight >= limit:
             # Shed at once, before any work: the accepted calls keep their latency.
             RANK_ANSWERS.labels("shed").inc()
             raise Overloaded(
-                f"the ranker is serving {self.in_flight} Rank calls, its limit "
-                "(ranker.reliability.max_in_flight); retry with backoff"
+                f"the ranker is serving {self.in_flight} Rank calls, its limit now {limit} "
+                f"(ranker.reliability.max_in_flight {self.max_in_flight}, adaptive_in_flight "
+                f"{self.adaptive}); retry with backoff"
             )
         self.in_flight += 1
         IN_FLIGHT.inc()
@@ -54,8 +61,12 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
             RANK_ANSWERS.labels("error").inc()
             raise
         finally:
+            in_flight = self.in_flight
             self.in_flight -= 1
             IN_FLIGHT.dec()
+        if self.adaptive:
+            self.limit.answered(result.out_of_time, in_flight)
+            IN_FLIGHT_LIMIT.set(self.limit.limit)
         RANK_ANSWERS.labels("degraded" if result.rungs or result.degradations else "full").inc()
         for rung in result.rungs:
             RANK_RUNGS.labels(rung).inc()

@@ -134,6 +134,7 @@ def candidate_rows(
     left = ctx.deadlines.left("score")
     if ladder.fewer_candidates(left, rel, len(cand.ids)):
         n_keep = rel.degraded_candidates
+        ctx.out_of_time = True
         keep = np.sort(np.argsort(-(vectors @ vector), kind="stable")[:n_keep])
         ctx.take(
             "fewer_candidates",
@@ -176,6 +177,7 @@ def score_here(
     """Model scores of the rows ``x`` by a model call on this thread, or None (the
     ``ann_order`` rung, recorded in ``ctx``): no time to score, or the model failed."""
     why = ladder.no_time_to_score(ctx.deadlines.left("score"), rel)
+    ctx.out_of_time |= bool(why)
     if not why:
         try:
             return state.scorer.score(x)
@@ -197,10 +199,16 @@ async def score_batched(
     out."""
     left = ctx.deadlines.left("score")
     why = ladder.no_time_to_score(left, rel)
+    ctx.out_of_time |= bool(why)
     if not why:
         try:
             async with asyncio.timeout(left):
                 return await batcher.submit((state.scorer, x))
+        except TimeoutError:
+            why, ctx.out_of_time = (
+                f"ann_order: {left * 1e3:.1f} ms left to score, spent waiting",
+                True,
+            )
         except Exception as e:  # noqa: BLE001 - ANN order beats a failed Rank
             why = ladder.scoring_failed(e)
     ctx.take("ann_order", why)

@@ -20,6 +20,9 @@ RANK_RUNGS = Counter(
     "sieve_rank_rungs", "Rank answers that took each rung of the degradation ladder", ["rung"]
 )
 IN_FLIGHT = Gauge("sieve_rank_in_flight", "Rank calls being served")
+IN_FLIGHT_LIMIT = Gauge(
+    "sieve_rank_in_flight_limit", "Rank calls the ranker serves at once now (past it: shed)"
+)
 BREAKER_STATE = Gauge(
     "sieve_breaker_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open", ["dependency"]
 )

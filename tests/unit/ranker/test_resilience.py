@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from ranker.config import BreakerConfig, StageBudgetMs
-from ranker.resilience import CLOSED, HALF_OPEN, OPEN, Breaker, Deadlines, TtlCache
+from ranker.resilience import (
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    Breaker,
+    Deadlines,
+    InFlightLimit,
+    TtlCache,
+)
 from ranker.response_cache import CachedAnswer, MemoryResponseCache, decode, encode
 
 
@@ -120,3 +128,45 @@ async def test_memory_response_cache_keys_by_version() -> None:
     assert await cache.get("v2", 7) is None
     got = await cache.get("v1", 7)
     assert got is not None and len(got.ids) == 3
+
+
+def test_an_inconclusive_call_neither_opens_nor_closes_the_breaker() -> None:
+    now = [0.0]
+    b = Breaker("candidate", BreakerConfig(failures=2, open_s=1.0), clock=lambda: now[0])
+    b.failure()
+    for _ in range(10):  # given too little time: says nothing about the dependency
+        b.inconclusive()
+    assert b.state == CLOSED
+    b.failure()
+    assert b.state == OPEN
+    now[0] = 1.5
+    assert b.allow() and b.state == HALF_OPEN  # the probe goes out ...
+    b.inconclusive()  # ... and runs out of the caller's time
+    assert b.state == HALF_OPEN and b.allow()  # so the next call probes at once
+    b.success()
+    assert b.state == CLOSED
+
+
+def test_in_flight_limit_cuts_on_late_answers_once_a_window_and_grows_back() -> None:
+    now = [0.0]
+    limit = InFlightLimit(4, 32, backoff=0.8, window_s=0.05, clock=lambda: now[0])
+    assert limit.limit == 32
+    limit.answered(out_of_time=True, in_flight=4)  # late alone: a hiccup, not the queue
+    assert limit.limit == 32
+    now[0] += 0.1
+    limit.answered(out_of_time=True, in_flight=20)
+    assert limit.limit == 16  # 0.8 x the calls in flight then
+    limit.answered(out_of_time=True, in_flight=16)  # the same burst: one signal
+    assert limit.limit == 16
+    for _ in range(50):
+        now[0] += 0.1
+        limit.answered(out_of_time=True, in_flight=30)
+    assert limit.limit == 4  # never under the floor
+    timely = 0
+    while limit.limit < 8:
+        limit.answered(out_of_time=False, in_flight=3)
+        timely += 1
+    assert 16 <= timely <= 30  # about one call more per `limit` timely answers
+    for _ in range(10_000):
+        limit.answered(out_of_time=False, in_flight=3)
+    assert limit.limit == 32  # never over max_in_flight
