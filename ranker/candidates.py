@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 import numpy as np
@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 LATE_NOTICE_S = 0.002
 """A deadline noticed this much (or a fifth of the timeout) after it passed: the
 ranker's event loop was busy, not the candidate service slow."""
+FAIR_ALONGSIDE = 4
+"""A Retrieve sent while more of this ranker's own were out waits behind them at a
+candidate service with a few search threads: its deadline is ours to answer for."""
 
 
 def channel_options(retries: int) -> list[tuple[str, object]]:
@@ -53,8 +56,10 @@ class CandidateClient:
     Constructed with the config; ``start()`` opens the channel, ``close()`` closes it.
     """
 
-    def __init__(self, config: RankerConfig) -> None:
+    def __init__(self, config: RankerConfig, congested: Callable[[], bool] = lambda: False) -> None:
         self.config = config
+        self._congested = congested
+        self.in_flight = 0  # Retrieves this ranker has out now
         rel = config.reliability
         self.breaker = Breaker.reported("candidate", rel.breaker)
         self._channel: grpc.aio.Channel | None = None
@@ -94,7 +99,8 @@ class CandidateClient:
             return None, f"{what}: candidate breaker open"
         if timeout_s <= 0:
             return None, f"{what}: no time left for retrieval"
-        sent = time.perf_counter()
+        sent, alongside = time.perf_counter(), self.in_flight
+        self.in_flight += 1
         try:
             resp = await self._stub.Retrieve(
                 sieve_pb2.RetrieveRequest(
@@ -118,7 +124,7 @@ class CandidateClient:
             )
             why = e.code().name
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._own_fault(
-                timeout_s, time.perf_counter() - sent
+                timeout_s, time.perf_counter() - sent, alongside
             ):
                 breaker.inconclusive()
                 return None, f"{what}: {why} (given {timeout_s * 1e3:.1f} ms)"
@@ -129,17 +135,23 @@ class CandidateClient:
                 return None, f"{what}: {why} ({e.details()})"
             breaker.failure()
             return None, f"{what}: {why}"
+        finally:
+            self.in_flight -= 1
         breaker.success()
         return resp, ""
 
-    def _own_fault(self, timeout_s: float, took_s: float) -> bool:
+    def _own_fault(self, timeout_s: float, took_s: float, alongside: int) -> bool:
         """Whether a Retrieve past its deadline says more about this process than about
         the candidate service: it was given less than the stage's own budget (this
         request's queueing used the rest), or its deadline was noticed late (this
         event loop was too busy to notice it in time, so it was too busy to read an
-        answer in time too). Such a call neither opens nor closes the breaker."""
+        answer in time too), it went out behind more than ``FAIR_ALONGSIDE`` of this
+        ranker's own Retrieves (queued behind our own burst), or most of this
+        ranker's recent answers ran out of time (it is congested). Such a call
+        neither opens nor closes the breaker."""
         fair_s = self.config.reliability.budget_ms.retrieve / 1e3
-        return timeout_s < fair_s or took_s - timeout_s > max(LATE_NOTICE_S, 0.2 * timeout_s)
+        late = took_s - timeout_s > max(LATE_NOTICE_S, 0.2 * timeout_s)
+        return timeout_s < fair_s or late or alongside > FAIR_ALONGSIDE or self._congested()
 
     async def holds(self, version: str, dim: int) -> bool:
         """Whether the candidate service answers a Retrieve pinned to ``version``

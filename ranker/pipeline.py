@@ -47,7 +47,7 @@ from ranker.device import onnx_cuda
 from ranker.history import ShownHistory, open_history
 from ranker.loaded import LoadedSet, load_set, refreshed
 from ranker.rerank import item_attributes
-from ranker.resilience import Breaker, Deadlines, TtlCache
+from ranker.resilience import Breaker, Deadlines, InFlightLimit, TtlCache
 from ranker.response_cache import CachedAnswer, ResponseCache, open_response_cache
 from ranker.scorer import OnnxScorer
 from sieve import artifacts
@@ -96,7 +96,11 @@ class RankPipeline:
             if any(r.name == "fatigue" for r in self.rules)
             else None
         )
-        self.candidates = CandidateClient(config)
+        # Learned from the answers by the service (ranker/service.py): the bound on
+        # calls in flight, and whether this ranker is congested (then a Retrieve
+        # past its deadline says nothing about the candidate service).
+        self.limit = InFlightLimit(min(rel.min_in_flight, rel.max_in_flight), rel.max_in_flight)
+        self.candidates = CandidateClient(config, congested=lambda: self.limit.congested)
         self.store_breaker = Breaker.reported("online_store", rel.breaker)
         # Users' last read features, served when the online store fails.
         self.user_cache: TtlCache[int, FeatureFrame] = TtlCache(

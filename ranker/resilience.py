@@ -126,15 +126,24 @@ class Breaker:
             self._set(OPEN)
 
 
+LATE_WEIGHT = 0.1
+"""Weight of the newest answer in ``InFlightLimit.late_share``."""
+CONGESTED = 0.5
+"""``InFlightLimit.congested`` from this share of late answers on."""
+
+
 class InFlightLimit:
     """How many Rank calls to serve at once, learned from the answers (AIMD, the
     shape of TCP's congestion window and Netflix's concurrency-limits).
 
     An answer that ran out of time (``RankResult.out_of_time``: the ranker's own
-    queueing ate a stage's budget) with more than ``min_limit`` calls in flight
-    cuts the limit to ``backoff`` x the calls in flight then, at most once per
-    ``window_s`` (one burst of late answers is one signal); each timely answer adds ``1 / limit``, so a limit that fits grows by
-    about one call per ``limit`` answers, up to ``max_limit``. Calls past the limit
+    queueing ate a stage's budget), while more than ``late_above`` of the recent
+    answers did (an EWMA over about the last ``1 / LATE_WEIGHT``) and more than
+    ``min_limit`` calls are in flight, cuts the limit to ``backoff`` x the calls in
+    flight then, at most once per ``window_s`` (one burst of late answers is one
+    signal). Each timely
+    answer adds ``1 / limit``, so a limit that fits grows by about one call per
+    ``limit`` answers, up to ``max_limit``. Calls past the limit
     are shed at once: under overload the admitted calls keep their time (and full
     quality) and a healthy dependency is never blamed for the ranker's queue.
     """
@@ -145,25 +154,36 @@ class InFlightLimit:
         max_limit: int,
         backoff: float = 0.8,
         window_s: float = 0.05,
+        late_above: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.min_limit, self.max_limit = min_limit, max_limit
         self.backoff, self.window_s, self._clock = backoff, window_s, clock
         self.value = float(max_limit)
+        self.late_above = late_above
+        self.late_share = 0.0  # of recent answers that ran out of time (EWMA)
         self._cut_at = -float("inf")
 
     @property
     def limit(self) -> int:
         return int(self.value)
 
+    @property
+    def congested(self) -> bool:
+        """Most recent answers ran out of time: this ranker is past what it can serve
+        in time (``CONGESTED`` of them), so a dependency's missed deadline is likely
+        its own queue's doing."""
+        return self.late_share >= CONGESTED
+
     def answered(self, out_of_time: bool, in_flight: int) -> None:
         """Record one answer; ``in_flight``: calls being served as it finished (itself
         included)."""
+        self.late_share += LATE_WEIGHT * (float(out_of_time) - self.late_share)
         if not out_of_time:
             self.value = min(float(self.max_limit), self.value + 1.0 / self.value)
             return
-        if in_flight <= self.min_limit:
-            return  # late with next to nothing in flight: not a concurrency problem
+        if in_flight <= self.min_limit or self.late_share < self.late_above:
+            return  # a hiccup, or the late tail of a load the box serves: not congestion
         now = self._clock()
         if now - self._cut_at >= self.window_s:
             self._cut_at = now

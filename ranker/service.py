@@ -12,7 +12,6 @@ from ranker.config import RankerConfig
 from ranker.context import parse_rank
 from ranker.ladder import RUNGS
 from ranker.pipeline import RankPipeline
-from ranker.resilience import InFlightLimit
 from ranker.sources import source_names
 from sieve.errors import InvalidRequest, Overloaded, grpc_errors
 from sieve.grpc_server import Server, add_servicer
@@ -30,7 +29,7 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
         self.pipeline = pipeline
         rel = config.reliability
         self.max_in_flight = rel.max_in_flight
-        self.limit = InFlightLimit(min(rel.min_in_flight, rel.max_in_flight), rel.max_in_flight)
+        self.limit = pipeline.limit
         self.adaptive = rel.adaptive_in_flight
         IN_FLIGHT_LIMIT.set(self.max_in_flight)
         self.in_flight = 0
@@ -64,8 +63,8 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
             in_flight = self.in_flight
             self.in_flight -= 1
             IN_FLIGHT.dec()
+        self.limit.answered(result.out_of_time, in_flight)  # congestion, even when fixed
         if self.adaptive:
-            self.limit.answered(result.out_of_time, in_flight)
             IN_FLIGHT_LIMIT.set(self.limit.limit)
         RANK_ANSWERS.labels("degraded" if result.rungs or result.degradations else "full").inc()
         for rung in result.rungs:

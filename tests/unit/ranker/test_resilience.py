@@ -151,8 +151,14 @@ def test_in_flight_limit_cuts_on_late_answers_once_a_window_and_grows_back() -> 
     now = [0.0]
     limit = InFlightLimit(4, 32, backoff=0.8, window_s=0.05, clock=lambda: now[0])
     assert limit.limit == 32
-    limit.answered(out_of_time=True, in_flight=4)  # late alone: a hiccup, not the queue
+    for n in range(200):  # a late tail, one answer in ten: a load the box serves
+        now[0] += 0.1
+        limit.answered(out_of_time=n % 10 == 0, in_flight=12)
     assert limit.limit == 32
+    for _ in range(20):  # then most answers late: congestion ...
+        limit.answered(out_of_time=True, in_flight=4)
+    assert limit.late_share > 0.8 and limit.congested
+    assert limit.limit == 32  # ... but with next to nothing in flight: not the queue
     now[0] += 0.1
     limit.answered(out_of_time=True, in_flight=20)
     assert limit.limit == 16  # 0.8 x the calls in flight then
