@@ -19,7 +19,9 @@ def faiss_gpu(gpu_id: int = 0) -> Probe:
     and an exact top-4 over 256 vectors on it matches ``IndexFlatIP`` on the CPU.
     Probed once per process and id."""
     if not hasattr(faiss, "StandardGpuResources"):
-        return Probe(False, "this Faiss build has no GPU support (faiss-cpu, the cpu extra)")
+        return Probe(
+            False, "this Faiss build has no GPU support (faiss-cpu, the cpu extra)", gpu_build=False
+        )
     n = int(faiss.get_num_gpus())
     if n == 0:
         return Probe(False, f"Faiss sees no GPU (no NVIDIA device or driver; {CUDA_DRIVER_HINT})")

@@ -47,7 +47,9 @@ def onnx_cuda() -> Probe:
 
     if CUDA not in ort.get_available_providers():
         return Probe(
-            False, "this ONNX Runtime build has no CUDA provider (onnxruntime, the cpu extra)"
+            False,
+            "this ONNX Runtime build has no CUDA provider (onnxruntime, the cpu extra)",
+            gpu_build=False,
         )
     try:
         ctypes.CDLL("libcuda.so.1")

@@ -31,6 +31,10 @@ class Probe:
 
     usable: bool
     detail: str
+    gpu_build: bool = True
+    """The GPU build of the library is installed (the gpu extra): when it is and the
+    device is still not usable, the fallback is a warning; with the cpu extra it is
+    the expected path and only said at info level."""
 
 
 def decide(key: str, asked: Device, probe: Callable[[], Probe], cpu_defaults: str) -> bool:
@@ -58,5 +62,11 @@ def decide(key: str, asked: Device, probe: Callable[[], Probe], cpu_defaults: st
             f"{key} is 'gpu' but {found.detail}; run on a host with an NVIDIA GPU and the "
             "gpu extra, or set it to 'auto' or 'cpu'"
         )
-    log.warning("%s = 'auto': on the CPU, no usable GPU (%s); %s", key, found.detail, cpu_defaults)
+    log.log(
+        logging.WARNING if found.gpu_build else logging.INFO,
+        "%s = 'auto': on the CPU, no usable GPU (%s); %s",
+        key,
+        found.detail,
+        cpu_defaults,
+    )
     return False

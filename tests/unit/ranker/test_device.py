@@ -82,7 +82,12 @@ def test_decide_auto_falls_back_saying_why_and_what_changes(
         "candidate.device = 'auto': on the CPU, no usable GPU (Faiss sees no GPU); batching off",
         "candidate.device = 'auto': on the GPU (GPU 0 of 1)",
     ]
-    assert caplog.records[0].levelno == logging.WARNING
+    assert caplog.records[0].levelno == logging.WARNING  # a GPU build that cannot run
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sieve.device"):
+        cpu_extra = Probe(False, "this Faiss build has no GPU support", gpu_build=False)
+        assert decide("candidate.device", "auto", lambda: cpu_extra, "batching off") is False
+    assert caplog.records[0].levelno == logging.INFO  # the cpu extra: the expected path
 
 
 @pytest.mark.skipif(not _no_cuda_provider(), reason="onnxruntime-gpu here: tests/gpu_extra")
