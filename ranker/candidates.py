@@ -14,6 +14,7 @@ import numpy as np
 
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from ranker.config import RankerConfig
+from ranker.ladder import retrieve_starved
 from ranker.resilience import Breaker
 
 log = logging.getLogger(__name__)
@@ -149,9 +150,9 @@ class CandidateClient:
         ranker's own Retrieves (queued behind our own burst), or most of this
         ranker's recent answers ran out of time (it is congested). Such a call
         neither opens nor closes the breaker."""
-        fair_s = self.config.reliability.budget_ms.retrieve / 1e3
+        starved = retrieve_starved(timeout_s, self.config.reliability)
         late = took_s - timeout_s > max(LATE_NOTICE_S, 0.2 * timeout_s)
-        return timeout_s < fair_s or late or alongside > FAIR_ALONGSIDE or self._congested()
+        return starved or late or alongside > FAIR_ALONGSIDE or self._congested()
 
     async def holds(self, version: str, dim: int) -> bool:
         """Whether the candidate service answers a Retrieve pinned to ``version``

@@ -50,6 +50,12 @@ def fewer_candidates(left_s: float, rel: ReliabilityConfig, n: int) -> bool:
     return left_s < need and n > rel.degraded_candidates
 
 
+def retrieve_starved(left_s: float, rel: ReliabilityConfig) -> bool:
+    """Whether a Retrieve was given less than the stage's own budget: this request's
+    queueing used the rest, so its failure says nothing about the candidate service."""
+    return left_s < rel.budget_ms.retrieve / 1e3
+
+
 def no_time_to_score(left_s: float, rel: ReliabilityConfig) -> str:
     """Why not to score ("" to score): under a quarter of the score line is left
     before the stage's deadline."""

@@ -99,7 +99,11 @@ class RankPipeline:
         # Learned from the answers by the service (ranker/service.py): the bound on
         # calls in flight, and whether this ranker is congested (then a Retrieve
         # past its deadline says nothing about the candidate service).
-        self.limit = InFlightLimit(min(rel.min_in_flight, rel.max_in_flight), rel.max_in_flight)
+        self.limit = InFlightLimit(
+            min(rel.min_in_flight, rel.max_in_flight),
+            rel.max_in_flight,
+            adaptive=rel.adaptive_in_flight,
+        )
         self.candidates = CandidateClient(config, congested=lambda: self.limit.congested)
         self.store_breaker = Breaker.reported("online_store", rel.breaker)
         # Users' last read features, served when the online store fails.
@@ -246,8 +250,7 @@ class RankPipeline:
         )
         ctx.mark("retrieve")
         if resp is None:
-            # given less than the stage's own budget: this request's time ran out
-            ctx.out_of_time |= left < rel.budget_ms.retrieve / 1e3
+            ctx.out_of_time |= ladder.retrieve_starved(left, rel)
             ctx.note(failed)
             return await ladder.fallback(state, ctx, self.response_cache)
         text = None

@@ -156,7 +156,9 @@ class InFlightLimit:
         window_s: float = 0.05,
         late_above: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        adaptive: bool = True,
     ) -> None:
+        self.adaptive = adaptive  # False: the limit stays max_limit (congestion is still kept)
         self.min_limit, self.max_limit = min_limit, max_limit
         self.backoff, self.window_s, self._clock = backoff, window_s, clock
         self.value = float(max_limit)
@@ -179,6 +181,8 @@ class InFlightLimit:
         """Record one answer; ``in_flight``: calls being served as it finished (itself
         included)."""
         self.late_share += LATE_WEIGHT * (float(out_of_time) - self.late_share)
+        if not self.adaptive:
+            return
         if not out_of_time:
             self.value = min(float(self.max_limit), self.value + 1.0 / self.value)
             return

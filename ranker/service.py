@@ -27,25 +27,22 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
     def __init__(self, config: RankerConfig, pipeline: RankPipeline) -> None:
         self.config = config
         self.pipeline = pipeline
-        rel = config.reliability
-        self.max_in_flight = rel.max_in_flight
         self.limit = pipeline.limit
-        self.adaptive = rel.adaptive_in_flight
-        IN_FLIGHT_LIMIT.set(self.max_in_flight)
+        IN_FLIGHT_LIMIT.set(self.limit.limit)
         self.in_flight = 0
 
     @grpc_errors
     async def Rank(
         self, request: sieve_pb2.RankRequest, context: grpc.aio.ServicerContext
     ) -> sieve_pb2.RankResponse:
-        limit = self.limit.limit if self.adaptive else self.max_in_flight
+        limit = self.limit.limit
         if self.in_flight >= limit:
             # Shed at once, before any work: the accepted calls keep their latency.
             RANK_ANSWERS.labels("shed").inc()
             raise Overloaded(
                 f"the ranker is serving {self.in_flight} Rank calls, its limit now {limit} "
-                f"(ranker.reliability.max_in_flight {self.max_in_flight}, adaptive_in_flight "
-                f"{self.adaptive}); retry with backoff"
+                f"(ranker.reliability.max_in_flight {self.limit.max_limit}, "
+                f"adaptive_in_flight {self.limit.adaptive}); retry with backoff"
             )
         self.in_flight += 1
         IN_FLIGHT.inc()
@@ -64,8 +61,7 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
             self.in_flight -= 1
             IN_FLIGHT.dec()
         self.limit.answered(result.out_of_time, in_flight)  # congestion, even when fixed
-        if self.adaptive:
-            IN_FLIGHT_LIMIT.set(self.limit.limit)
+        IN_FLIGHT_LIMIT.set(self.limit.limit)
         RANK_ANSWERS.labels("degraded" if result.rungs or result.degradations else "full").inc()
         for rung in result.rungs:
             RANK_RUNGS.labels(rung).inc()
