@@ -33,7 +33,16 @@ from ranker.config import RerankConfig
 from ranker.evaluate import auc, bootstrap_ci, ndcg_at_k, paired_ratio_ci, recall_at_k
 from ranker.features import item_inputs
 from ranker.funnel import OfflineFunnel
-from ranker.rerank import GroupCap, MinGroups, Mmr, PositionDecay, Rule, Slate, run_chain
+from ranker.rerank import (
+    GroupCap,
+    MinGroups,
+    Mmr,
+    PositionDecay,
+    Rule,
+    Slate,
+    compact_space,
+    run_chain,
+)
 from ranker.scorer import OnnxScorer
 from ranker.sources import BIT, SOURCES
 from sieve import artifacts
@@ -149,6 +158,8 @@ def evaluate(
     )
     item_vectors = np.load(aset.verified("item_embeddings"))
     text = np.load(aset.verified("text_embeddings"), mmap_mode="r")
+    dims = RerankConfig().diversity_dims  # the diversity rules' space, as served
+    diversity = compact_space(text, dims) if 0 < dims < text.shape[1] else np.asarray(text)
     users = pd.read_parquet(aset.verified("user_features")).set_index("user_id")
     items = pd.read_parquet(aset.verified("item_features")).set_index("item_id")
     items = items.loc[catalog_ids]  # catalog order, as the funnel indexes them
@@ -237,7 +248,7 @@ def evaluate(
                         "genres": item_cols["genres"][rows],
                         "age_years": item_cols["age_years"][rows],
                     },
-                    embeddings_of=text_emb.__getitem__,
+                    embeddings_of=np.asarray(diversity[rows]).__getitem__,
                     attribute_of=lambda ids, col: np.empty(0, np.int64),
                     exclude=seen,
                     categories=GENRE_INDEX,

@@ -23,7 +23,7 @@ from features.reader import OnlineReader, open_reader
 from ranker.config import RankerConfig
 from ranker.device import providers
 from ranker.features import MODEL_FEATURES
-from ranker.rerank import AnyRule, item_attributes
+from ranker.rerank import AnyRule, compact_space, item_attributes
 from ranker.scorer import OnnxScorer
 from ranker.user_tower import UserTower
 from sieve import artifacts
@@ -49,6 +49,7 @@ class LoadedSet:
     registry_mtime: float
     registry_path: Path
     text_embeddings: np.ndarray  # float32 [n, 384], catalog order, memory-mapped
+    diversity: np.ndarray  # float32 [n, d]: what the diversity rules compare (compact_space)
     neighbour_rows: np.ndarray  # int32 [n, top]: item-to-item neighbours (catalog rows)
     neighbour_scores: np.ndarray  # float32 [n, top]
     user_tower: UserTower
@@ -60,12 +61,13 @@ class LoadedSet:
         rows, found = self.catalog.rows(item_ids)
         return rows[found]
 
-    def text_embeddings_of(self, item_ids: np.ndarray) -> np.ndarray:
-        """Text embeddings of catalog items (zeros for ids the catalog lacks): what
-        the diversity rules compare, content rather than co-consumption. MMR over
-        the learned vectors cost 4-6% of NDCG@10 for 1% more ILD (BENCHMARKS.md,
+    def diversity_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """What the diversity rules compare for catalog items (zeros for ids the
+        catalog lacks): the text embeddings, content rather than co-consumption,
+        on their ``rerank.diversity_dims`` principal directions. MMR over the
+        learned vectors cost 4-6% of NDCG@10 for 1% more ILD (BENCHMARKS.md,
         Diversity)."""
-        return embeddings_by_id(self.text_embeddings, self.catalog, item_ids)
+        return embeddings_by_id(self.diversity, self.catalog, item_ids)
 
     def attribute_of(self, item_ids: np.ndarray, name: str) -> np.ndarray:
         """An item table column for ``item_ids`` (ids the table lacks are left out)."""
@@ -243,6 +245,10 @@ async def _state_of(
     # vectors), and each first touch of a page is a fault.
     for arr in (embeddings, text):
         await asyncio.to_thread(touch_pages, arr)
+    dims = config.rerank.diversity_dims
+    diversity = (
+        await asyncio.to_thread(compact_space, text, dims) if 0 < dims < text.shape[1] else text
+    )
     catalog = await asyncio.to_thread(IdIndex, catalog_ids)
     popular, popular_ids = await asyncio.to_thread(popular_of, items)
     return LoadedSet(
@@ -258,6 +264,7 @@ async def _state_of(
         registry_mtime=mtime,
         registry_path=registry,
         text_embeddings=text,
+        diversity=diversity,
         neighbour_rows=nb_rows,
         neighbour_scores=nb_scores,
         user_tower=tower,

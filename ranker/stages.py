@@ -250,7 +250,7 @@ def rerank(
     slate = Slate(
         ids=cand_ids,
         attributes=state.items.take(attributes, cand.rows),
-        embeddings_of=lambda idx: state.text_embeddings_of(cand_ids[idx]),
+        embeddings_of=lambda idx: state.diversity_of(cand_ids[idx]),
         attribute_of=state.attribute_of,
         exclude=exclude,
         recent=recent,

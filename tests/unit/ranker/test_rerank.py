@@ -21,6 +21,7 @@ from ranker.rerank import (
     Seen,
     Slate,
     _count_in,
+    compact_space,
     fatigue,
     freshness,
     group_cap,
@@ -277,3 +278,49 @@ def test_mean_penalty_raises_mean_pairwise_distance_more_than_max() -> None:
     top = np.argsort(-rel)[:30]
     by_max, by_mean = mmr(rel, emb, 30, 0.5, "max"), mmr(rel, emb, 30, 0.5, "mean")
     assert spread(by_mean) >= spread(by_max) > spread(top)
+
+
+def _ild(vectors: np.ndarray) -> float:
+    sim = vectors @ vectors.T
+    return float((1.0 - sim[np.triu_indices(len(vectors), 1)]).mean())
+
+
+def test_compact_space_keeps_the_diversity_mmr_finds_in_the_full_space() -> None:
+    # 384-d items in 24 topics, relevance that favours a few topics: MMR on the
+    # 32-d compact space must find lists about as diverse, measured in the full
+    # space, as MMR on the full vectors, and far more diverse than score order.
+    rng = np.random.default_rng(3)
+    topics = rng.standard_normal((24, 384)).astype(np.float32)
+    topic = rng.integers(0, 24, 3000)
+    emb = topics[topic] + 0.8 * rng.standard_normal((3000, 384)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    emb[7] = 0.0  # an item the catalog lacks embeddings for
+    compact = compact_space(emb, 32)
+    assert compact.shape == (3000, 32) and compact.dtype == np.float32
+    norms = np.linalg.norm(compact, axis=1)
+    assert norms[7] == 0.0
+    assert np.allclose(np.delete(norms, 7), 1.0, atol=1e-5)
+    assert np.array_equal(compact, compact_space(emb, 32))  # seeded: every load agrees
+    gains = []
+    for trial in range(20):
+        # a pool crowded by one topic that the scores favour, beside two others and
+        # some of everything: score order is one topic, MMR must reach the rest
+        a, b, c = rng.choice(24, 3, replace=False)
+        by_topic = [rng.choice(np.flatnonzero(topic == t), n, replace=False) for t, n in
+                    ((a, 80), (b, 40), (c, 40))]  # fmt: skip
+        rest = rng.choice(np.flatnonzero(~np.isin(topic, [a, b, c])), 40, replace=False)
+        pool = np.setdiff1d(np.concatenate([*by_topic, rest]), [7])
+        rel = np.where(topic[pool] == a, 1.0, 0.5) + 0.1 * rng.random(len(pool))
+        by_score = np.argsort(-rel)[:50]
+        full = mmr(rel, emb[pool], 50, 0.5)
+        small = mmr(rel, compact[pool], 50, 0.5)
+        d_full, d_small = _ild(emb[pool][full]), _ild(emb[pool][small])
+        assert d_small >= 0.97 * d_full, (trial, d_small, d_full)
+        gains.append(d_small - _ild(emb[pool][by_score]))
+    assert min(gains) > 0.2, gains
+
+
+@pytest.mark.parametrize("dims", [0, 384, -1])
+def test_compact_space_refuses_a_dimension_it_cannot_give(dims: int) -> None:
+    with pytest.raises(ValueError, match="dims must be in 1..383"):
+        compact_space(np.ones((10, 384), np.float32), dims)
