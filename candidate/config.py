@@ -53,12 +53,15 @@ class CandidateConfig(Frozen):
     Search p99 11.4 ms mapped vs 6.7 ms read, at 1M (BENCHMARKS.md, ANN)."""
     omp_threads: int = Field(1, ge=1)
     """Faiss OpenMP threads; concurrency across requests is the better use of cores."""
-    search_threads: int = Field(1, ge=1, le=256)
-    """Worker threads that run searches (CPU, batching off); Faiss releases the GIL,
-    so n of them search n requests at once and queue the rest. On a small box,
-    parallel searches take the core the ranker's event loop needs; raise it on a
-    machine with cores to spare.
-    Rank p99 at 100/s 65.7 ms with 1 vs 107.9 ms with 6 (BENCHMARKS.md, ANN)."""
+    search_threads: int = Field(0, ge=0, le=256)
+    """Worker threads that run searches (CPU, batching off); 0 (the default) searches
+    on the event loop. Faiss releases the GIL, so n threads search n requests at
+    once and queue the rest; but on a small box parallel searches take the core the
+    ranker's event loop needs, and each hand-off to a thread costs a wake-up.
+    Rank p99 at 100/s 65.7 ms with 1 vs 107.9 ms with 6 (BENCHMARKS.md, ANN); on
+    the loop, 0.1-0.3 ms less per Retrieve than one thread and fewer rungs
+    (BENCHMARKS.md, "Where a Rank's CPU goes"). Raise it on a machine with cores
+    to spare."""
     grace_s: float = Field(5.0, ge=0.0)
     """Time in-flight RPCs get to finish on shutdown."""
     drain_s: float = Field(1.0, ge=0.0)

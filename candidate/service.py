@@ -169,7 +169,11 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         # Searches get their own pool: its size bounds the cores they take, and a
         # set loading in asyncio's default pool never waits behind them (nor they
         # behind it).
-        self._search_pool = ThreadPoolExecutor(config.search_threads, thread_name_prefix="search")
+        self._search_pool = (
+            ThreadPoolExecutor(config.search_threads, thread_name_prefix="search")
+            if config.search_threads
+            else None
+        )
         on = config.batching == "on" or (config.batching == "auto" and self.on_gpu)
         self.batcher: _Batcher | None = (
             MicroBatcher(
@@ -198,7 +202,8 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
     async def close(self) -> None:
         if self.batcher is not None:
             await self.batcher.stop()
-        self._search_pool.shutdown(wait=False, cancel_futures=True)
+        if self._search_pool is not None:
+            self._search_pool.shutdown(wait=False, cancel_futures=True)
         await self.sets.close()
 
     @property
@@ -251,6 +256,8 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         if self.batcher is not None:
             # Checked here, so one bad vector cannot fail the batch it would join.
             found = await asyncio.gather(*(self._batched(s, v, k, q) for s, v, k in searches))
+        elif self._search_pool is None:
+            found = _search_all(searches, q.exclude, q.allow)
         else:
             # Faiss releases the GIL: the loop serves other calls while a worker
             # searches; every space of the call in one hand-off.

@@ -136,11 +136,14 @@ class ReliabilityConfig(Frozen):
             )
         return self
 
-    cpu_threads: int = Field(1, ge=0, le=64)
+    cpu_threads: int = Field(0, ge=0, le=64)
     """Threads that run a Rank's CPU work (model inputs and CPU scoring in one
-    trip, the re-rank in another) off the event loop, so the loop only takes
-    calls, sheds them and moves bytes; 0 runs it all on the loop. One is the
-    default: two contend with the loop for the GIL (BENCHMARKS.md, "Shedding")."""
+    trip, the re-rank in another) off the event loop; 0 (the default) runs it on
+    the loop. On the loop a Rank makes no thread hand-off (each a wake-up, 0.2-2 ms
+    on an idle core): at 100/s on 1M items 0.5-1.7% of answers took a rung against
+    3.5-7.6% with one thread. One thread keeps the loop free to refuse calls under
+    overload (refusals twice as fast at 300/s); two contend with the loop for the
+    GIL (BENCHMARKS.md, "Shedding" and "Where a Rank's CPU goes")."""
     degraded_candidates: int = Field(200, ge=1, le=2048)
     """The ``fewer_candidates`` rung: candidates kept (best ANN scores) when
     retrieval left under 1.5x the item-feature and score lines before the score

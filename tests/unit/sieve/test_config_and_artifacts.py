@@ -40,13 +40,13 @@ def test_grpcs_bound_on_held_calls_defaults_to_one_above_rank_and_never_below(
         load_config(path)
 
 
-def test_rank_cpu_work_runs_on_one_thread_by_default_and_zero_means_the_loop(
+def test_rank_cpu_work_runs_on_the_loop_by_default_and_a_thread_when_asked(
     tmp_path: Path,
 ) -> None:
-    assert load_config(None).ranker.reliability.cpu_threads == 1
+    assert load_config(None).ranker.reliability.cpu_threads == 0
     path = tmp_path / "sieve.toml"
-    path.write_text("[ranker.reliability]\ncpu_threads = 0\n")
-    assert load_config(path).ranker.reliability.cpu_threads == 0
+    path.write_text("[ranker.reliability]\ncpu_threads = 1\n")
+    assert load_config(path).ranker.reliability.cpu_threads == 1
     path.write_text("[ranker.reliability]\ncpu_threads = -1\n")
     with pytest.raises(ValidationError, match="cpu_threads"):
         load_config(path)
