@@ -159,7 +159,7 @@ def evaluate(
     item_vectors = np.load(aset.verified("item_embeddings"))
     text = np.load(aset.verified("text_embeddings"), mmap_mode="r")
     dims = RerankConfig().diversity_dims  # the diversity rules' space, as served
-    diversity = compact_space(text, dims) if 0 < dims < text.shape[1] else np.asarray(text)
+    div_space = compact_space(text, dims) if 0 < dims < text.shape[1] else np.asarray(text)
     users = pd.read_parquet(aset.verified("user_features")).set_index("user_id")
     items = pd.read_parquet(aset.verified("item_features")).set_index("item_id")
     items = items.loc[catalog_ids]  # catalog order, as the funnel indexes them
@@ -248,7 +248,7 @@ def evaluate(
                         "genres": item_cols["genres"][rows],
                         "age_years": item_cols["age_years"][rows],
                     },
-                    embeddings_of=np.asarray(diversity[rows]).__getitem__,
+                    embeddings_of=np.asarray(div_space[rows]).__getitem__,
                     attribute_of=lambda ids, col: np.empty(0, np.int64),
                     exclude=seen,
                     categories=GENRE_INDEX,
