@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING  # noqa: E402
 import pydantic  # noqa: E402
 
 from app.config import SieveConfig, load_config  # noqa: E402
-from sieve.errors import SieveError  # noqa: E402
+from sieve.errors import ConfigError, SieveError  # noqa: E402
 from sieve.local_redis import free_port  # noqa: E402
 
 if TYPE_CHECKING:
@@ -119,7 +119,14 @@ async def serve(
     ]
     print("; ".join(lines), flush=True)
     if ready_file is not None:
-        ready_file.write_text("\n".join(f"{name} {s.port}" for name, s, _, _ in servers) + "\n")
+        ready_file.write_text(
+            "".join(
+                f"{name} {s.port}"
+                + (f" metrics {s.metrics_port}" if s.metrics_port >= 0 else "")
+                + "\n"
+                for name, s, _, _ in servers
+            )
+        )
     await stop.wait()
     print("shutting down (grace period for in-flight calls)", flush=True)
     # The entry point first, so it stops taking calls before its backend goes.
@@ -130,9 +137,15 @@ async def serve(
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config(args)
     updates_c = {"port": args.candidate_port} if args.candidate_port is not None else {}
-    updates_r = {"port": args.ranker_port} if args.ranker_port is not None else {}
+    updates_r: dict[str, object] = (
+        {"port": args.ranker_port} if args.ranker_port is not None else {}
+    )
     if args.candidate_address:
         updates_r["candidate_address"] = args.candidate_address
+    if args.ranker_metrics_port is not None:
+        updates_r["reliability"] = cfg.ranker.reliability.model_copy(
+            update={"metrics_port": args.ranker_metrics_port}
+        )
     cfg = cfg.model_copy(
         update={
             "candidate": cfg.candidate.model_copy(update=updates_c),
@@ -140,6 +153,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         }
     )
     ready = Path(args.ready_file) if args.ready_file else None
+    if args.ranker_workers < 1:
+        raise ConfigError(f"--ranker-workers must be at least 1, got {args.ranker_workers}")
+    if args.ranker_workers > 1:
+        from app.workers import Supervisor, check_shared_state
+
+        if args.only == "candidate":
+            raise ConfigError("--ranker-workers goes with the ranker: drop --only candidate")
+        check_shared_state(cfg, args.ranker_workers)
+        base = [
+            sys.executable,
+            "-m",
+            "app.cli",
+            *(["--config", args.config] if args.config else []),
+        ]
+        base += ["serve", "--artifacts", args.artifacts, "--loop", args.loop]
+        supervisor = Supervisor(
+            cfg, base, args.ranker_workers, args.only, args.candidate_address, ready
+        )
+        return supervisor.run()
     main = serve(cfg, Path(args.artifacts), args.only, ready)
     if args.loop == "uvloop":
         import uvloop
@@ -159,8 +191,10 @@ async def rank_once(
     import grpc
 
     from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+    from sieve.grpc_server import client_options
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    # round_robin: --address may list ranker workers (ipv4:127.0.0.1:P,127.0.0.1:Q)
+    async with grpc.aio.insecure_channel(address, options=client_options()) as channel:
         stub = sieve_pb2_grpc.RankerServiceStub(channel)
         return await stub.Rank(
             sieve_pb2.RankRequest(user_id=user_id, k=k, exclude_item_ids=exclude), timeout=timeout_s
@@ -335,6 +369,15 @@ def main(argv: list[str] | None = None) -> int:
         help="the event loop: uvloop (default) costs a fifth less CPU per gRPC call "
         "than asyncio's own (BENCHMARKS.md, 'Where a Rank's CPU goes')",
     )
+    s.add_argument(
+        "--ranker-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="ranker processes on this host, one port each from --ranker-port up "
+        "(round_robin clients balance every call over them; app/workers.py)",
+    )
+    s.add_argument("--ranker-metrics-port", type=int, help=argparse.SUPPRESS)
     s.add_argument("--ready-file", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -75,6 +76,9 @@ class Side:
     """``A`` or ``B``."""
     checkout: Path
     cli_module: str
+    ranker_workers: int = 1
+    """``sieve serve --ranker-workers``: more than one is driven over an ``ipv4:``
+    list with round_robin, and its CPU is the sum of the worker processes'."""
 
     @classmethod
     def parse(cls, name: str, spec: str) -> Side:
@@ -143,22 +147,27 @@ def one_run(
     redis.Redis(host=host, port=int(port), db=HISTORY_DB).flushdb()
     root = work / "artifacts"
     tag = f"ab_{side.name}_{rnd}"
+    workers = ["--ranker-workers", str(side.ranker_workers)] if side.ranker_workers > 1 else []
     t0 = time.perf_counter()
     with (
         serving("candidate", config, root, work, f"{tag}_candidate.log", args.start_timeout,
                 "--candidate-port", "0", checkout=side.checkout,
                 cli_module=side.cli_module) as (cproc, cport),
         serving("ranker", config, root, work, f"{tag}_ranker.log", args.start_timeout,
-                "--ranker-port", "0", "--candidate-address", f"127.0.0.1:{cport}",
+                "--ranker-port", "0", "--candidate-address", f"127.0.0.1:{cport}", *workers,
                 checkout=side.checkout, cli_module=side.cli_module) as (rproc, rport),
     ):  # fmt: skip
         ready_s = time.perf_counter() - t0
+        address = f"127.0.0.1:{rport}"
+        if workers:  # the supervisor's ready file: a "ranker PORT ..." line per worker
+            lines = (work / "ranker.ready").read_text().splitlines()
+            address = "ipv4:" + ",".join(f"127.0.0.1:{x.split()[1]}" for x in lines)
         procs = {"ranker": rproc.pid, "candidate": cproc.pid}
-        cpu0 = {name: cpu_seconds(pid) for name, pid in procs.items()}
-        run = loadgen(f"127.0.0.1:{rport}", args.rate, args.seconds, args.warmup, users,
+        cpu0 = {name: cpu_seconds_tree(pid) for name, pid in procs.items()}
+        run = loadgen(address, args.rate, args.seconds, args.warmup, users,
                       work / f"{tag}.json", seed=args.seed)  # fmt: skip
         run["cpu_ms_per_call"] = {
-            name: round((cpu_seconds(pid) - cpu0[name]) * 1e3 / max(1, run["sent"]), 3)
+            name: round((cpu_seconds_tree(pid) - cpu0[name]) * 1e3 / max(1, run["sent"]), 3)
             for name, pid in procs.items()
         }
         for proc in (rproc, cproc):
@@ -172,6 +181,20 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds ``pid`` has used (``/proc/PID/stat``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds_tree(pid: int) -> float:
+    """``cpu_seconds`` of ``pid`` and of its live children (ranker workers under
+    their supervisor)."""
+    total = cpu_seconds(pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            continue  # gone between the listing and the read
+    return total
 
 
 def row(run: dict[str, Any], rnd: int, first: bool) -> dict[str, Any]:
@@ -270,8 +293,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work, config = _work(args.work, args.config)
     works = {"A": (work, config), "B": _work(args.work_b, None) if args.work_b else (work, config)}
     root = work / "artifacts"
-    sides = {"A": Side.parse("A", args.a), "B": Side.parse("B", args.b)}
-    checkouts = {name: describe(side) for name, side in sides.items()}
+    sides = {
+        "A": dataclasses.replace(Side.parse("A", args.a), ranker_workers=args.a_workers),
+        "B": dataclasses.replace(Side.parse("B", args.b), ranker_workers=args.b_workers),
+    }
+    checkouts = {
+        name: {**describe(side), "ranker_workers": side.ranker_workers}
+        for name, side in sides.items()
+    }
     runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
     rows: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
     order = []
@@ -379,6 +408,8 @@ def main() -> None:
     ap.add_argument("--work-b", help="side B's own work folder (default: --work)")
     ap.add_argument("--a", required=True, help="DIR:MODULE, e.g. /work/old:sieve.cli")
     ap.add_argument("--b", required=True, help="DIR:MODULE, e.g. /work/main:app.cli")
+    ap.add_argument("--a-workers", type=int, default=1, help="side A's --ranker-workers")
+    ap.add_argument("--b-workers", type=int, default=1, help="side B's --ranker-workers")
     ap.add_argument("--rate", type=float, default=100.0, help="Rank/s (Poisson)")
     ap.add_argument("--seconds", type=float, default=30.0, help="recorded seconds per run")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds sent, not recorded")

@@ -31,6 +31,7 @@ from hdrh.histogram import HdrHistogram
 
 from benchmarks.harness import BUDGET_MS, hdr_cdf, hdr_record, hdr_summary, histogram
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from sieve.grpc_server import client_options
 
 
 async def run(
@@ -53,9 +54,11 @@ async def run(
     artifact version, degradation kinds ("+"-joined)]`` in send order, for lining
     answers up with injected faults.
     """
-    host = address.rsplit(":", 1)[0]
-    if host not in ("127.0.0.1", "localhost", "[::1]"):
-        raise ValueError(f"loopback only, got {address!r}")
+    targets = address.removeprefix("ipv4:").removeprefix("ipv6:").split(",")
+    for target in targets:  # one address, or an ipv4: list of replicas
+        host = target.rsplit(":", 1)[0]
+        if host not in ("127.0.0.1", "localhost", "[::1]"):
+            raise ValueError(f"loopback only, got {address!r}")
     rng = np.random.default_rng(seed)
     horizon = warmup_s + duration_s
     gaps = rng.exponential(1.0 / rate, int(rate * horizon * 1.5) + 10)
@@ -75,7 +78,8 @@ async def run(
     events: list[tuple[float, float, str, str, str, str]] = []
     recorded = [0]
     loop = asyncio.get_running_loop()
-    channel = grpc.aio.insecure_channel(address)
+    # round_robin: an ipv4: list of ranker workers gets every call balanced
+    channel = grpc.aio.insecure_channel(address, options=client_options())
     stub = sieve_pb2_grpc.RankerServiceStub(channel)
     await channel.channel_ready()
 

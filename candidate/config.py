@@ -67,3 +67,7 @@ class CandidateConfig(Frozen):
     drain_s: float = Field(1.0, ge=0.0)
     """On SIGTERM, health reports NOT_SERVING this long before new RPCs are refused
     (so load balancers that watch health stop sending first)."""
+    max_connection_age_s: float = Field(300.0, ge=0.0)
+    """Clients are asked to reconnect (HTTP/2 GOAWAY, +-10% jitter, in-flight calls
+    finish) after a connection is this old, so round_robin clients re-resolve and
+    spread over replicas added since; 0: never."""

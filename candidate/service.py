@@ -312,7 +312,9 @@ async def create_server(
         ArtifactError: artifacts missing or corrupt; the server is stopped first.
     """
     servicer = CandidateServicer(config, artifacts_root)
-    server = Server(SERVICE_NAME, config.host, config.port)
+    server = Server(
+        SERVICE_NAME, config.host, config.port, None, config.max_connection_age_s, config.grace_s
+    )
     server.every(config.reload_check_s, servicer.reload, "artifact reload")
     server.on_stop(servicer.close)
     add_servicer(server.server, servicer, sieve_pb2, "CandidateService")

@@ -4,7 +4,6 @@ the request took, so index, model and features always belong together."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +15,7 @@ from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from ranker.config import RankerConfig
 from ranker.ladder import retrieve_starved
 from ranker.resilience import Breaker
+from sieve.grpc_server import client_options
 
 log = logging.getLogger(__name__)
 LATE_NOTICE_S = 0.002
@@ -37,6 +37,7 @@ def channel_options(retries: int) -> list[tuple[str, object]]:
         # (not grpc.min_reconnect_backoff_ms: it is also the connect timeout, and a
         # handshake slower than it would fail)
     ]
+    config: dict[str, object] = {}
     if retries > 0:
         policy = {
             "maxAttempts": retries + 1,
@@ -47,7 +48,10 @@ def channel_options(retries: int) -> list[tuple[str, object]]:
         }
         service = sieve_pb2.DESCRIPTOR.services_by_name["CandidateService"].full_name
         config = {"methodConfig": [{"name": [{"service": service}], "retryPolicy": policy}]}
-        options += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+        options.append(("grpc.enable_retries", 1))
+    # round_robin: a candidate_address listing replicas (ipv4:A,B or a dns:/// name
+    # with several records) spreads Retrieves over all of them.
+    options += client_options(config)
     return options
 
 

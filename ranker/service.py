@@ -106,7 +106,14 @@ async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[Ser
         ArtifactError: artifacts missing or corrupt; the server is stopped first.
     """
     pipeline = RankPipeline(config, artifacts_root)
-    server = Server(SERVICE_NAME, config.host, config.port, config.reliability.accepted_bound)
+    server = Server(
+        SERVICE_NAME,
+        config.host,
+        config.port,
+        config.reliability.accepted_bound,
+        config.max_connection_age_s,
+        config.grace_s,
+    )
     server.every(config.item_refresh_s, pipeline.refresh_item_features, "item feature refresh")
     server.every(config.reload_check_s, pipeline.reload, "artifact reload")
     server.on_stop(pipeline.close)

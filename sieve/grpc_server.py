@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from types import ModuleType
@@ -60,16 +61,33 @@ class Server:
     """A ``grpc.aio`` server whose health starts NOT_SERVING until ``ready()``."""
 
     def __init__(
-        self, service_name: str, host: str, port: int, max_concurrent_rpcs: int | None = None
+        self,
+        service_name: str,
+        host: str,
+        port: int,
+        max_concurrent_rpcs: int | None = None,
+        max_connection_age_s: float = 0.0,
+        grace_s: float = 5.0,
     ) -> None:
         """``max_concurrent_rpcs``: gRPC's own bound on RPCs accepted and not yet
         answered, those waiting for the event loop included; past it gRPC answers
-        RESOURCE_EXHAUSTED without running any Python (None: no bound)."""
+        RESOURCE_EXHAUSTED without running any Python (None: no bound).
+        ``max_connection_age_s``: connections older than this are closed (GOAWAY;
+        calls on them get ``grace_s`` to finish), so clients re-resolve; 0: never.
+
+        No SO_REUSEPORT: a second server on a port in use fails to start instead
+        of silently sharing it (replicas take a port each: app/workers.py)."""
         self.service_name = service_name
-        self.server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)],
-            maximum_concurrent_rpcs=max_concurrent_rpcs,
-        )
+        options: list[tuple[str, int]] = [
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", 8 << 20),
+        ]
+        if max_connection_age_s > 0:
+            options += [
+                ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(grace_s * 1000)),
+            ]
+        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._address = f"{host}:{port}"
@@ -149,3 +167,15 @@ class Server:
         await self.server.stop(grace_s)
         for hook in self._on_stop:
             await hook()
+
+
+ROUND_ROBIN: dict[str, object] = {"loadBalancingConfig": [{"round_robin": {}}]}
+"""Client service config: every call to the next ready address the resolver gave
+(``ipv4:A,B`` lists, ``dns:///`` names with several records), not all calls to
+the first (gRPC's default, ``pick_first``)."""
+
+
+def client_options(service_config: dict[str, object] | None = None) -> list[tuple[str, object]]:
+    """Channel options of our clients: ``round_robin`` over the addresses the target
+    resolves to, merged into ``service_config`` (e.g. a retry policy)."""
+    return [("grpc.service_config", json.dumps({**ROUND_ROBIN, **(service_config or {})}))]
