@@ -186,7 +186,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def rank_once(
-    address: str, user_id: int, k: int, exclude: list[int], timeout_s: float = 10.0
+    address: str,
+    user_id: int,
+    k: int,
+    exclude: list[int],
+    timeout_s: float = 10.0,
+    debug: bool = False,
 ) -> sieve_pb2.RankResponse:
     import grpc
 
@@ -197,7 +202,8 @@ async def rank_once(
     async with grpc.aio.insecure_channel(address, options=client_options()) as channel:
         stub = sieve_pb2_grpc.RankerServiceStub(channel)
         return await stub.Rank(
-            sieve_pb2.RankRequest(user_id=user_id, k=k, exclude_item_ids=exclude), timeout=timeout_s
+            sieve_pb2.RankRequest(user_id=user_id, k=k, exclude_item_ids=exclude, debug=debug),
+            timeout=timeout_s,
         )
 
 
@@ -226,6 +232,29 @@ def format_response(
     return "\n".join(out)
 
 
+def format_debug(resp: sieve_pb2.RankResponse, catalog: pd.DataFrame | None) -> str:
+    """What ``sieve rank --debug`` adds: per item where it came from, what the model
+    and the rules did to it; the dropped items and why; the rungs taken."""
+    titles = (
+        dict(zip(catalog["item_id"], catalog["title"], strict=True)) if catalog is not None else {}
+    )
+    out = ["", f"{'#':>3}  {'title':<40} {'cand#':>5} {'model':>7} {'final':>7}  moved by"]
+    for pos, item in enumerate(resp.items, 1):
+        title = str(titles.get(item.item_id, f"item {item.item_id}"))[:40]
+        rank = str(item.candidate_rank) if item.candidate_rank >= 0 else "-"
+        moved = ", ".join(item.moved_by) if item.moved_by else "-"
+        out.append(
+            f"{pos:>3}  {title:<40} {rank:>5} {item.model_score:7.3f} "
+            f"{item.final_score:7.3f}  {moved}"
+        )
+    out.append(f"dropped by the rules: {len(resp.dropped)}")
+    for d in resp.dropped:
+        title = str(titles.get(d.item_id, f"item {d.item_id}"))[:40]
+        out.append(f"     {title:<40} {d.rule:<16} {d.reason} (model {d.model_score:.3f})")
+    out.append(f"rungs: {', '.join(resp.rungs) if resp.rungs else 'none (full quality)'}")
+    return "\n".join(out)
+
+
 def _catalog(artifacts_root: Path | None) -> pd.DataFrame | None:
     if artifacts_root is None:
         return None
@@ -243,11 +272,16 @@ def cmd_rank(args: argparse.Namespace) -> int:
     import grpc
 
     try:
-        resp = asyncio.run(rank_once(args.address, args.user, args.k, args.exclude or []))
+        resp = asyncio.run(
+            rank_once(args.address, args.user, args.k, args.exclude or [], debug=args.debug)
+        )
     except grpc.RpcError as e:
         print(f"sieve rank: {e.code().name}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
         return 1
-    print(format_response(resp, _catalog(Path(args.artifacts)), args.user))
+    catalog = _catalog(Path(args.artifacts))
+    print(format_response(resp, catalog, args.user))
+    if args.debug:
+        print(format_debug(resp, catalog))
     return 0
 
 
@@ -333,16 +367,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------- main --
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The ``sieve`` command line: every option says what it does (``--help``)."""
     from sieve.data import GROUPLENS_URL
 
-    # Our own progress at INFO; libraries (Feast's registry, Faiss's loader, the
-    # ONNX exporter) only when they warn.
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for name in ("sieve", "candidate", "ranker", "features"):
-        logging.getLogger(name).setLevel(logging.INFO)
     p = argparse.ArgumentParser(prog="sieve", description=__doc__)
     p.add_argument("--config", help="sieve.toml (defaults when absent)")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -352,15 +380,24 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument(
         "--synthetic", type=int, metavar="N", help="build a seeded synthetic catalog of N items"
     )
-    b.add_argument("--out", default="artifacts")
+    b.add_argument(
+        "--out",
+        default="artifacts",
+        help="the artifact root: the set goes into OUT/versions/V, CURRENT names it "
+        "(default: artifacts)",
+    )
     b.add_argument("--cache", help="embedding cache folder (default: OUT/cache)")
     b.set_defaults(func=cmd_build)
 
     s = sub.add_parser("serve", help="start the candidate and ranker gRPC servers")
-    s.add_argument("--artifacts", default="artifacts")
-    s.add_argument("--only", choices=["candidate", "ranker"])
-    s.add_argument("--candidate-port", type=int)
-    s.add_argument("--ranker-port", type=int)
+    s.add_argument(
+        "--artifacts", default="artifacts", help="the artifact root to serve (default: artifacts)"
+    )
+    s.add_argument(
+        "--only", choices=["candidate", "ranker"], help="run one service (default: both)"
+    )
+    s.add_argument("--candidate-port", type=int, help="overrides [candidate] port (0: a free port)")
+    s.add_argument("--ranker-port", type=int, help="overrides [ranker] port (0: a free port)")
     s.add_argument("--candidate-address", help="for --only ranker: where Retrieve is served")
     s.add_argument(
         "--loop",
@@ -382,22 +419,51 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("rank", help="ask the ranker for a user's recommendations")
-    r.add_argument("--user", type=int, required=True)
-    r.add_argument("--k", type=int, default=50)
-    r.add_argument("--exclude", type=int, nargs="*")
-    r.add_argument("--address", default="127.0.0.1:50062")
-    r.add_argument("--artifacts", default="artifacts", help="for titles and genres")
+    r.add_argument("--user", type=int, required=True, help="the user id to rank for")
+    r.add_argument("--k", type=int, default=50, help="items to return (default: 50)")
+    r.add_argument("--exclude", type=int, nargs="*", metavar="ID", help="item ids never to return")
+    r.add_argument(
+        "--debug",
+        action="store_true",
+        help="also print, per item, its candidate rank, model score and the rules that "
+        "moved it, then the items the rules dropped and why, and the rungs taken",
+    )
+    r.add_argument(
+        "--address",
+        default="127.0.0.1:50062",
+        help="the ranker: HOST:PORT, or ipv4:HOST:P,HOST:Q for workers (default: 127.0.0.1:50062)",
+    )
+    r.add_argument(
+        "--artifacts", default="artifacts", help="the artifact root, for titles and genres"
+    )
     r.set_defaults(func=cmd_rank)
 
     q = sub.add_parser("quickstart", help="build, serve, and rank a few users, end to end")
     q.add_argument("--data", help="MovieLens folder (default: download ml-latest-small)")
-    q.add_argument("--out", default="artifacts")
-    q.add_argument("--cache", default=str(DEFAULT_CACHE))
+    q.add_argument("--out", default="artifacts", help="the artifact root (default: artifacts)")
+    q.add_argument(
+        "--cache",
+        default=str(DEFAULT_CACHE),
+        help=f"where the MovieLens download and embeddings are kept (default: {DEFAULT_CACHE})",
+    )
     q.add_argument("--url", default=GROUPLENS_URL, help=argparse.SUPPRESS)
-    q.add_argument("--users", default="1,42,414")
+    q.add_argument(
+        "--users", default="1,42,414", help="comma-separated users to rank (default: 1,42,414)"
+    )
     q.set_defaults(func=cmd_quickstart)
 
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Our own progress at INFO; libraries (Feast's registry, Faiss's loader, the
+    # ONNX exporter) only when they warn.
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for name in ("sieve", "candidate", "ranker", "features"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    args = parser().parse_args(argv)
     try:
         return int(args.func(args))
     except SieveError as e:
