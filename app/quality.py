@@ -30,6 +30,7 @@ import pandas as pd
 
 from candidate.index import CandidateIndex, parse_search_params
 from ranker.config import RerankConfig
+from ranker.diversity import compact_space
 from ranker.evaluate import auc, bootstrap_ci, ndcg_at_k, paired_ratio_ci, recall_at_k
 from ranker.features import item_inputs
 from ranker.funnel import OfflineFunnel
@@ -40,7 +41,6 @@ from ranker.rerank import (
     PositionDecay,
     Rule,
     Slate,
-    compact_space,
     run_chain,
 )
 from ranker.scorer import OnnxScorer

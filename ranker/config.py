@@ -44,7 +44,7 @@ class RerankConfig(Frozen):
     history: HistoryConfig = HistoryConfig()
     diversity_dims: int = Field(32, ge=0, le=4096)
     """The diversity rules (mmr) compare items on the text embeddings' top this-many
-    principal directions, computed when a set loads (``compact_space``; 1.1 s and
+    principal directions, computed when a set loads (``ranker.diversity.compact_space``; 1.1 s and
     128 MB at 1M items); 0 compares the full embeddings. At 32 of 384, MMR's
     lists keep 99% of their diversity measured in the full space (BENCHMARKS.md)."""
 

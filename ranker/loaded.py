@@ -22,8 +22,9 @@ from features.item_table import ItemTable, ReadingChild, load_item_table
 from features.reader import OnlineReader, open_reader
 from ranker.config import RankerConfig
 from ranker.device import providers
+from ranker.diversity import compact_space
 from ranker.features import MODEL_FEATURES
-from ranker.rerank import AnyRule, compact_space, item_attributes
+from ranker.rerank import AnyRule, item_attributes
 from ranker.scorer import OnnxScorer
 from ranker.user_tower import UserTower
 from sieve import artifacts

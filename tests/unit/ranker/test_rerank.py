@@ -9,6 +9,7 @@ import pydantic
 import pytest
 
 from app.config import load_config
+from ranker.diversity import compact_space
 from ranker.rerank import (
     AllowCategories,
     Blocklist,
@@ -21,7 +22,6 @@ from ranker.rerank import (
     Seen,
     Slate,
     _count_in,
-    compact_space,
     fatigue,
     freshness,
     group_cap,
