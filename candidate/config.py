@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from sieve.config import Frozen
+from sieve.tls import ServerTls
 
 
 class CandidateConfig(Frozen):
@@ -67,6 +68,9 @@ class CandidateConfig(Frozen):
     drain_s: float = Field(1.0, ge=0.0)
     """On SIGTERM, health reports NOT_SERVING this long before new RPCs are refused
     (so load balancers that watch health stop sending first)."""
+    tls: ServerTls = ServerTls()
+    """TLS or mutual TLS for this service's port (``sieve/tls.py``); empty: plaintext,
+    said loudly at start on an address other than loopback."""
     max_connection_age_s: float = Field(300.0, ge=0.0)
     """Clients are asked to reconnect (HTTP/2 GOAWAY, +-10% jitter, in-flight calls
     finish) after a connection is this old, so round_robin clients re-resolve and

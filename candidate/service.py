@@ -20,6 +20,7 @@ from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from sieve.batcher import MicroBatcher, per_group
 from sieve.errors import InvalidRequest, NotFound, grpc_errors
 from sieve.grpc_server import Server, add_servicer
+from sieve.tls import warn_if_exposed
 from sieve.validation import echo, echo_list, id_list, query_vector
 from sieve.versions import VersionHolder
 
@@ -312,8 +313,15 @@ async def create_server(
         ArtifactError: artifacts missing or corrupt; the server is stopped first.
     """
     servicer = CandidateServicer(config, artifacts_root)
+    warn_if_exposed("candidate", config.host, config.tls)
     server = Server(
-        SERVICE_NAME, config.host, config.port, None, config.max_connection_age_s, config.grace_s
+        SERVICE_NAME,
+        config.host,
+        config.port,
+        None,
+        config.max_connection_age_s,
+        config.grace_s,
+        config.tls,
     )
     server.every(config.reload_check_s, servicer.reload, "artifact reload")
     server.on_stop(servicer.close)

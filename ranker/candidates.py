@@ -16,6 +16,8 @@ from ranker.config import RankerConfig
 from ranker.ladder import retrieve_starved
 from ranker.resilience import Breaker
 from sieve.grpc_server import client_options
+from sieve.tls import channel_credentials as tls_credentials
+from sieve.tls import channel_options as tls_options
 
 log = logging.getLogger(__name__)
 LATE_NOTICE_S = 0.002
@@ -71,10 +73,18 @@ class CandidateClient:
         self._stub: sieve_pb2_grpc.CandidateServiceStub | None = None
 
     def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            self.config.candidate_address,
-            options=channel_options(self.config.reliability.retrieve_retries),
-        )
+        options = channel_options(self.config.reliability.retrieve_retries)
+        tls = self.config.candidate_tls
+        if tls.enabled:
+            self._channel = grpc.aio.secure_channel(
+                self.config.candidate_address,
+                tls_credentials(tls),
+                options=options + tls_options(tls),
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(
+                self.config.candidate_address, options=options
+            )
         self._stub = sieve_pb2_grpc.CandidateServiceStub(self._channel)
 
     async def close(self) -> None:

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from ranker.rerank import AnyRule, Fatigue, GroupCap, Mmr, Seen
 from sieve.config import Frozen
+from sieve.tls import ClientTls, ServerTls
 
 
 class HistoryConfig(Frozen):
@@ -228,6 +229,12 @@ class RankerConfig(Frozen):
     """Time in-flight Rank calls get to finish on shutdown."""
     drain_s: float = Field(1.0, ge=0.0)
     """On SIGTERM, health reports NOT_SERVING this long before new RPCs are refused."""
+    tls: ServerTls = ServerTls()
+    """TLS or mutual TLS for this service's port (``sieve/tls.py``); empty: plaintext,
+    said loudly at start on an address other than loopback."""
+    candidate_tls: ClientTls = ClientTls()
+    """How this ranker reaches the candidate service over TLS (its CA, and a client
+    certificate where the candidate requires one); empty: plaintext."""
     max_connection_age_s: float = Field(300.0, ge=0.0)
     """Clients are asked to reconnect (HTTP/2 GOAWAY, +-10% jitter, in-flight calls
     finish) after a connection is this old, so round_robin clients re-resolve and

@@ -16,6 +16,7 @@ from ranker.sources import source_names
 from sieve.errors import InvalidRequest, Overloaded, grpc_errors
 from sieve.grpc_server import Server, add_servicer
 from sieve.metrics import IN_FLIGHT, IN_FLIGHT_LIMIT, RANK_ANSWERS, RANK_RUNGS, serve_metrics
+from sieve.tls import warn_if_exposed
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = sieve_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
@@ -106,6 +107,7 @@ async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[Ser
         ArtifactError: artifacts missing or corrupt; the server is stopped first.
     """
     pipeline = RankPipeline(config, artifacts_root)
+    warn_if_exposed("ranker", config.host, config.tls)
     server = Server(
         SERVICE_NAME,
         config.host,
@@ -113,6 +115,7 @@ async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[Ser
         config.reliability.accepted_bound,
         config.max_connection_age_s,
         config.grace_s,
+        config.tls,
     )
     server.every(config.item_refresh_s, pipeline.refresh_item_features, "item feature refresh")
     server.every(config.reload_check_s, pipeline.reload, "artifact reload")

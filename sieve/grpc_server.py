@@ -15,6 +15,8 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sieve.tls import ServerTls, server_credentials
+
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -68,12 +70,15 @@ class Server:
         max_concurrent_rpcs: int | None = None,
         max_connection_age_s: float = 0.0,
         grace_s: float = 5.0,
+        tls: ServerTls | None = None,
     ) -> None:
         """``max_concurrent_rpcs``: gRPC's own bound on RPCs accepted and not yet
         answered, those waiting for the event loop included; past it gRPC answers
         RESOURCE_EXHAUSTED without running any Python (None: no bound).
         ``max_connection_age_s``: connections older than this are closed (GOAWAY;
         calls on them get ``grace_s`` to finish), so clients re-resolve; 0: never.
+        ``tls``: serve TLS (or mutual TLS) with certificates that rotate
+        (``sieve/tls.py``); None or not enabled: plaintext.
 
         No SO_REUSEPORT: a second server on a port in use fails to start instead
         of silently sharing it (replicas take a port each: app/workers.py)."""
@@ -91,6 +96,7 @@ class Server:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._address = f"{host}:{port}"
+        self._tls = tls
         self.port = 0
         self.metrics_port = -1  # /metrics over HTTP, where the service serves it
         self._stopped = False
@@ -121,7 +127,11 @@ class Server:
         reflection.enable_server_reflection(
             (self.service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(self._address)
+        if self._tls is not None and self._tls.enabled:
+            creds = server_credentials(self._tls)
+            self.port = self.server.add_secure_port(self._address, creds)
+        else:
+            self.port = self.server.add_insecure_port(self._address)
         if self.port == 0:
             raise OSError(f"cannot bind {self._address}")
         for name in ("", self.service_name):
