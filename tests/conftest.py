@@ -9,6 +9,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import asyncio  # noqa: E402
 import inspect  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -25,6 +27,20 @@ from sieve import artifacts  # noqa: E402
 from sieve.local_redis import local_redis  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def sieve_process(*args: str, **kw: object) -> subprocess.Popen[str]:
+    """``python -m app.cli ARGS`` from the checkout, output (both streams) to a pipe."""
+    return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
 MOVIELENS = Path(
     os.environ.get("SIEVE_MOVIELENS", ROOT.parent / "shared/data/movielens/ml-latest-small")
 )

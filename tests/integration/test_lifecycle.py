@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -31,7 +29,7 @@ from sieve import artifacts
 from sieve.errors import ArtifactError
 from sieve.grpc_server import Server
 from sieve.local_redis import free_port
-from tests.conftest import EMBED_CACHE, RELAXED, ROOT, copy_artifacts
+from tests.conftest import EMBED_CACHE, RELAXED, copy_artifacts, sieve_process
 
 
 def rematerialize_items(repo: Path, items: pd.DataFrame, event_time: datetime) -> None:
@@ -112,19 +110,8 @@ async def test_corrupt_model_is_refused_naming_the_file(
         await create_ranker(RankerConfig(port=0, item_refresh_s=0), root)
 
 
-def _sieve(*args: str, **kw) -> subprocess.Popen:  # type: ignore[no-untyped-def,type-arg]
-    return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,
-    )
-
-
 def test_serve_refuses_to_start_without_artifacts(tmp_path: Path) -> None:
-    proc = _sieve(
+    proc = sieve_process(
         "serve", "--artifacts", str(tmp_path), "--candidate-port", "0", "--ranker-port", "0"
     )
     out, _ = proc.communicate(timeout=120)
@@ -137,7 +124,7 @@ def test_serve_answers_then_stops_gracefully_on_sigterm(
 ) -> None:
     ready = tmp_path / "ready"
     rport = free_port()
-    proc = _sieve(
+    proc = sieve_process(
         "serve",
         "--artifacts",
         str(artifacts_root),
@@ -221,7 +208,7 @@ def test_quickstart_end_to_end(movielens_dir: Path, tmp_path: Path) -> None:
     cache.mkdir()
     src = EMBED_CACHE / f"embeddings-{MODEL_ID}.npz"
     shutil.copy(src, cache / src.name)  # the session's build already embedded these texts
-    proc = _sieve(
+    proc = sieve_process(
         "quickstart",
         "--data",
         str(movielens_dir),

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -23,19 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from sieve.grpc_server import client_options
+from tests.conftest import sieve_process
 
-ROOT = Path(__file__).resolve().parents[2]
 HISTORY_DB = 5
-
-
-def _sieve(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def _answered(url: str) -> float:
@@ -94,7 +82,7 @@ def test_two_workers_balance_calls_share_history_and_come_back_after_a_crash(
         "metrics_port = 0\n"
     )
     ready = tmp_path / "ready"
-    proc = _sieve(
+    proc = sieve_process(
         "--config", str(config), "serve", "--artifacts", str(artifacts_root),
         "--candidate-port", "0", "--ranker-port", "0", "--ranker-workers", "2",
         "--ready-file", str(ready),
@@ -173,7 +161,7 @@ def test_two_workers_balance_calls_share_history_and_come_back_after_a_crash(
 def test_more_than_one_worker_refuses_an_in_process_history(
     artifacts_root: Path, tmp_path: Path
 ) -> None:
-    proc = _sieve(
+    proc = sieve_process(
         "serve", "--artifacts", str(artifacts_root), "--candidate-port", "0",
         "--ranker-port", "0", "--ranker-workers", "2",
     )  # fmt: skip
@@ -184,7 +172,7 @@ def test_more_than_one_worker_refuses_an_in_process_history(
 
 @pytest.mark.parametrize("workers", ["0", "-1"])
 def test_a_worker_count_below_one_is_refused(artifacts_root: Path, workers: str) -> None:
-    proc = _sieve("serve", "--artifacts", str(artifacts_root), "--ranker-workers", workers)
+    proc = sieve_process("serve", "--artifacts", str(artifacts_root), "--ranker-workers", workers)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, out
     assert "--ranker-workers must be at least 1" in out, out
