@@ -216,7 +216,7 @@ class Supervisor:
         """SIGTERM to the workers, then the candidate service; wait for each (their
         own grace and drain), kill what outlives it. The exit status: 0 when every
         process stopped cleanly."""
-        rc = 0
+        codes = []
         waits = {
             "ranker": self.cfg.ranker.grace_s + self.cfg.ranker.drain_s + 10.0,
             "candidate": self.cfg.candidate.grace_s + self.cfg.candidate.drain_s + 10.0,
@@ -233,5 +233,6 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     c.proc.kill()
                     code = c.proc.wait()
-                rc = rc or (code if c.restart_at is None else 0)
-        return 0 if rc in (0, -signal.SIGTERM) else 1
+                if c.restart_at is None:  # not one that had exited already
+                    codes.append(code)
+        return 0 if all(code in (0, -signal.SIGTERM) for code in codes) else 1
