@@ -207,16 +207,19 @@ async def rank_once(
         )
 
 
+def _column(catalog: pd.DataFrame | None, name: str) -> dict[int, object]:
+    """item id -> a catalog column (empty without a catalog)."""
+    if catalog is None:
+        return {}
+    return dict(zip(catalog["item_id"], catalog[name], strict=True))
+
+
 def format_response(
     resp: sieve_pb2.RankResponse, catalog: pd.DataFrame | None, user_id: int
 ) -> str:
     """The table ``sieve rank`` and the quickstart print."""
-    titles = (
-        dict(zip(catalog["item_id"], catalog["title"], strict=True)) if catalog is not None else {}
-    )
-    genres = (
-        dict(zip(catalog["item_id"], catalog["genres"], strict=True)) if catalog is not None else {}
-    )
+    titles = _column(catalog, "title")
+    genres = _column(catalog, "genres")
     out = [f"\nuser {user_id}: {len(resp.items)} items (artifact set {resp.artifact_version})"]
     out.append(f"{'#':>3}  {'title':<48} {'genres':<34} {'cand':>6} {'score':>6}  sources")
     for pos, item in enumerate(resp.items, 1):
@@ -235,9 +238,7 @@ def format_response(
 def format_debug(resp: sieve_pb2.RankResponse, catalog: pd.DataFrame | None) -> str:
     """What ``sieve rank --debug`` adds: per item where it came from, what the model
     and the rules did to it; the dropped items and why; the rungs taken."""
-    titles = (
-        dict(zip(catalog["item_id"], catalog["title"], strict=True)) if catalog is not None else {}
-    )
+    titles = _column(catalog, "title")
     out = ["", f"{'#':>3}  {'title':<40} {'cand#':>5} {'model':>7} {'final':>7}  moved by"]
     for pos, item in enumerate(resp.items, 1):
         title = str(titles.get(item.item_id, f"item {item.item_id}"))[:40]

@@ -162,9 +162,9 @@ def channel_options(tls: ClientTls) -> list[tuple[str, object]]:
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (an address or ``localhost``) only reaches this machine."""
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
+    if host == "localhost":
+        return True
+    try:  # "" (every interface) is not an address: not loopback
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
