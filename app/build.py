@@ -104,6 +104,7 @@ def build(
         write_index,
     )
     from candidate.neighbours import cooccurrence_neighbours
+    from candidate.shards import write_shards
     from candidate.towers import (
         HISTORY_INPUT,
         MASK_INPUT,
@@ -228,6 +229,18 @@ def build(
         write_index(index, vdir / "index.faiss")
         text_index = build_index(emb, text_factory, config.seed, config.train_size, True)
         write_index(text_index, vdir / "text_index.faiss")
+    shard_files: dict[str, str] = {}
+    shards = None
+    if config.shards > 1:
+        with report.stage(f"faiss shard indexes ({config.shards} shards)"):
+            shard_files, shards = write_shards(
+                vdir,
+                item_ids,
+                config.shards,
+                {"index": factory, "text_index": text_factory},
+                config.seed,
+                config.train_size,
+            )
 
     with report.stage("ranker training rows (every source, as served)"):
         items_early = item_table(ml.movies, early)
@@ -309,6 +322,7 @@ def build(
         "feature_store": "feature_repo/feature_store.yaml",
         "user_features": "feature_repo/data/user_features.parquet",
         "item_features": "feature_repo/data/item_features.parquet",
+        **shard_files,
     }
     report.stage_seconds["total"] = round(time.perf_counter() - t_all, 3)
     manifest = Manifest(
@@ -325,6 +339,7 @@ def build(
             dim=DIM,
             ntotal=int(text_index.ntotal),
         ),
+        shards=shards,
         retriever=RetrieverSection(
             dim=tower_spec.dim,
             history=tower_spec.history,

@@ -136,12 +136,18 @@ async def serve(
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    updates_c = {"port": args.candidate_port} if args.candidate_port is not None else {}
+    updates_c: dict[str, object] = (
+        {"port": args.candidate_port} if args.candidate_port is not None else {}
+    )
+    if args.shard is not None:
+        updates_c["shard"] = args.shard
     updates_r: dict[str, object] = (
         {"port": args.ranker_port} if args.ranker_port is not None else {}
     )
     if args.candidate_address:
         updates_r["candidate_address"] = args.candidate_address
+    if args.candidate_shard:
+        updates_r["candidate_shards"] = tuple(args.candidate_shard)
     if args.ranker_metrics_port is not None:
         updates_r["reliability"] = cfg.ranker.reliability.model_copy(
             update={"metrics_port": args.ranker_metrics_port}
@@ -155,11 +161,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ready = Path(args.ready_file) if args.ready_file else None
     if args.ranker_workers < 1:
         raise ConfigError(f"--ranker-workers must be at least 1, got {args.ranker_workers}")
-    if args.ranker_workers > 1:
+    if args.candidate_shards < 1:
+        raise ConfigError(f"--candidate-shards must be at least 1, got {args.candidate_shards}")
+    if args.ranker_workers > 1 or args.candidate_shards > 1:
         from app.workers import Supervisor, check_shared_state
 
-        if args.only == "candidate":
+        if args.only == "candidate" and args.ranker_workers > 1:
             raise ConfigError("--ranker-workers goes with the ranker: drop --only candidate")
+        if args.only == "ranker" and args.candidate_shards > 1:
+            raise ConfigError(
+                "--candidate-shards starts candidate processes: drop --only ranker "
+                "(and name running shards with --candidate-shard)"
+            )
         check_shared_state(cfg, args.ranker_workers)
         base = [
             sys.executable,
@@ -169,7 +182,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ]
         base += ["serve", "--artifacts", args.artifacts, "--loop", args.loop]
         supervisor = Supervisor(
-            cfg, base, args.ranker_workers, args.only, args.candidate_address, ready
+            cfg,
+            base,
+            args.ranker_workers,
+            args.only,
+            args.candidate_address,
+            ready,
+            shards=args.candidate_shards,
         )
         return supervisor.run()
     main = serve(cfg, Path(args.artifacts), args.only, ready)
@@ -400,6 +419,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--candidate-port", type=int, help="overrides [candidate] port (0: a free port)")
     s.add_argument("--ranker-port", type=int, help="overrides [ranker] port (0: a free port)")
     s.add_argument("--candidate-address", help="for --only ranker: where Retrieve is served")
+    s.add_argument(
+        "--shard",
+        type=int,
+        metavar="I",
+        help="for --only candidate: serve shard I of a sharded set ([build] shards)",
+    )
+    s.add_argument(
+        "--candidate-shard",
+        action="append",
+        metavar="ADDRESS",
+        help="for --only ranker: a candidate shard's address, once per shard in shard "
+        "order (overrides [ranker] candidate_shards)",
+    )
+    s.add_argument(
+        "--candidate-shards",
+        type=int,
+        default=1,
+        metavar="S",
+        help="start S candidate processes, one per shard of the sharded set, from "
+        "--candidate-port up, and point the ranker at all of them (app/workers.py)",
+    )
     s.add_argument(
         "--loop",
         choices=["uvloop", "asyncio"],

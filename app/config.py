@@ -90,6 +90,11 @@ class BuildConfig(Frozen):
     text_search_params: str = "auto"
     train_size: int = Field(200_000, ge=1_000)
     """Rows sampled (seeded) to train the index's quantizers."""
+    shards: int = Field(1, ge=1, le=256)
+    """Partition the catalog into this many candidate shards (``candidate/shards.py``):
+    besides the whole indexes, each space gets one index per shard, served by
+    ``sieve serve --only candidate --shard i`` and merged by the ranker
+    (``[ranker] candidate_shards``). 1: no shard files."""
     label_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     """Share of each user's latest training ratings that label the ranker's
     training rows (the earlier part gives their features and candidates)."""

@@ -18,6 +18,10 @@ again, so more than one worker refuses the in-process store). The response cache
 may stay in process (each worker's fallback answers are its own); the in-flight
 bound is per worker, as it bounds that process's queue.
 
+With ``--candidate-shards S`` it starts S candidate processes, one per shard of
+a sharded set (``--shard i``, ports from the candidate port up), and the workers
+scatter every Retrieve to all of them (``ranker/scatter.py``).
+
 The supervisor starts the candidate service first (unless ``--only ranker``),
 then the workers; it writes the ready file once all serve (one line per process:
 ``candidate PORT``, then ``ranker PORT [metrics PORT]`` each), restarts a worker
@@ -63,10 +67,13 @@ class Child:
     exits: int = 0  # exits in a row without a steady run
     restart_at: float | None = None
     extra: list[str] = field(default_factory=list)
+    shard: bool = False  # a candidate shard (``--shard index``)
 
     @property
     def name(self) -> str:
-        return self.role if self.role == "candidate" else f"ranker worker {self.index}"
+        if self.role == "candidate":
+            return f"candidate shard {self.index}" if self.shard else "candidate"
+        return f"ranker worker {self.index}"
 
 
 def check_shared_state(cfg: SieveConfig, workers: int) -> None:
@@ -97,10 +104,12 @@ class Supervisor:
         candidate_address: str | None,
         ready_file: Path | None,
         start_timeout_s: float = 600.0,
+        shards: int = 1,
     ) -> None:
         self.cfg = cfg
         self.base_cmd = base_cmd  # python -m app.cli [--config C] serve --artifacts A --loop L
         self.workers = workers
+        self.shards = shards
         self.only = only
         self.candidate_address = candidate_address
         self.ready_file = ready_file
@@ -117,6 +126,8 @@ class Supervisor:
         cmd = [*self.base_cmd, "--only", child.role, "--ready-file", str(child.ready)]
         if child.role == "candidate":
             cmd += ["--candidate-port", str(child.port)]
+            if self.shards > 1:
+                cmd += ["--shard", str(child.index)]
         else:
             cmd += ["--ranker-port", str(child.port), "--ranker-workers", "1", *child.extra]
             if child.metrics_port >= 0:
@@ -140,7 +151,7 @@ class Supervisor:
                 time.sleep(0.1)
             time.sleep(0.05)  # the line is written in one call; let it land
             child.bound = child.ready.read_text().strip()
-            if child.role == "ranker" and child.port == 0:
+            if child.port == 0:
                 # a restart keeps the port clients already balance over
                 child.port = int(child.bound.split()[1])
                 if child.metrics_port == 0 and " metrics " in child.bound:
@@ -153,13 +164,29 @@ class Supervisor:
         rcfg = self.cfg.ranker
         try:
             address = self.candidate_address
-            if self.only != "ranker":
-                cand = Child("candidate", 0, self.cfg.candidate.port, -1, self._tmp / "candidate")
-                self.children.append(cand)
-                self._spawn(cand)
-                self._wait_ready([cand])
-                address = f"{self.cfg.candidate.host}:{cand.bound.split()[1]}"
             extra = ["--candidate-address", address] if address else []
+            if self.only != "ranker":
+                cport = self.cfg.candidate.port
+                cands = [
+                    Child(
+                        "candidate",
+                        i,
+                        cport + i if cport else 0,
+                        -1,
+                        self._tmp / f"candidate{i}",
+                        shard=self.shards > 1,
+                    )
+                    for i in range(self.shards)
+                ]
+                self.children += cands
+                for c in cands:
+                    self._spawn(c)
+                self._wait_ready(cands)
+                addresses = [f"{self.cfg.candidate.host}:{c.port}" for c in cands]
+                if self.shards > 1:
+                    extra = [a for address in addresses for a in ("--candidate-shard", address)]
+                else:
+                    extra = ["--candidate-address", addresses[0]]
             base, mport = rcfg.port, rcfg.reliability.metrics_port
             workers = [
                 Child(
@@ -182,7 +209,8 @@ class Supervisor:
             self._shutdown()
             return 1 if isinstance(e, RuntimeError) else 0
         ports = ",".join(f"{rcfg.host}:{w.port}" for w in workers)
-        print(f"{self.workers} ranker workers serving on ipv4:{ports}", flush=True)
+        shards = f" over {self.shards} candidate shards" if self.shards > 1 else ""
+        print(f"{self.workers} ranker workers{shards} serving on ipv4:{ports}", flush=True)
         if self.ready_file is not None:
             self.ready_file.write_text("".join(f"{c.bound}\n" for c in self.children))
         while not self._stopping:

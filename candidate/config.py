@@ -16,6 +16,11 @@ class CandidateConfig(Frozen):
     host: str = "127.0.0.1"
     port: int = Field(50061, ge=0, le=65535)
     """0 picks a free port (tests)."""
+    shard: int = Field(-1, ge=-1, le=255)
+    """Serve shard ``shard`` of a sharded set (``[build] shards``; ``sieve serve --only
+    candidate --shard i``): its items only, searched in that shard's index files.
+    -1: the whole catalog. A set without that shard is refused at load (and the
+    service keeps the set it serves)."""
     max_k: int = Field(2048, ge=1, le=2048)
     """Largest k a request may ask for (Faiss GPU caps k at 2048)."""
     max_exclude: int = Field(20_000, ge=0)

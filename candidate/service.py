@@ -271,6 +271,8 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
             scores=result.scores.tolist(),
             artifact_version=version,
             search_us=search_us,
+            shard=max(live.shard, 0),
+            shard_count=live.shards,
             more=[
                 sieve_pb2.SpaceResult(
                     source=m.source,

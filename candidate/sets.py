@@ -15,6 +15,7 @@ import pandas as pd
 from candidate.config import CandidateConfig
 from candidate.device import faiss_gpu
 from candidate.index import CandidateIndex, gpu_count, parse_search_params, set_gpu_params, to_gpu
+from candidate.shards import check_shard, shard_role, shard_rows
 from sieve import artifacts
 from sieve.device import decide
 from sieve.errors import ArtifactError, ConfigError, InvalidRequest
@@ -36,6 +37,8 @@ class LiveIndex:
     index: CandidateIndex
     version: str
     text: LiveIndex | None = None
+    shard: int = -1  # of a sharded set; -1: the whole catalog
+    shards: int = 0  # the set's shard count; 0: not sharded
 
     def space(self, source: str) -> LiveIndex:
         """The space a RetrieveRequest's ``source`` names ("" is the learned one).
@@ -87,32 +90,47 @@ async def load_live(config: CandidateConfig, root: Path, version: str, on_gpu: b
     Raises:
         ArtifactError: naming the missing, corrupt or malformed file.
     """
-    index, text = await asyncio.to_thread(load_index, config, root, version, on_gpu)
+    index, text, shards = await asyncio.to_thread(load_index, config, root, version, on_gpu)
     await asyncio.to_thread(index.warm_up, min(1000, config.max_k))
     if text is not None:
         await asyncio.to_thread(text.warm_up, min(1000, config.max_k))
-    return LiveIndex(index, version, LiveIndex(text, version) if text is not None else None)
+    shard = config.shard if shards else -1
+    return LiveIndex(
+        index,
+        version,
+        LiveIndex(text, version, None, shard, shards) if text is not None else None,
+        shard,
+        shards,
+    )
 
 
 def load_index(
     config: CandidateConfig, root: Path, version: str, on_gpu: bool
-) -> tuple[CandidateIndex, CandidateIndex | None]:
+) -> tuple[CandidateIndex, CandidateIndex | None, int]:
     """The learned index of ``version`` under ``root``, verified, on the GPU when
-    ``on_gpu``, and its text index (on the CPU) when the set has one."""
+    ``on_gpu``, its text index (on the CPU) when the set has one, and the set's
+    shard count (0: not sharded). With ``config.shard`` set, the indexes are that
+    shard's, over its items only."""
     import faiss
 
     faiss.omp_set_num_threads(config.omp_threads)
     aset = artifacts.load(root, version)
     catalog = aset.read_catalog(["item_id", "genres"])
     item_ids = catalog["item_id"].to_numpy(np.int64)
-    masks = category_masks(catalog["genres"])
     m = aset.manifest
+    role, text_role, rows = "index", "text_index", None
+    if config.shard >= 0:
+        section = check_shard(m, config.shard, aset.root / artifacts.MANIFEST)
+        rows = shard_rows(item_ids, section.count, config.shard)
+        role, text_role = shard_role(role, config.shard), shard_role(text_role, config.shard)
+        item_ids, catalog = item_ids[rows], catalog.iloc[rows]
+    masks = category_masks(catalog["genres"])
     try:
         search_params = parse_search_params(m.index.search_params)
         text_params = parse_search_params(m.text_index.search_params) if m.text_index else {}
     except ValueError as e:
         raise ArtifactError(f"{aset.root / artifacts.MANIFEST}: index: {e}") from e
-    index_path = aset.verified("index")  # reading it for the checksum warms the cache too
+    index_path = aset.verified(role)  # reading it for the checksum warms the cache too
     index = CandidateIndex.load(
         index_path,
         item_ids,
@@ -124,7 +142,7 @@ def load_index(
     text = None
     if m.text_index is not None:
         text = CandidateIndex.load(
-            aset.verified("text_index"),
+            aset.verified(text_role),
             item_ids,
             aset.verified("text_user_vectors"),
             mmap=config.index_mmap,
@@ -136,6 +154,8 @@ def load_index(
         embeddings = None
         if config.gpu_index == "flat":
             embeddings = np.load(aset.verified("item_embeddings"), mmap_mode="r")
+            if rows is not None and len(embeddings) > rows[-1]:
+                embeddings = embeddings[rows]
             if embeddings.shape != (index.index.ntotal, index.dim):
                 raise ArtifactError(
                     f"item embeddings {aset.path('item_embeddings')} have shape "
@@ -146,11 +166,12 @@ def load_index(
             set_gpu_params(index.accelerated.index, index.search_params)
         where = f"GPU {config.gpu_id} ({config.gpu_index})"
     log.info(
-        "candidate index %s: %d items, dim %d, %s, searched on %s",
+        "candidate index %s%s: %d items, dim %d, %s, searched on %s",
         aset.version,
+        f" shard {config.shard}/{m.shards.count}" if rows is not None and m.shards else "",
         index.index.ntotal,
         index.dim,
         aset.manifest.index.factory,
         where,
     )
-    return index, text
+    return index, text, m.shards.count if m.shards else 0

@@ -63,12 +63,19 @@ class CandidateClient:
     Constructed with the config; ``start()`` opens the channel, ``close()`` closes it.
     """
 
-    def __init__(self, config: RankerConfig, congested: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self,
+        config: RankerConfig,
+        congested: Callable[[], bool] = lambda: False,
+        address: str | None = None,
+        name: str = "candidate",
+    ) -> None:
         self.config = config
+        self.address = config.candidate_address if address is None else address
         self._congested = congested
         self.in_flight = 0  # Retrieves this ranker has out now
         rel = config.reliability
-        self.breaker = Breaker.reported("candidate", rel.breaker)
+        self.breaker = Breaker.reported(name, rel.breaker)
         self._channel: grpc.aio.Channel | None = None
         self._stub: sieve_pb2_grpc.CandidateServiceStub | None = None
 
@@ -77,14 +84,12 @@ class CandidateClient:
         tls = self.config.candidate_tls
         if tls.enabled:
             self._channel = grpc.aio.secure_channel(
-                self.config.candidate_address,
+                self.address,
                 tls_credentials(tls),
                 options=options + tls_options(tls),
             )
         else:
-            self._channel = grpc.aio.insecure_channel(
-                self.config.candidate_address, options=options
-            )
+            self._channel = grpc.aio.insecure_channel(self.address, options=options)
         self._stub = sieve_pb2_grpc.CandidateServiceStub(self._channel)
 
     async def close(self) -> None:

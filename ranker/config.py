@@ -179,6 +179,14 @@ class RankerConfig(Frozen):
     host: str = "127.0.0.1"
     port: int = Field(50062, ge=0, le=65535)
     candidate_address: str = "127.0.0.1:50061"
+    """The candidate service: ``host:port``, ``ipv4:A,B`` of replicas, or a
+    ``dns:///`` name (calls balanced by ``round_robin``)."""
+    candidate_shards: tuple[str, ...] = ()
+    """A sharded set's candidate shards, one address each in shard order (each as
+    ``candidate_address``: a shard may have replicas). Every Retrieve goes to all of
+    them at once, each with the stage's deadline, and their top-k are merged by
+    score; a shard that fails or is late leaves a ``partial_candidates`` answer with
+    its coverage. Empty: ``candidate_address`` serves the whole catalog."""
     default_k: int = Field(50, ge=1)
     max_k: int = Field(500, ge=1)
     max_exclude: int = Field(10_000, ge=0)

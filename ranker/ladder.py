@@ -1,6 +1,8 @@
 """The degradation ladder: what a Rank gives up, in order, instead of failing.
 
     cached_user_features  the online store failed: the user's last read features
+    stored_user_vector    the user tower failed: the build's vector of the user
+    partial_candidates    a shard of a sharded index failed or ran late: the others'
     fewer_candidates      retrieval ran late: only the top candidates are scored
     ann_order             scoring failed or ran late: ANN order instead of the model
     cached_response       no candidates: the user's last full-quality answer
@@ -26,8 +28,8 @@ from ranker.sources import BIT
 
 log = logging.getLogger(__name__)
 
-RUNGS = ("cached_user_features", "stored_user_vector", "fewer_candidates", "ann_order",
-         "cached_response", "popular_items")  # fmt: skip
+RUNGS = ("cached_user_features", "stored_user_vector", "partial_candidates", "fewer_candidates",
+         "ann_order", "cached_response", "popular_items")  # fmt: skip
 """The rungs, in ladder order."""
 
 

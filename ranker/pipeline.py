@@ -49,6 +49,7 @@ from ranker.loaded import LoadedSet, load_set, refreshed
 from ranker.rerank import item_attributes
 from ranker.resilience import Breaker, Deadlines, InFlightLimit, TtlCache
 from ranker.response_cache import CachedAnswer, ResponseCache, open_response_cache
+from ranker.scatter import ShardedCandidates
 from ranker.scorer import OnnxScorer
 from sieve import artifacts
 from sieve.batcher import MicroBatcher
@@ -104,7 +105,11 @@ class RankPipeline:
             rel.max_in_flight,
             adaptive=rel.adaptive_in_flight,
         )
-        self.candidates = CandidateClient(config, congested=lambda: self.limit.congested)
+        self.candidates: CandidateClient | ShardedCandidates = (
+            ShardedCandidates(config, congested=lambda: self.limit.congested)
+            if config.candidate_shards
+            else CandidateClient(config, congested=lambda: self.limit.congested)
+        )
         self.store_breaker = Breaker.reported("online_store", rel.breaker)
         # Users' last read features, served when the online store fails.
         self.user_cache: TtlCache[int, FeatureFrame] = TtlCache(
@@ -253,6 +258,8 @@ class RankPipeline:
             ctx.out_of_time |= ladder.retrieve_starved(left, rel)
             ctx.note(failed)
             return await ladder.fallback(state, ctx, self.response_cache)
+        if failed:  # some shards answered
+            ctx.take("partial_candidates", failed)
         text = None
         if more:
             if len(resp.more) == len(more):

@@ -55,6 +55,23 @@ class IndexSection(Frozen):
     ntotal: int = Field(ge=0)
 
 
+class ShardsSection(Frozen):
+    """The catalog partitioned for a sharded candidate service (``[build] shards``):
+    shard ``i`` holds the items whose ``candidate.shards.shard_of`` is ``i``, in
+    catalog order, in files ``index.shard<i>`` and ``text_index.shard<i>``."""
+
+    count: int = Field(ge=2, le=256)
+    key: Literal["splitmix64(item_id) mod count"] = "splitmix64(item_id) mod count"
+    ntotal: tuple[int, ...]
+    """Items in each shard, in shard order."""
+
+    @model_validator(mode="after")
+    def _one_count_per_shard(self) -> ShardsSection:
+        if len(self.ntotal) != self.count:
+            raise ValueError(f"lists {len(self.ntotal)} shard sizes for {self.count} shards")
+        return self
+
+
 class RetrieverSection(Frozen):
     """The learned retriever: its user tower (ONNX), run by the ranker per request."""
 
@@ -145,6 +162,8 @@ class Manifest(Frozen):
     """The main index: the learned retriever's item vectors."""
     text_index: IndexSection | None = None
     """The text source's index over the MiniLM item embeddings (role ``text_index``)."""
+    shards: ShardsSection | None = None
+    """None: one candidate process serves the whole catalog (``index``, ``text_index``)."""
     retriever: RetrieverSection | None = None
     model: ModelSection
     feature_schema: FeatureSchemaSection

@@ -198,10 +198,18 @@ class RetrieveResponse(_message.Message):
     ARTIFACT_VERSION_FIELD_NUMBER: _builtins.int
     SEARCH_US_FIELD_NUMBER: _builtins.int
     MORE_FIELD_NUMBER: _builtins.int
+    SHARD_FIELD_NUMBER: _builtins.int
+    SHARD_COUNT_FIELD_NUMBER: _builtins.int
     artifact_version: _builtins.str
     """Version of the artifact set that answered."""
     search_us: _builtins.int
     """Microseconds spent in the ANN search itself."""
+    shard: _builtins.int
+    """A sharded set's shard that answered (its items only), and the set's shard
+    count; 0 and 0 for a service of the whole catalog. The ranker checks both
+    against the address it sent the call to.
+    """
+    shard_count: _builtins.int
     @_builtins.property
     def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Best first; item_ids and scores have the same length (<= k)."""
@@ -224,10 +232,12 @@ class RetrieveResponse(_message.Message):
         artifact_version: _builtins.str = ...,
         search_us: _builtins.int = ...,
         more: _abc.Iterable[Global___SpaceResult] | None = ...,
+        shard: _builtins.int = ...,
+        shard_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_version", b"artifact_version", "item_ids", b"item_ids", "more", b"more", "scores", b"scores", "search_us", b"search_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_version", b"artifact_version", "item_ids", b"item_ids", "more", b"more", "scores", b"scores", "search_us", b"search_us", "shard", b"shard", "shard_count", b"shard_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -425,8 +435,10 @@ class RankResponse(_message.Message):
     def rungs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The rungs of the degradation ladder this answer took, in ladder order, when
         a dependency failed or a stage ran out of time (degradations says why):
-        cached_user_features, stored_user_vector, fewer_candidates, ann_order,
-        cached_response, popular_items. Empty: a full-quality answer.
+        cached_user_features, stored_user_vector, partial_candidates (a shard of a
+        sharded index did not answer: degradations gives the coverage),
+        fewer_candidates, ann_order, cached_response, popular_items. Empty: a
+        full-quality answer.
         """
 
     def __init__(
