@@ -188,6 +188,7 @@ class Supervisor:
                 else:
                     extra = ["--candidate-address", addresses[0]]
             base, mport = rcfg.port, rcfg.reliability.metrics_port
+            n_workers = 0 if self.only == "candidate" else self.workers
             workers = [
                 Child(
                     "ranker",
@@ -197,7 +198,7 @@ class Supervisor:
                     self._tmp / f"ranker{i}",
                     extra=extra,
                 )
-                for i in range(self.workers)
+                for i in range(n_workers)
             ]
             self.children += workers
             for w in workers:
@@ -208,9 +209,13 @@ class Supervisor:
                 print(f"sieve serve: {e}", file=sys.stderr)
             self._shutdown()
             return 1 if isinstance(e, RuntimeError) else 0
-        ports = ",".join(f"{rcfg.host}:{w.port}" for w in workers)
-        shards = f" over {self.shards} candidate shards" if self.shards > 1 else ""
-        print(f"{self.workers} ranker workers{shards} serving on ipv4:{ports}", flush=True)
+        if workers:
+            ports = ",".join(f"{rcfg.host}:{w.port}" for w in workers)
+            over = f" over {self.shards} candidate shards" if self.shards > 1 else ""
+            print(f"{len(workers)} ranker workers{over} serving on ipv4:{ports}", flush=True)
+        else:
+            ports = ",".join(f"{self.cfg.candidate.host}:{c.port}" for c in self.children)
+            print(f"{self.shards} candidate shards serving on {ports}", flush=True)
         if self.ready_file is not None:
             self.ready_file.write_text("".join(f"{c.bound}\n" for c in self.children))
         while not self._stopping:

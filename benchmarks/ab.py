@@ -79,6 +79,9 @@ class Side:
     ranker_workers: int = 1
     """``sieve serve --ranker-workers``: more than one is driven over an ``ipv4:``
     list with round_robin, and its CPU is the sum of the worker processes'."""
+    candidate_shards: int = 1
+    """``sieve serve --only candidate --candidate-shards``: more than one serves the
+    set's shards (one process each, its CPU the sum) and the ranker scatters to all."""
 
     @classmethod
     def parse(cls, name: str, spec: str) -> Side:
@@ -148,15 +151,24 @@ def one_run(
     root = work / "artifacts"
     tag = f"ab_{side.name}_{rnd}"
     workers = ["--ranker-workers", str(side.ranker_workers)] if side.ranker_workers > 1 else []
+    shards = side.candidate_shards
+    sharded = ["--candidate-shards", str(shards)] if shards > 1 else []
     t0 = time.perf_counter()
-    with (
-        serving("candidate", config, root, work, f"{tag}_candidate.log", args.start_timeout,
-                "--candidate-port", "0", checkout=side.checkout,
-                cli_module=side.cli_module) as (cproc, cport),
-        serving("ranker", config, root, work, f"{tag}_ranker.log", args.start_timeout,
-                "--ranker-port", "0", "--candidate-address", f"127.0.0.1:{cport}", *workers,
-                checkout=side.checkout, cli_module=side.cli_module) as (rproc, rport),
-    ):  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        cproc, cport = stack.enter_context(
+            serving("candidate", config, root, work, f"{tag}_candidate.log", args.start_timeout,
+                    "--candidate-port", "0", *sharded, checkout=side.checkout,
+                    cli_module=side.cli_module)
+        )  # fmt: skip
+        where = ["--candidate-address", f"127.0.0.1:{cport}"]
+        if sharded:  # the supervisor's ready file: a "candidate PORT" line per shard
+            lines = (work / "candidate.ready").read_text().splitlines()
+            where = [a for x in lines for a in ("--candidate-shard", f"127.0.0.1:{x.split()[1]}")]
+        rproc, rport = stack.enter_context(
+            serving("ranker", config, root, work, f"{tag}_ranker.log", args.start_timeout,
+                    "--ranker-port", "0", *where, *workers,
+                    checkout=side.checkout, cli_module=side.cli_module)
+        )  # fmt: skip
         ready_s = time.perf_counter() - t0
         address = f"127.0.0.1:{rport}"
         if workers:  # the supervisor's ready file: a "ranker PORT ..." line per worker
@@ -294,11 +306,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     works = {"A": (work, config), "B": _work(args.work_b, None) if args.work_b else (work, config)}
     root = work / "artifacts"
     sides = {
-        "A": dataclasses.replace(Side.parse("A", args.a), ranker_workers=args.a_workers),
-        "B": dataclasses.replace(Side.parse("B", args.b), ranker_workers=args.b_workers),
+        "A": dataclasses.replace(
+            Side.parse("A", args.a), ranker_workers=args.a_workers, candidate_shards=args.a_shards
+        ),
+        "B": dataclasses.replace(
+            Side.parse("B", args.b), ranker_workers=args.b_workers, candidate_shards=args.b_shards
+        ),
     }
     checkouts = {
-        name: {**describe(side), "ranker_workers": side.ranker_workers}
+        name: {
+            **describe(side),
+            "ranker_workers": side.ranker_workers,
+            "candidate_shards": side.candidate_shards,
+        }
         for name, side in sides.items()
     }
     runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
@@ -410,6 +430,8 @@ def main() -> None:
     ap.add_argument("--b", required=True, help="DIR:MODULE, e.g. /work/main:app.cli")
     ap.add_argument("--a-workers", type=int, default=1, help="side A's --ranker-workers")
     ap.add_argument("--b-workers", type=int, default=1, help="side B's --ranker-workers")
+    ap.add_argument("--a-shards", type=int, default=1, help="side A's --candidate-shards")
+    ap.add_argument("--b-shards", type=int, default=1, help="side B's --candidate-shards")
     ap.add_argument("--rate", type=float, default=100.0, help="Rank/s (Poisson)")
     ap.add_argument("--seconds", type=float, default=30.0, help="recorded seconds per run")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds sent, not recorded")

@@ -18,7 +18,10 @@ for ``--fault-s`` seconds, then ``--post-s`` seconds after it clears:
 - ``candidate_slow``: 100 ms more on every candidate reply, then none;
 - ``artifact_swap``: publish a new artifact version; both services go live with it;
 - ``overload``: a second load generator brings the rate to 3x ``--max-rate``
-  (the benchmark's highest rate within budget).
+  (the benchmark's highest rate within budget);
+- ``shard_kill``: on a copy of the set resharded in two (``candidate.shards``),
+  served by two candidate shard processes and a ranker of its own that scatters
+  to both: SIGKILL shard 1; start it again on its port.
 
 Per fault it records requests sent, OK, degraded (an answer that took a rung of
 the degradation ladder), shed (RESOURCE_EXHAUSTED), failed (any other non-OK),
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import signal
 import subprocess
 import threading
@@ -63,13 +67,15 @@ from sieve import artifacts
 from sieve.faultproxy import DelayProxy
 from sieve.local_redis import free_port, start_redis, wait_for_redis
 
-FAULTS = ("redis_kill", "candidate_stop", "candidate_slow", "artifact_swap", "overload")
+FAULTS = ("redis_kill", "candidate_stop", "candidate_slow", "artifact_swap", "overload",
+          "shard_kill")  # fmt: skip
 CAUSES = {
     "redis_kill": ("user_features_failed", "history_unavailable"),
     "candidate_stop": ("retrieve_failed", "text_source_failed"),
     "candidate_slow": ("retrieve_failed", "text_source_failed"),
     "artifact_swap": ("retrieve_failed", "text_source_failed", "version_mismatch"),
     "overload": (),
+    "shard_kill": ("partial_candidates", "retrieve_failed", "text_source_failed"),
 }
 """The degradations each fault causes: recovery is judged on these (and on any
 non-OK answer), not on rungs a busy machine takes anyway (``fewer_candidates``
@@ -288,12 +294,60 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if extra:
                 extra[0].wait(60 + args.fault_s)
 
+        shard_procs: list[ExitStack] = []  # each shard process's exit
+        shard_popen: list[subprocess.Popen[bytes]] = []
+        shard_ports: list[int] = []
+        sharded: dict[str, Any] = {}
+
+        def start_shard(i: int) -> None:
+            shard_procs[i] = ExitStack()
+            shard_popen[i], _ = shard_procs[i].enter_context(
+                serving("candidate", config, sharded["root"], work, f"faults_shard{i}.log",
+                        args.start_timeout, "--candidate-port", str(shard_ports[i]),
+                        "--shard", str(i), ready_name=f"shard{i}")
+            )  # fmt: skip
+
+        def stop_shard(i: int) -> None:
+            shard_procs[i].close()
+
+        def sharded_ranker() -> str:
+            """A ranker over two candidate shards of a resharded copy of the set."""
+            from candidate.shards import reshard
+
+            sroot = work / "sharded"
+            if sroot.exists():
+                shutil.rmtree(sroot)
+            src = artifacts.resolve(root)
+            artifacts.clone_version(src, sroot / "versions" / src.name, link=True)
+            reshard(sroot, src.name, f"{src.name[:50]}_s2", 2)
+            artifacts.publish(sroot, f"{src.name[:50]}_s2")
+            sharded["root"] = sroot
+            for i in range(2):
+                shard_procs.append(ExitStack())
+                shard_ports.append(free_port())
+                shard_popen.append(None)  # type: ignore[arg-type]  # set by start_shard
+                start_shard(i)
+                stack.callback(stop_shard, i)
+            _, port = stack.enter_context(
+                serving("ranker", config, sroot, work, "faults_ranker_sharded.log",
+                        args.start_timeout, "--ranker-port", "0",
+                        *(a for p in shard_ports for a in ("--candidate-shard", f"127.0.0.1:{p}")),
+                        ready_name="ranker_sharded")
+            )  # fmt: skip
+            return f"127.0.0.1:{port}"
+
+        def kill_shard() -> None:
+            shard_popen[1].send_signal(signal.SIGKILL)
+            shard_popen[1].wait(10)
+            shard_procs[1].close()  # reaped already: nothing left to stop
+
         plan: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
             "redis_kill": (kill_redis, restart_redis),
             "candidate_stop": (stop_candidate, start_candidate),
             "candidate_slow": (slow, fast),
             "artifact_swap": (swap, swapped),
             "overload": (overload, overload_end),
+            "shard_kill": (kill_shard, lambda: start_shard(1)),
         }
         for i, name in enumerate(args.faults.split(",")):
             inject_fn, clear_fn = plan[name]
@@ -301,7 +355,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             out, started = work / f"faults_{name}.json", work / f"faults_{name}.started"
             started.unlink(missing_ok=True)
             total = args.pre_s + args.fault_s + args.post_s
-            cmd = loadgen_command(address, args.rate, total, args.warmup, users, out, seed=i)
+            target = sharded_ranker() if name == "shard_kill" else address
+            cmd = loadgen_command(target, args.rate, total, args.warmup, users, out, seed=i)
             gen = subprocess.Popen(
                 [*cmd, "--timeline", "--started-file", str(started)], cwd=ROOT
             )  # fmt: skip
@@ -323,6 +378,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 events += json.loads((work / "faults_overload_extra.json").read_text())["timeline"]
             row = summarize(events, inject, clear, CAUSES[name])
             row["offered_rps"] = 3 * args.max_rate if name == "overload" else args.rate
+            if name == "shard_kill":
+                during = [e for e in events if inject <= e[0] < clear and e[2] == "OK"]
+                row["partial_during_fault"] = sum("partial_candidates" in e[3] for e in during)
+                row["sharded_set"] = artifacts.current_version(sharded["root"])
             if name == "artifact_swap":
                 row["versions"] = dict(versions)
                 row["answers_of_new_version"] = sum(e[4] == versions["new"] for e in events)
@@ -354,7 +413,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "max_in_flight": args.max_in_flight or "default",
             "cpu_threads": "default" if args.cpu_threads is None else args.cpu_threads,
             "processes": "redis-server, candidate, ranker (candidate via a delay proxy), "
-            "load generator per fault (a second one for overload)",
+            "load generator per fault (a second one for overload); for shard_kill, two "
+            "candidate shards of a resharded copy of the set and a ranker over them",
             "degraded": "an OK answer that took a rung of the degradation ladder",
             "recovery_s": f"from the fault clearing to the first of {RUN} answers in a row "
             "that the fault no longer degraded (its degradation kinds: causes) and that did "

@@ -187,12 +187,14 @@ def serving(
     *flags: str,
     checkout: Path = ROOT,
     cli_module: str = CLI_MODULE,
+    ready_name: str = "",
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """``python -m CLI_MODULE serve --only ONLY`` of ``checkout`` (run there, so
     its packages are the ones imported) as a process, output to
     ``work/logs/log_name``; yields it and its port once it serves, SIGTERM on
-    the way out."""
-    ready, log = work / f"{only}.ready", work / "logs" / log_name
+    the way out. Its ready file is ``work/ONLY.ready`` (``ready_name`` instead of
+    ONLY, for several processes of one kind)."""
+    ready, log = work / f"{ready_name or only}.ready", work / "logs" / log_name
     ready.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", cli_module, "--config", str(config), "serve", "--only", only,
            "--artifacts", str(root), "--ready-file", str(ready), *flags]  # fmt: skip

@@ -22,7 +22,11 @@ class RedisStoreConfig(Frozen):
 
     type: Literal["redis"] = "redis"
     connection_string: str = "127.0.0.1:6379"
-    """``host:port[,db=N,password=...]`` in Feast's own format."""
+    """``host:port[,db=N,password=...]`` in Feast's own format; for a cluster, any
+    of its nodes as ``host:port,host:port[,password=...]`` (the rest are found)."""
+    redis_type: Literal["redis", "redis_cluster"] = "redis"
+    """``redis_cluster``: Feast materializes into a Redis Cluster and the ranker's
+    reader sends each node its keys' reads at once (``features/reader.py``)."""
 
 
 OnlineStoreConfig = Annotated[SqliteStoreConfig | RedisStoreConfig, Field(discriminator="type")]

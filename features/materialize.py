@@ -57,6 +57,8 @@ def store_yaml(project: str, online: OnlineStoreConfig) -> str:
         online_yaml = f"  type: sqlite\n  path: {online.path}\n"
     elif isinstance(online, RedisStoreConfig):
         online_yaml = f'  type: redis\n  connection_string: "{online.connection_string}"\n'
+        if online.redis_type == "redis_cluster":
+            online_yaml += "  redis_type: redis_cluster\n"
     else:  # pragma: no cover - the config's discriminator admits nothing else
         raise TypeError(f"unsupported online store {online!r}")
     return (

@@ -11,11 +11,14 @@ Layouts (Feast 0.67, read from ``feast/infra/online_stores/{sqlite,redis}.py``):
   ``value`` a serialized ``ValueProto``.
 - Redis: one hash per entity at ``serialize_entity_key(key) + project``; fields
   are ``mmh3("{view}:{feature}")`` as 4 little-endian bytes plus ``_ts:{view}``.
+  A Redis Cluster (``redis_type: redis_cluster``) holds the same hashes, spread
+  over its masters by the CRC16 slot of the key (no hash tag).
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import functools
 import sqlite3
 import struct
@@ -352,6 +355,89 @@ class RedisReader(OnlineReader):
             self._client = None
 
 
+class RedisClusterReader(RedisReader):
+    """Feast's Redis online store on a Redis Cluster (``redis_type: redis_cluster``).
+
+    Feast's keys carry no hash tag, so one read's entities spread over every
+    master: the keys are grouped by the node that owns their slot (the client's
+    slot map) and each node gets its pipelined HMGETs in one write, all nodes at
+    once. When the map is stale (a MOVED or ASK answer, a node gone), the read is
+    done again through redis-py's cluster pipeline, which follows redirections
+    and refreshes the map, so a resharding or a failover costs a slower read, not
+    a wrong one.
+    """
+
+    async def start(self) -> None:
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        nodes, kwargs = [], {}
+        for part in self.connection_string.split(","):
+            k, eq, v = part.partition("=")
+            if eq:
+                kwargs[k.strip()] = v.strip()
+            else:
+                host, _, port = part.strip().partition(":")
+                nodes.append(ClusterNode(host, int(port or 6379)))
+        client = RedisCluster(
+            startup_nodes=nodes,
+            max_connections=self.max_connections,
+            socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            require_full_coverage=False,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        await client.initialize()
+        self._client = client
+
+    async def _hmget_many(self, keys: list[bytes], fields: list[bytes]) -> list[list[bytes | None]]:
+        from redis.exceptions import RedisClusterException, RedisError
+
+        client: Any = self._client
+        by_node: dict[Any, list[int]] = {}
+        try:
+            for i, key in enumerate(keys):
+                by_node.setdefault(client.get_node_from_key(key), []).append(i)
+        except RedisClusterException:  # a slot no node holds (yet): the library's way
+            return await self._through_library(keys, fields)
+        head = b"*%d\r\n$5\r\nHMGET\r\n" % (len(fields) + 2)
+        tail = b"".join(b"$%d\r\n%s\r\n" % (len(f), f) for f in fields)
+        out: list[list[bytes | None]] = [[] for _ in keys]
+
+        async def on_node(node: Any, rows: list[int]) -> None:
+            payload = b"".join(
+                b"%s$%d\r\n%s\r\n%s" % (head, len(keys[i]), keys[i], tail) for i in rows
+            )
+            conn = node.acquire_connection()
+            try:
+                await node.disconnect_if_needed(conn)
+                await conn.send_packed_command(payload, check_health=False)
+                for i in rows:
+                    out[i] = await conn.read_response()
+            except BaseException:
+                await conn.disconnect()  # a half-read pipeline: drop the connection
+                raise
+            finally:
+                node.release(conn)
+
+        try:
+            await asyncio.gather(*(on_node(n, rows) for n, rows in by_node.items()))
+        except (RedisError, OSError):
+            # MOVED/ASK, a node gone or unreachable: redis-py follows the
+            # redirections and refreshes its slot map (or raises, and the ranker
+            # takes its rung)
+            return await self._through_library(keys, fields)
+        return out
+
+    async def _through_library(
+        self, keys: list[bytes], fields: list[bytes]
+    ) -> list[list[bytes | None]]:
+        client: Any = self._client
+        pipe = client.pipeline()
+        for key in keys:
+            pipe.hmget(key, fields)
+        return list(await pipe.execute())
+
+
 def open_reader(repo_dir: Path, max_connections: int = 64, timeout_s: float = 1.0) -> OnlineReader:
     """The reader for the online store named in ``repo_dir/feature_store.yaml``
     (``max_connections`` and ``timeout_s``: see ``RedisReader``).
@@ -374,7 +460,8 @@ def open_reader(repo_dir: Path, max_connections: int = 64, timeout_s: float = 1.
         db = Path(online.get("path", "online_store.db"))
         return SqliteReader(project, version, db if db.is_absolute() else Path(repo_dir) / db)
     if kind == "redis":
-        return RedisReader(
+        cls = RedisClusterReader if online.get("redis_type") == "redis_cluster" else RedisReader
+        return cls(
             project,
             version,
             online.get("connection_string", "localhost:6379"),

@@ -18,6 +18,10 @@ class HistoryConfig(Frozen):
     """``memory``: in process (embedded default; one replica, lost on restart);
     ``redis``: shared by every replica."""
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
+    """``redis_url`` names a node of a Redis Cluster (the others are found). Keys
+    carry the user id as a hash tag (``<prefix>:{<user id>}``), so one user's
+    shown-history and cached answers sit in one slot, on one node."""
     key_prefix: str = Field("sieve:shown", min_length=1)
     ttl_s: float = Field(1800.0, gt=0.0)
     """Items shown longer ago than this no longer count."""
@@ -83,6 +87,10 @@ class ResponseCacheConfig(Frozen):
     store: Literal["off", "memory", "redis"] = "memory"
     """``memory``: in process (embedded default); ``redis``: shared by replicas."""
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
+    """``redis_url`` names a node of a Redis Cluster (the others are found). Keys
+    carry the user id as a hash tag (``<prefix>:{<user id>}``), so one user's
+    shown-history and cached answers sit in one slot, on one node."""
     key_prefix: str = Field("sieve:resp", min_length=1)
     ttl_s: float = Field(600.0, gt=0.0)
     """An answer older than this is not served. Keys carry the artifact version,

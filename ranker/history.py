@@ -5,7 +5,7 @@ one process only) and Redis (shared by every ranker replica). Both keep, per
 user, the item ids returned in the last ``ttl_s`` seconds, at most ``max_items``
 of them (the newest win).
 
-Redis layout: one sorted set per user, ``<prefix>:<user_id>``, member = item id,
+Redis layout: one sorted set per user, ``<prefix>:{<user_id>}`` (a hash tag), member = item id,
 score = time shown; each write trims entries past the TTL and the size bound and
 sets the key to expire ``ttl_s`` after the user's last request.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -73,6 +73,24 @@ class MemoryHistory:
         self._users.clear()
 
 
+def redis_from_url(url: str, cluster: bool, timeout_s: float) -> Any:
+    """A ``redis.asyncio`` client of ``url``: a ``RedisCluster`` when ``cluster``."""
+    import redis.asyncio as redis
+
+    if cluster:
+        return redis.RedisCluster.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+
+
+def user_key(prefix: str, user_id: int) -> str:
+    """``<prefix>:{<user id>}``: the braces are a Redis Cluster hash tag, so every
+    key of one user (shown-history, cached answers of each version) hashes to the
+    slot of the user id alone."""
+    return f"{prefix}:{{{user_id}}}"
+
+
 class RedisHistory:
     """Redis store (``redis.asyncio``): one round trip per read and per write."""
 
@@ -84,18 +102,15 @@ class RedisHistory:
         prefix: str,
         timeout_s: float = 0.05,
         clock: Callable[[], float] = time.time,
+        cluster: bool = False,
     ) -> None:
         """``clock``: wall-clock seconds, shared by every replica (the scores)."""
-        import redis.asyncio as redis
-
         self.ttl_s, self.max_items, self.prefix = ttl_s, max_items, prefix
         self._clock = clock
-        self._redis = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
+        self._redis = redis_from_url(url, cluster, timeout_s)
 
     def _key(self, user_id: int) -> str:
-        return f"{self.prefix}:{user_id}"
+        return user_key(self.prefix, user_id)
 
     async def recent(self, user_id: int) -> np.ndarray:
         members = await self._redis.zrangebyscore(
@@ -122,6 +137,11 @@ class RedisHistory:
 def open_history(config: HistoryConfig) -> ShownHistory:
     if config.store == "redis":
         return RedisHistory(
-            config.redis_url, config.ttl_s, config.max_items, config.key_prefix, config.timeout_s
+            config.redis_url,
+            config.ttl_s,
+            config.max_items,
+            config.key_prefix,
+            config.timeout_s,
+            cluster=config.redis_cluster,
         )
     return MemoryHistory(config.ttl_s, config.max_items, config.max_users)

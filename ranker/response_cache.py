@@ -5,7 +5,8 @@ Two stores with one interface, like the shown-history: in process (the embedded
 default) and Redis (shared by replicas). Keys carry the artifact version, so a new
 set never serves an answer of the old one; entries expire after ``ttl_s``.
 
-Redis layout: one string per user and version, ``<prefix>:<version>:<user_id>``,
+Redis layout: one string per user and version, ``<prefix>:<version>:{<user_id>}``
+(the user id a hash tag: ``ranker.history.user_key``),
 holding the packed arrays of ``CachedAnswer`` (``encode``), with a TTL.
 """
 
@@ -18,6 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from ranker.config import ResponseCacheConfig
+from ranker.history import redis_from_url, user_key
 from ranker.resilience import TtlCache
 
 _HEADER = struct.Struct("<I")
@@ -91,16 +93,14 @@ class MemoryResponseCache:
 class RedisResponseCache:
     """Redis store (``redis.asyncio``): one GET per read, one SET (with TTL) per write."""
 
-    def __init__(self, url: str, prefix: str, ttl_s: float, timeout_s: float) -> None:
-        import redis.asyncio as redis
-
+    def __init__(
+        self, url: str, prefix: str, ttl_s: float, timeout_s: float, cluster: bool = False
+    ) -> None:
         self.prefix, self.ttl_ms = prefix, max(1, int(ttl_s * 1000))
-        self._redis = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
+        self._redis = redis_from_url(url, cluster, timeout_s)
 
     def _key(self, version: str, user_id: int) -> str:
-        return f"{self.prefix}:{version}:{user_id}"
+        return user_key(f"{self.prefix}:{version}", user_id)
 
     async def get(self, version: str, user_id: int) -> CachedAnswer | None:
         raw = await self._redis.get(self._key(version, user_id))
@@ -117,7 +117,11 @@ def open_response_cache(config: ResponseCacheConfig) -> ResponseCache | None:
     """The configured store, or None when ``store = "off"``."""
     if config.store == "redis":
         return RedisResponseCache(
-            config.redis_url, config.key_prefix, config.ttl_s, config.timeout_s
+            config.redis_url,
+            config.key_prefix,
+            config.ttl_s,
+            config.timeout_s,
+            cluster=config.redis_cluster,
         )
     if config.store == "memory":
         return MemoryResponseCache(config.ttl_s, config.max_users)

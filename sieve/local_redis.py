@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -18,8 +19,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_redis(port: int, data_dir: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start Debian's ``redis-server`` on loopback ``port`` (see ``local_redis``).
+def start_redis(
+    port: int, data_dir: Path | None = None, extra: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """Start Debian's ``redis-server`` on loopback ``port`` (see ``local_redis``);
+    ``extra``: more of its options.
 
     Raises:
         FileNotFoundError: redis-server is not installed.
@@ -30,7 +34,8 @@ def start_redis(port: int, data_dir: Path | None = None) -> subprocess.Popen[byt
     persist = ["--dir", str(data_dir), "--dbfilename", "dump.rdb"] if data_dir else []
     return subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        + persist,
+        + persist
+        + list(extra),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
@@ -81,3 +86,87 @@ def local_redis(
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def cluster_node(port: int, bus_port: int, data_dir: Path) -> subprocess.Popen[bytes]:
+    """One node of a local Redis Cluster: cluster mode, its bus on ``bus_port``
+    (the default, port + 10000, may be taken or past 65535), its ``nodes.conf`` in
+    ``data_dir`` (so a restarted node rejoins with its slots), no persistence of
+    the data itself, and the slots of a node that is down left to fail alone
+    (``cluster-require-full-coverage no``): the other masters keep answering."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return start_redis(
+        port,
+        None,
+        ("--cluster-enabled", "yes", "--cluster-port", str(bus_port), "--dir", str(data_dir),
+         "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+         "--cluster-require-full-coverage", "no"),
+    )  # fmt: skip
+
+
+def wait_for_cluster(port: int, masters: int, timeout_s: float = 30.0) -> None:
+    """Return once the node on ``port`` sees the cluster ``ok`` with every slot
+    assigned to ``masters`` masters.
+
+    Raises:
+        RuntimeError: not within ``timeout_s``.
+    """
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            try:
+                info: Any = client.cluster("info")
+                if (
+                    info.get("cluster_state") == "ok"
+                    and int(info.get("cluster_slots_ok", 0)) == 16384
+                    and int(info.get("cluster_size", 0)) == masters
+                ):
+                    return
+            except redis.RedisError:
+                pass
+            time.sleep(0.1)
+    finally:
+        client.close()
+    raise RuntimeError(f"redis cluster on port {port} not ok within {timeout_s} s")
+
+
+@contextmanager
+def local_redis_cluster(
+    data_dir: Path, masters: int = 3, start_timeout_s: float = 30.0
+) -> Iterator[list[str]]:
+    """A local Redis Cluster of ``masters`` masters (no replicas), made as an
+    operator makes one: ``redis-server --cluster-enabled yes`` per node, then
+    ``redis-cli --cluster create``. Yields the nodes' ``127.0.0.1:PORT``.
+
+    Raises:
+        FileNotFoundError: redis-server or redis-cli is not installed.
+        RuntimeError: the cluster did not form within ``start_timeout_s``.
+    """
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise FileNotFoundError("redis-cli is not installed (`make redis` installs it)")
+    ports = [free_port() for _ in range(masters)]
+    procs = [cluster_node(p, free_port(), data_dir / str(p)) for p in ports]
+    try:
+        for proc, port in zip(procs, ports, strict=True):
+            wait_for_redis(proc, port, start_timeout_s)
+        nodes = [f"127.0.0.1:{p}" for p in ports]
+        subprocess.run(
+            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=start_timeout_s,
+        )
+        wait_for_cluster(ports[0], masters, start_timeout_s)
+        yield nodes
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-FAULTS = ("redis_kill", "candidate_stop", "candidate_slow", "artifact_swap", "overload")
+FAULTS = ("redis_kill", "candidate_stop", "candidate_slow", "artifact_swap", "overload",
+          "shard_kill")  # fmt: skip
 """Every fault the benchmark injects by default, in its order."""
 
 POST_S = 6.0
@@ -46,4 +47,9 @@ def test_every_fault_degrades_never_fails_and_recovers(bench_work: Path, tmp_pat
     swap = r["faults"]["artifact_swap"]
     assert swap["answers_of_new_version"] > 0 and swap["versions"]["new"].startswith("faults_")
     assert r["faults"]["overload"]["offered_rps"] == 36.0
+    # a shard killed: the other shard's candidates, said so, never a failure; full
+    # answers within 5 s of its return
+    shard = r["faults"]["shard_kill"]
+    assert shard["partial_during_fault"] > 0 and shard["rungs"]["partial_candidates"] > 0
+    assert shard["recovery_s"] < 5.0, shard
     assert (results / "faults.png").stat().st_size > 10_000
