@@ -21,7 +21,13 @@ for ``--fault-s`` seconds, then ``--post-s`` seconds after it clears:
   (the benchmark's highest rate within budget);
 - ``shard_kill``: on a copy of the set resharded in two (``candidate.shards``),
   served by two candidate shard processes and a ranker of its own that scatters
-  to both: SIGKILL shard 1; start it again on its port.
+  to both: SIGKILL shard 1; start it again on its port;
+- ``cluster_master_kill``: on a copy of the set whose features Feast
+  materialized into a local Redis Cluster (three masters, a replica each; the
+  shown-history and response cache there too), served by a ranker of its own:
+  SIGKILL a master; the fault clears once it is replaced: its replica promoted
+  by the cluster's failover (node timeout 2 s) and the old node started again
+  as a replica.
 
 Per fault it records requests sent, OK, degraded (an answer that took a rung of
 the degradation ladder), shed (RESOURCE_EXHAUSTED), failed (any other non-OK),
@@ -35,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -65,10 +72,16 @@ from benchmarks.harness import (
 )
 from sieve import artifacts
 from sieve.faultproxy import DelayProxy
-from sieve.local_redis import free_port, start_redis, wait_for_redis
+from sieve.local_redis import (
+    LocalCluster,
+    free_port,
+    local_redis_cluster,
+    start_redis,
+    wait_for_redis,
+)
 
 FAULTS = ("redis_kill", "candidate_stop", "candidate_slow", "artifact_swap", "overload",
-          "shard_kill")  # fmt: skip
+          "shard_kill", "cluster_master_kill")  # fmt: skip
 CAUSES = {
     "redis_kill": ("user_features_failed", "history_unavailable"),
     "candidate_stop": ("retrieve_failed", "text_source_failed"),
@@ -76,6 +89,7 @@ CAUSES = {
     "artifact_swap": ("retrieve_failed", "text_source_failed", "version_mismatch"),
     "overload": (),
     "shard_kill": ("partial_candidates", "retrieve_failed", "text_source_failed"),
+    "cluster_master_kill": ("user_features_failed", "history_unavailable"),
 }
 """The degradations each fault causes: recovery is judged on these (and on any
 non-OK answer), not on rungs a busy machine takes anyway (``fewer_candidates``
@@ -336,6 +350,65 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )  # fmt: skip
             return f"127.0.0.1:{port}"
 
+        clusters: list[LocalCluster] = []
+        failover: dict[str, Any] = {}
+
+        def master_killed() -> None:
+            clusters[0].kill(0)
+            failover["killed"] = time.time()
+
+        def master_replaced() -> None:
+            """The fault clears when the killed master is replaced: its replica
+            promoted (the cluster's own failover) and the old node back as a
+            replica."""
+            cl = clusters[0]
+            cl.wait_role(failover["replica"], "master")
+            failover["promoted_after_s"] = round(time.time() - failover["killed"], 2)
+            cl.restart(0)
+            cl.wait_role(0, "slave")
+
+        def clustered_ranker() -> str:
+            """A ranker over a copy of the set whose online store is a local Redis
+            Cluster (its shown-history and response cache there too)."""
+            from features.config import RedisStoreConfig
+            from features.materialize import materialize_into
+
+            cl = stack.enter_context(local_redis_cluster(work / "cluster_nodes", 3, replicas=1))
+            clusters.append(cl)
+            failover["replica"] = cl.replica_of(0)
+            croot = work / "clustered"
+            if croot.exists():
+                shutil.rmtree(croot)
+            src = artifacts.resolve(root)
+            m = artifacts.load(root).manifest
+            dest = croot / "versions" / src.name
+            shutil.copytree(
+                src, dest, copy_function=os.link, ignore=shutil.ignore_patterns("feature_repo")
+            )
+            online = RedisStoreConfig(connection_string=cl.nodes[0], redis_type="redis_cluster")
+            materialize_into(
+                src / "feature_repo", dest / "feature_repo", m.feature_schema.project, online
+            )
+            roles = ("feature_store", "user_features", "item_features")
+            files = {r: artifacts.file_entry(dest, m.files[r].path) for r in roles}
+            artifacts.write_manifest(dest, m.model_copy(update={"files": {**m.files, **files}}))
+            artifacts.publish(croot, src.name)
+            url = f"redis://{cl.nodes[0]}/0"
+            ccfg = work / "faults_cluster.toml"
+            ccfg.write_text(
+                f'[ranker.rerank.history]\nstore = "redis"\nredis_url = "{url}"\n'
+                "redis_cluster = true\n"
+                f"{reliability(args.max_in_flight, args.cpu_threads)}\n"
+                f'[ranker.reliability.response_cache]\nstore = "redis"\nredis_url = "{url}"\n'
+                "redis_cluster = true\n"
+            )
+            _, port = stack.enter_context(
+                serving("ranker", ccfg, croot, work, "faults_ranker_cluster.log",
+                        args.start_timeout, "--ranker-port", "0", "--candidate-address",
+                        f"127.0.0.1:{cport}", ready_name="ranker_cluster")
+            )  # fmt: skip
+            return f"127.0.0.1:{port}"
+
         def kill_shard() -> None:
             shard_popen[1].send_signal(signal.SIGKILL)
             shard_popen[1].wait(10)
@@ -348,6 +421,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "artifact_swap": (swap, swapped),
             "overload": (overload, overload_end),
             "shard_kill": (kill_shard, lambda: start_shard(1)),
+            "cluster_master_kill": (master_killed, master_replaced),
         }
         for i, name in enumerate(args.faults.split(",")):
             inject_fn, clear_fn = plan[name]
@@ -355,7 +429,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             out, started = work / f"faults_{name}.json", work / f"faults_{name}.started"
             started.unlink(missing_ok=True)
             total = args.pre_s + args.fault_s + args.post_s
-            target = sharded_ranker() if name == "shard_kill" else address
+            target = address
+            if name == "shard_kill":
+                target = sharded_ranker()
+            elif name == "cluster_master_kill":
+                target = clustered_ranker()
             cmd = loadgen_command(target, args.rate, total, args.warmup, users, out, seed=i)
             gen = subprocess.Popen(
                 [*cmd, "--timeline", "--started-file", str(started)], cwd=ROOT
@@ -382,6 +460,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 during = [e for e in events if inject <= e[0] < clear and e[2] == "OK"]
                 row["partial_during_fault"] = sum("partial_candidates" in e[3] for e in during)
                 row["sharded_set"] = artifacts.current_version(sharded["root"])
+            if name == "cluster_master_kill":
+                # the killed master came back as its replica's replica
+                row["roles_after"] = [clusters[0].role(i) for i in range(len(clusters[0].ports))]
+                row["replica_promoted_after_s"] = failover["promoted_after_s"]
             if name == "artifact_swap":
                 row["versions"] = dict(versions)
                 row["answers_of_new_version"] = sum(e[4] == versions["new"] for e in events)
@@ -414,7 +496,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_threads": "default" if args.cpu_threads is None else args.cpu_threads,
             "processes": "redis-server, candidate, ranker (candidate via a delay proxy), "
             "load generator per fault (a second one for overload); for shard_kill, two "
-            "candidate shards of a resharded copy of the set and a ranker over them",
+            "candidate shards of a resharded copy of the set and a ranker over them; for "
+            "cluster_master_kill, a 3-master Redis Cluster with a replica each and a ranker "
+            "over a copy of the set materialized there",
             "degraded": "an OK answer that took a rung of the degradation ladder",
             "recovery_s": f"from the fault clearing to the first of {RUN} answers in a row "
             "that the fault no longer degraded (its degradation kinds: causes) and that did "

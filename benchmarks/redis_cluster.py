@@ -94,7 +94,7 @@ def main() -> None:
     with (
         tempfile.TemporaryDirectory() as tmp,
         local_redis() as single,
-        local_redis_cluster(Path(tmp) / "cluster") as nodes,
+        local_redis_cluster(Path(tmp) / "cluster") as cluster,
     ):
         t0 = time.perf_counter()
         materialize_into(
@@ -105,7 +105,7 @@ def main() -> None:
             src,
             Path(tmp) / "cluster_repo",
             project,
-            RedisStoreConfig(connection_string=nodes[0], redis_type="redis_cluster"),
+            RedisStoreConfig(connection_string=cluster.nodes[0], redis_type="redis_cluster"),
         )
         t2 = time.perf_counter()
         readers = {

@@ -133,13 +133,95 @@ def wait_for_cluster(port: int, masters: int, timeout_s: float = 30.0) -> None:
     raise RuntimeError(f"redis cluster on port {port} not ok within {timeout_s} s")
 
 
+class LocalCluster:
+    """The nodes of ``local_redis_cluster``, each of which may be killed and
+    started again on its port (it rejoins from its ``nodes.conf``)."""
+
+    def __init__(self, data_dir: Path, size: int) -> None:
+        self.data_dir = data_dir
+        self.ports = [free_port() for _ in range(size)]
+        self.bus_ports = [free_port() for _ in range(size)]
+        self.procs = [self._start(i) for i in range(size)]
+
+    @property
+    def nodes(self) -> list[str]:
+        """Every node's ``127.0.0.1:PORT``, masters first (as created)."""
+        return [f"127.0.0.1:{p}" for p in self.ports]
+
+    def _start(self, i: int) -> subprocess.Popen[bytes]:
+        return cluster_node(self.ports[i], self.bus_ports[i], self.data_dir / str(self.ports[i]))
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node ``i``."""
+        self.procs[i].kill()
+        self.procs[i].wait(10)
+
+    def restart(self, i: int, timeout_s: float = 30.0) -> None:
+        """Start node ``i`` again on its port; return once it answers."""
+        self.procs[i] = self._start(i)
+        wait_for_redis(self.procs[i], self.ports[i], timeout_s)
+
+    def role(self, i: int) -> str:
+        """``master`` or ``slave``, as node ``i`` sees itself now."""
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.ports[i])
+        try:
+            info: Any = client.info("replication")
+            return str(info["role"])
+        finally:
+            client.close()
+
+    def replica_of(self, i: int) -> int:
+        """The node replicating node ``i`` (-1: none)."""
+        import redis
+
+        for j, port in enumerate(self.ports):
+            client = redis.Redis(host="127.0.0.1", port=port)
+            try:
+                info: Any = client.info("replication")
+            finally:
+                client.close()
+            if info["role"] == "slave" and int(info["master_port"]) == self.ports[i]:
+                return j
+        return -1
+
+    def wait_role(self, i: int, role: str, timeout_s: float = 30.0) -> float:
+        """Seconds until node ``i`` reports ``role`` (``master`` or ``slave``).
+
+        Raises:
+            RuntimeError: not within ``timeout_s``.
+        """
+        import redis
+
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            try:
+                if self.role(i) == role:
+                    return time.monotonic() - t0
+            except redis.RedisError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"redis node {self.nodes[i]} not {role} within {timeout_s} s")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 @contextmanager
 def local_redis_cluster(
-    data_dir: Path, masters: int = 3, start_timeout_s: float = 30.0
-) -> Iterator[list[str]]:
-    """A local Redis Cluster of ``masters`` masters (no replicas), made as an
-    operator makes one: ``redis-server --cluster-enabled yes`` per node, then
-    ``redis-cli --cluster create``. Yields the nodes' ``127.0.0.1:PORT``.
+    data_dir: Path, masters: int = 3, replicas: int = 0, start_timeout_s: float = 30.0
+) -> Iterator[LocalCluster]:
+    """A local Redis Cluster of ``masters`` masters with ``replicas`` replicas
+    each, made as an operator makes one: ``redis-server --cluster-enabled yes``
+    per node, then ``redis-cli --cluster create``. Yields the running cluster
+    (``.nodes``: the nodes' ``127.0.0.1:PORT``, masters first).
 
     Raises:
         FileNotFoundError: redis-server or redis-cli is not installed.
@@ -148,25 +230,18 @@ def local_redis_cluster(
     cli = shutil.which("redis-cli")
     if cli is None:
         raise FileNotFoundError("redis-cli is not installed (`make redis` installs it)")
-    ports = [free_port() for _ in range(masters)]
-    procs = [cluster_node(p, free_port(), data_dir / str(p)) for p in ports]
+    cluster = LocalCluster(data_dir, masters * (1 + replicas))
     try:
-        for proc, port in zip(procs, ports, strict=True):
+        for proc, port in zip(cluster.procs, cluster.ports, strict=True):
             wait_for_redis(proc, port, start_timeout_s)
-        nodes = [f"127.0.0.1:{p}" for p in ports]
         subprocess.run(
-            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            [cli, "--cluster", "create", *cluster.nodes, "--cluster-replicas", str(replicas),
+             "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=start_timeout_s,
-        )
-        wait_for_cluster(ports[0], masters, start_timeout_s)
-        yield nodes
+        )  # fmt: skip
+        wait_for_cluster(cluster.ports[0], masters, start_timeout_s)
+        yield cluster
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        cluster.stop()

@@ -14,7 +14,7 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 FAULTS = ("redis_kill", "candidate_stop", "candidate_slow", "artifact_swap", "overload",
-          "shard_kill")  # fmt: skip
+          "shard_kill", "cluster_master_kill")  # fmt: skip
 """Every fault the benchmark injects by default, in its order."""
 
 POST_S = 6.0
@@ -52,4 +52,10 @@ def test_every_fault_degrades_never_fails_and_recovers(bench_work: Path, tmp_pat
     shard = r["faults"]["shard_kill"]
     assert shard["partial_during_fault"] > 0 and shard["rungs"]["partial_candidates"] > 0
     assert shard["recovery_s"] < 5.0, shard
+    # a Redis Cluster master killed: its replica takes over; the reads of its slots
+    # fail until then and the ladder answers (never a failed request)
+    master = r["faults"]["cluster_master_kill"]
+    assert master["by_fault_during"] > 0, master
+    assert master["rungs"].keys() & {"cached_user_features", "cached_response", "popular_items"}
+    assert master["roles_after"][0] == "slave" and master["roles_after"].count("master") == 3
     assert (results / "faults.png").stat().st_size > 10_000

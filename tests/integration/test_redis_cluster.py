@@ -24,8 +24,8 @@ from tests.integration.test_feature_reader import _compare, _ids
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    with local_redis_cluster(tmp_path_factory.mktemp("cluster")) as nodes:
-        yield nodes
+    with local_redis_cluster(tmp_path_factory.mktemp("cluster")) as c:
+        yield c.nodes
 
 
 @pytest.fixture(scope="module")

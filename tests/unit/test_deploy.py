@@ -60,7 +60,7 @@ def test_the_validator_refuses_an_unknown_field() -> None:
         kubernetes_validate.validate(bad, VERSION, strict=True)
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+@pytest.mark.parametrize("overlay", ["cpu", "gpu", "sharded"])
 def test_overlays_render_to_valid_manifests_that_fit_the_services(overlay: str) -> None:
     docs = _render(overlay)
     for doc in docs:
@@ -72,11 +72,18 @@ def test_overlays_render_to_valid_manifests_that_fit_the_services(overlay: str) 
         "ConfigMap", "PersistentVolumeClaim",
     }  # fmt: skip
     config = load_config_text(by["ConfigMap", "sieve-config"]["data"]["sieve.toml"])
+    shards = config.ranker.candidate_shards
+    candidates = (
+        [f"sieve-candidate-shard-{i}" for i in range(len(shards))]
+        if overlay == "sharded"
+        else ["sieve-candidate"]
+    )
     for name, port in (
-        ("sieve-candidate", config.candidate.port),
+        *((c, config.candidate.port) for c in candidates),
         ("sieve-ranker", config.ranker.port),
     ):
         assert by["Service", name]["spec"]["clusterIP"] == "None"  # headless: per-call balancing
+        assert ("PodDisruptionBudget", name) in by
         pod = by["Deployment", name]["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -87,7 +94,16 @@ def test_overlays_render_to_valid_manifests_that_fit_the_services(overlay: str) 
     hpa = by["HorizontalPodAutoscaler", "sieve-ranker"]["spec"]
     assert {m["type"] for m in hpa["metrics"]} == {"Resource", "Pods"}
     assert config.ranker.rerank.history.store == "redis"  # shared by every ranker pod
-    assert config.ranker.candidate_address.startswith("dns:///")
+    if overlay == "sharded":
+        # shard i's address is shard i's Service, whose pods serve --shard i
+        assert len(shards) == 2 and ("Deployment", "sieve-candidate") not in by
+        for i, address in enumerate(shards):
+            assert address == f"dns:///sieve-candidate-shard-{i}:{config.candidate.port}"
+            args = by["Deployment", f"sieve-candidate-shard-{i}"]["spec"]["template"]["spec"][
+                "containers"][0]["args"]  # fmt: skip
+            assert args[args.index("--shard") + 1] == str(i)
+        return
+    assert not shards and config.ranker.candidate_address.startswith("dns:///")
     candidate = by["Deployment", "sieve-candidate"]["spec"]["template"]["spec"]["containers"][0]
     gpus = candidate["resources"]["limits"].get("nvidia.com/gpu")
     if overlay == "gpu":
