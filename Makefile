@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel of torch first: a range that admits newer versions pulls CUDA.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,offline,dev,bench,locust]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,offline,dev,bench,locust,tracing]'
 	touch $@
 
 venv-gpu: $(GPU_STAMP)

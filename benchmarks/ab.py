@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -82,6 +83,8 @@ class Side:
     candidate_shards: int = 1
     """``sieve serve --only candidate --candidate-shards``: more than one serves the
     set's shards (one process each, its CPU the sum) and the ranker scatters to all."""
+    loadgen_args: tuple[str, ...] = ()
+    """More options of the load generator for this side (TLS, a token file)."""
 
     @classmethod
     def parse(cls, name: str, spec: str) -> Side:
@@ -177,7 +180,7 @@ def one_run(
         procs = {"ranker": rproc.pid, "candidate": cproc.pid}
         cpu0 = {name: cpu_seconds_tree(pid) for name, pid in procs.items()}
         run = loadgen(address, args.rate, args.seconds, args.warmup, users,
-                      work / f"{tag}.json", seed=args.seed)  # fmt: skip
+                      work / f"{tag}.json", seed=args.seed, extra=side.loadgen_args)  # fmt: skip
         run["cpu_ms_per_call"] = {
             name: round((cpu_seconds_tree(pid) - cpu0[name]) * 1e3 / max(1, run["sent"]), 3)
             for name, pid in procs.items()
@@ -304,13 +307,18 @@ def _work(folder: str, config: str | None) -> tuple[Path, Path]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work, config = _work(args.work, args.config)
     works = {"A": (work, config), "B": _work(args.work_b, None) if args.work_b else (work, config)}
+    if args.b_config:  # side B's own settings over the same work folder
+        works["B"] = (works["B"][0], Path(args.b_config).resolve())
     root = work / "artifacts"
     sides = {
         "A": dataclasses.replace(
             Side.parse("A", args.a), ranker_workers=args.a_workers, candidate_shards=args.a_shards
         ),
         "B": dataclasses.replace(
-            Side.parse("B", args.b), ranker_workers=args.b_workers, candidate_shards=args.b_shards
+            Side.parse("B", args.b),
+            ranker_workers=args.b_workers,
+            candidate_shards=args.b_shards,
+            loadgen_args=tuple(shlex.split(args.b_loadgen_args)),
         ),
     }
     checkouts = {
@@ -364,6 +372,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "order": order,
             "seed": args.seed,
             "config": str(config),
+            "config_b": str(works["B"][1]),
+            "loadgen_args_b": list(sides["B"].loadgen_args),
             "work_b": str(works["B"][0]),
             "users_file": str(users),
             "latency": "answered (OK) Rank calls, from the intended send time (open loop)",
@@ -438,6 +448,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0, help="the load generator's, both sides")
     ap.add_argument("--config", help="default WORK/sieve.toml")
+    ap.add_argument("--b-config", help="side B's config (default: --config), e.g. with TLS")
+    ap.add_argument(
+        "--b-loadgen-args", default="", help="more load generator options for side B, one string"
+    )
     ap.add_argument("--start-timeout", type=float, default=300.0)
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args()

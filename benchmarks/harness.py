@@ -223,19 +223,20 @@ def wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, timeout_s:
 
 
 def loadgen_command(address: str, rate: float, duration: float, warmup: float, users: Path,
-                    out: Path, seed: int) -> list[str]:  # fmt: skip
-    """The command line of one load generator process (``benchmarks.loadgen``)."""
+                    out: Path, seed: int, extra: Sequence[str] = ()) -> list[str]:  # fmt: skip
+    """The command line of one load generator process (``benchmarks.loadgen``);
+    ``extra``: more of its options (TLS, a token)."""
     return [
         sys.executable, "-m", "benchmarks.loadgen", "--address", address, "--rate", str(rate),
         "--duration", str(duration), "--warmup", str(warmup), "--users-file", str(users),
-        "--out", str(out), "--seed", str(seed),
+        "--out", str(out), "--seed", str(seed), *extra,
     ]  # fmt: skip
 
 
 def loadgen(address: str, rate: float, duration: float, warmup: float, users: Path,
-            out: Path, seed: int) -> dict[str, Any]:  # fmt: skip
+            out: Path, seed: int, extra: Sequence[str] = ()) -> dict[str, Any]:  # fmt: skip
     """Run one load generator process to the end; its result (also in ``out``)."""
-    cmd = loadgen_command(address, rate, duration, warmup, users, out, seed)
+    cmd = loadgen_command(address, rate, duration, warmup, users, out, seed, extra)
     subprocess.run(cmd, check=True, cwd=ROOT)
     return dict(json.loads(out.read_text()))
 

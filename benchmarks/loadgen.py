@@ -31,6 +31,7 @@ from hdrh.histogram import HdrHistogram
 
 from benchmarks.harness import BUDGET_MS, hdr_cdf, hdr_record, hdr_summary, histogram
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from sieve.auth import bearer
 from sieve.grpc_server import client_options
 
 
@@ -45,6 +46,7 @@ async def run(
     k: int = 50,
     timeline: bool = False,
     started_file: Path | None = None,
+    security: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Drive ``Rank`` open-loop at ``rate`` per second; returns the measurements.
 
@@ -52,7 +54,9 @@ async def run(
     With ``timeline``, also every recorded request as ``[intended send time (Unix
     s), latency ms, status code, rungs taken ("+"-joined; "" for full quality),
     artifact version, degradation kinds ("+"-joined)]`` in send order, for lining
-    answers up with injected faults.
+    answers up with injected faults. ``security``: ``token_file`` (a bearer token
+    sent on every call), ``ca_file`` (TLS; with ``cert_file`` and ``key_file``,
+    mutual TLS) and ``server_name``.
     """
     targets = address.removeprefix("ipv4:").removeprefix("ipv6:").split(",")
     for target in targets:  # one address, or an ipv4: list of replicas
@@ -79,13 +83,32 @@ async def run(
     recorded = [0]
     loop = asyncio.get_running_loop()
     # round_robin: an ipv4: list of ranker workers gets every call balanced
-    channel = grpc.aio.insecure_channel(address, options=client_options())
+    sec = security or {}
+    metadata = (
+        bearer(Path(sec["token_file"]).read_text().strip()) if sec.get("token_file") else None
+    )
+    if sec.get("ca_file"):
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=Path(sec["ca_file"]).read_bytes(),
+            private_key=Path(sec["key_file"]).read_bytes() if sec.get("key_file") else None,
+            certificate_chain=Path(sec["cert_file"]).read_bytes() if sec.get("cert_file") else None,
+        )
+        name = (
+            [("grpc.ssl_target_name_override", sec["server_name"])]
+            if sec.get("server_name")
+            else []
+        )
+        channel = grpc.aio.secure_channel(address, creds, options=client_options() + name)
+    else:
+        channel = grpc.aio.insecure_channel(address, options=client_options())
     stub = sieve_pb2_grpc.RankerServiceStub(channel)
     await channel.channel_ready()
 
     async def one(intended: float, user: int, record: bool) -> None:
         try:
-            resp = await stub.Rank(sieve_pb2.RankRequest(user_id=user, k=k), timeout=timeout_s)
+            resp = await stub.Rank(
+                sieve_pb2.RankRequest(user_id=user, k=k), timeout=timeout_s, metadata=metadata
+            )
             code = "OK"
         except grpc.aio.AioRpcError as e:
             code, resp = e.code().name, None
@@ -189,12 +212,25 @@ def main() -> None:
     ap.add_argument("--timeline", action="store_true", help="record every request")
     ap.add_argument("--started-file", help="written when sending starts")
     ap.add_argument("--out", required=True)
+    for name, what in (
+        ("token-file", "a file holding a bearer token sent on every call"),
+        ("ca-file", "TLS: the CA the ranker's certificate chains to"),
+        ("cert-file", "mutual TLS: this client's certificate"),
+        ("key-file", "mutual TLS: its key"),
+        ("server-name", "TLS: the name to check in the ranker's certificate"),
+    ):
+        ap.add_argument(f"--{name}", default="", help=what)
     args = ap.parse_args()
+    security = {
+        k: getattr(args, k)
+        for k in ("token_file", "ca_file", "cert_file", "key_file", "server_name")
+    }
     users = np.loadtxt(args.users_file, dtype=np.int64, ndmin=1)
     result = asyncio.run(
         run(args.address, args.rate, args.duration, args.warmup, users, args.seed, args.timeout,
             timeline=args.timeline,
-            started_file=Path(args.started_file) if args.started_file else None)
+            started_file=Path(args.started_file) if args.started_file else None,
+            security=security)
     )  # fmt: skip
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     lat = result["latency_ms"]

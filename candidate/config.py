@@ -6,8 +6,11 @@ from typing import Literal
 
 from pydantic import Field
 
+from sieve.auth import AuthConfig
 from sieve.config import Frozen
+from sieve.ratelimit import RateLimitConfig
 from sieve.tls import ServerTls
+from sieve.tracing import TracingConfig
 
 
 class CandidateConfig(Frozen):
@@ -76,6 +79,14 @@ class CandidateConfig(Frozen):
     tls: ServerTls = ServerTls()
     """TLS or mutual TLS for this service's port (``sieve/tls.py``); empty: plaintext,
     said loudly at start on an address other than loopback."""
+    auth: AuthConfig = AuthConfig()
+    """Bearer tokens (API keys, JWTs) required for Retrieve (``sieve/auth.py``);
+    off by default. Callers need ``Retrieve`` among their methods."""
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    """Per-caller token buckets (``sieve/ratelimit.py``); off by default."""
+    tracing: TracingConfig = TracingConfig()
+    """OpenTelemetry spans of Retrieve, joined to the ranker's trace through the
+    call's ``traceparent`` (``sieve/tracing.py``); off by default."""
     max_connection_age_s: float = Field(300.0, ge=0.0)
     """Clients are asked to reconnect (HTTP/2 GOAWAY, +-10% jitter, in-flight calls
     finish) after a connection is this old, so round_robin clients re-resolve and

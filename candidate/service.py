@@ -19,8 +19,9 @@ from candidate.sets import SPACES, LiveIndex, load_live, use_gpu
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from sieve.batcher import MicroBatcher, per_group
 from sieve.errors import InvalidRequest, NotFound, grpc_errors
-from sieve.grpc_server import Server, add_servicer
+from sieve.grpc_server import Server, add_servicer, guard
 from sieve.tls import warn_if_exposed
+from sieve.tracing import open_tracer
 from sieve.validation import echo, echo_list, id_list, query_vector
 from sieve.versions import VersionHolder
 
@@ -159,6 +160,7 @@ _Batcher = MicroBatcher[tuple[LiveIndex, SearchRequest], tuple[SearchResult, str
 class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
     def __init__(self, config: CandidateConfig, artifacts_root: Path) -> None:
         self.config = config
+        self.tracer = open_tracer(config.tracing, "sieve-candidate")
         self.on_gpu = use_gpu(config)
         self.sets: VersionHolder[LiveIndex] = VersionHolder(
             Path(artifacts_root),
@@ -206,6 +208,8 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         if self._search_pool is not None:
             self._search_pool.shutdown(wait=False, cancel_futures=True)
         await self.sets.close()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)  # flush what is batched
 
     @property
     def version(self) -> str:
@@ -237,8 +241,20 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         self, request: sieve_pb2.RetrieveRequest, context: grpc.aio.ServicerContext
     ) -> sieve_pb2.RetrieveResponse:
         q = parse_retrieve(request, self.config)
-        with self.sets.use(q.version) as live:
-            return await self._retrieve(q, live.space(q.source), live)
+        if self.tracer is None:
+            with self.sets.use(q.version) as live:
+                return await self._retrieve(q, live.space(q.source), live)
+        attrs = {"rpc.system": "grpc", "rpc.method": "Retrieve", "sieve.k": q.k}
+        with self.tracer.server_span("Retrieve", context.invocation_metadata(), **attrs) as span:
+            with self.sets.use(q.version) as live:
+                resp = await self._retrieve(q, live.space(q.source), live)
+            span.set_attribute("sieve.artifact_version", resp.artifact_version)
+            span.set_attribute(
+                "sieve.search_us", resp.search_us + sum(m.search_us for m in resp.more)
+            )
+            if live.shards:
+                span.set_attribute("sieve.shard", live.shard)
+            return resp
 
     async def _retrieve(
         self, q: RetrieveQuery, main: LiveIndex, live: LiveIndex
@@ -316,6 +332,7 @@ async def create_server(
     """
     servicer = CandidateServicer(config, artifacts_root)
     warn_if_exposed("candidate", config.host, config.tls)
+    interceptors, limiter = guard(config.auth, config.rate_limit)
     server = Server(
         SERVICE_NAME,
         config.host,
@@ -324,7 +341,10 @@ async def create_server(
         config.max_connection_age_s,
         config.grace_s,
         config.tls,
+        interceptors,
     )
+    if limiter is not None:
+        server.on_stop(limiter.close)
     server.every(config.reload_check_s, servicer.reload, "artifact reload")
     server.on_stop(servicer.close)
     add_servicer(server.server, servicer, sieve_pb2, "CandidateService")

@@ -15,9 +15,11 @@ from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from ranker.config import RankerConfig
 from ranker.ladder import retrieve_starved
 from ranker.resilience import Breaker
+from sieve.auth import TokenFile
 from sieve.grpc_server import client_options
 from sieve.tls import channel_credentials as tls_credentials
 from sieve.tls import channel_options as tls_options
+from sieve.tracing import Tracer
 
 log = logging.getLogger(__name__)
 LATE_NOTICE_S = 0.002
@@ -69,6 +71,7 @@ class CandidateClient:
         congested: Callable[[], bool] = lambda: False,
         address: str | None = None,
         name: str = "candidate",
+        tracer: Tracer | None = None,
     ) -> None:
         self.config = config
         self.address = config.candidate_address if address is None else address
@@ -78,6 +81,8 @@ class CandidateClient:
         self.breaker = Breaker.reported(name, rel.breaker)
         self._channel: grpc.aio.Channel | None = None
         self._stub: sieve_pb2_grpc.CandidateServiceStub | None = None
+        self._token = TokenFile(config.candidate_token_file)
+        self._tracer = tracer
 
     def start(self) -> None:
         options = channel_options(self.config.reliability.retrieve_retries)
@@ -137,6 +142,7 @@ class CandidateClient:
                     ],
                 ),
                 timeout=timeout_s,
+                metadata=self._metadata(),
             )
         except grpc.aio.AioRpcError as e:
             log.warning(
@@ -159,6 +165,13 @@ class CandidateClient:
             self.in_flight -= 1
         breaker.success()
         return resp, ""
+
+    def _metadata(self) -> list[tuple[str, str]] | None:
+        """The token, and the current span's ``traceparent`` when tracing is on."""
+        md = list(self._token.metadata() or ())
+        if self._tracer is not None:
+            md += self._tracer.inject()
+        return md or None
 
     def _own_fault(self, timeout_s: float, took_s: float, alongside: int) -> bool:
         """Whether a Retrieve past its deadline says more about this process than about
@@ -186,6 +199,7 @@ class CandidateClient:
                     user_vector=sieve_pb2.UserVector(values=probe), k=1, artifact_version=version
                 ),
                 timeout=self.config.retrieve_timeout_s,
+                metadata=self._token.metadata(),
             )
         except grpc.aio.AioRpcError as e:
             if e.code() != grpc.StatusCode.FAILED_PRECONDITION:

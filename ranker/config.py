@@ -7,8 +7,11 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ranker.rerank import AnyRule, Fatigue, GroupCap, Mmr, Seen
+from sieve.auth import AuthConfig
 from sieve.config import Frozen
+from sieve.ratelimit import RateLimitConfig
 from sieve.tls import ClientTls, ServerTls
+from sieve.tracing import TracingConfig
 
 
 class HistoryConfig(Frozen):
@@ -251,6 +254,19 @@ class RankerConfig(Frozen):
     candidate_tls: ClientTls = ClientTls()
     """How this ranker reaches the candidate service over TLS (its CA, and a client
     certificate where the candidate requires one); empty: plaintext."""
+    candidate_token_file: str = ""
+    """A file holding the bearer token (an API key or a JWT) this ranker sends on
+    every Retrieve, for a candidate service with ``[candidate.auth]``; re-read
+    when the file changes. Empty: none."""
+    auth: AuthConfig = AuthConfig()
+    """Bearer tokens (API keys, JWTs) required for Rank (``sieve/auth.py``); off by
+    default. ``debug`` answers only callers allowed it."""
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    """Per-caller token buckets (``sieve/ratelimit.py``), shared by replicas through
+    Redis with ``store = "redis"``; off by default."""
+    tracing: TracingConfig = TracingConfig()
+    """OpenTelemetry traces of Rank and its stages (``sieve/tracing.py``, the
+    ``tracing`` extra); off by default."""
     max_connection_age_s: float = Field(300.0, ge=0.0)
     """Clients are asked to reconnect (HTTP/2 GOAWAY, +-10% jitter, in-flight calls
     finish) after a connection is this old, so round_robin clients re-resolve and

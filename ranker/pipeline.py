@@ -47,7 +47,7 @@ from ranker.device import onnx_cuda
 from ranker.history import ShownHistory, open_history
 from ranker.loaded import LoadedSet, load_set, refreshed
 from ranker.rerank import item_attributes
-from ranker.resilience import Breaker, Deadlines, InFlightLimit, TtlCache
+from ranker.resilience import STAGES, Breaker, Deadlines, InFlightLimit, TtlCache
 from ranker.response_cache import CachedAnswer, ResponseCache, open_response_cache
 from ranker.scatter import ShardedCandidates
 from ranker.scorer import OnnxScorer
@@ -55,6 +55,7 @@ from sieve import artifacts
 from sieve.batcher import MicroBatcher
 from sieve.device import decide
 from sieve.metrics import NONFINITE_FEATURES
+from sieve.tracing import open_tracer
 from sieve.versions import VersionHolder
 
 log = logging.getLogger(__name__)
@@ -105,10 +106,11 @@ class RankPipeline:
             rel.max_in_flight,
             adaptive=rel.adaptive_in_flight,
         )
+        self.tracer = open_tracer(config.tracing, "sieve-ranker")
         self.candidates: CandidateClient | ShardedCandidates = (
-            ShardedCandidates(config, congested=lambda: self.limit.congested)
+            ShardedCandidates(config, lambda: self.limit.congested, self.tracer)
             if config.candidate_shards
-            else CandidateClient(config, congested=lambda: self.limit.congested)
+            else CandidateClient(config, lambda: self.limit.congested, tracer=self.tracer)
         )
         self.store_breaker = Breaker.reported("online_store", rel.breaker)
         # Users' last read features, served when the online store fails.
@@ -196,16 +198,44 @@ class RankPipeline:
             await self.response_cache.close()
         if self._cpu is not None:
             self._cpu.shutdown(wait=False)  # drained: the server stopped taking calls
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)  # flush what is batched
 
-    async def rank(self, q: RankQuery, time_left_s: float | None = None) -> RankResult:
+    async def rank(
+        self, q: RankQuery, time_left_s: float | None = None, metadata: Any = None
+    ) -> RankResult:
         """Rank for one user with the set live when the request starts, end to end.
 
         ``time_left_s``: the caller's deadline (None: none); every stage ends in time
         to leave the later ones their budgets, taking the next rung when it cannot.
+        ``metadata``: the call's, for its ``traceparent`` when tracing is on.
 
         Raises:
             NotReady: before ``start``.
         """
+        tracer = self.tracer
+        if tracer is None:
+            return await self._rank(q, time_left_s)
+        with tracer.server_span(
+            "Rank", metadata, **{"rpc.system": "grpc", "rpc.method": "Rank", "sieve.k": q.k}
+        ) as span:
+            start_ns = time.time_ns()
+            result = await self._rank(q, time_left_s)
+            if span.is_recording():
+                span.set_attribute("sieve.artifact_version", result.version)
+                span.set_attribute("sieve.rungs", list(result.rungs))
+                for rung, why in zip(result.rungs, result.degradations, strict=False):
+                    span.add_event("rung", {"sieve.rung": rung, "sieve.why": why[:200]})
+                budget = self.reliability.budget_ms
+                at, deadlines = budget.headroom, {}
+                for stage in STAGES:
+                    at += getattr(budget, stage)
+                    deadlines[stage] = at
+                marks = [(s, us) for s, us in result.timings if s != "total"]
+                tracer.stage_spans(span, start_ns, marks, deadlines, frozenset({"retrieve"}))
+            return result
+
+    async def _rank(self, q: RankQuery, time_left_s: float | None) -> RankResult:
         deadlines = Deadlines(self.reliability.budget_ms, time.perf_counter(), time_left_s)
         with self.sets.use() as state:
             ctx = RankContext(q, deadlines)
@@ -250,9 +280,15 @@ class RankPipeline:
                 more.append(("text", text_vector, quotas["text"]))
             else:
                 ctx.note("text_source_failed: the user's text_vector is not finite")
-        resp, failed = await self.candidates.retrieve(
-            state.version, vector, exclude, left, quotas.get("learned", 0), more=more
-        )
+        if self.tracer is None:
+            resp, failed = await self.candidates.retrieve(
+                state.version, vector, exclude, left, quotas.get("learned", 0), more=more
+            )
+        else:  # live, so the candidate service's spans join it (traceparent)
+            with self.tracer.span("retrieve", **{"sieve.timeout_ms": round(left * 1e3, 3)}):
+                resp, failed = await self.candidates.retrieve(
+                    state.version, vector, exclude, left, quotas.get("learned", 0), more=more
+                )
         ctx.mark("retrieve")
         if resp is None:
             ctx.out_of_time |= ladder.retrieve_starved(left, rel)

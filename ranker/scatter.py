@@ -23,6 +23,7 @@ import numpy as np
 from protos.sieve.v1 import sieve_pb2
 from ranker.candidates import CandidateClient
 from ranker.config import RankerConfig
+from sieve.tracing import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,15 @@ def _reason(why: str) -> str:
 class ShardedCandidates:
     """``CandidateClient``'s interface over ``config.candidate_shards``."""
 
-    def __init__(self, config: RankerConfig, congested: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self,
+        config: RankerConfig,
+        congested: Callable[[], bool] = lambda: False,
+        tracer: Tracer | None = None,
+    ) -> None:
         self.config = config
         self.shards = [
-            CandidateClient(config, congested, address, f"candidate_shard{i}")
+            CandidateClient(config, congested, address, f"candidate_shard{i}", tracer)
             for i, address in enumerate(config.candidate_shards)
         ]
 

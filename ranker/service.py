@@ -13,8 +13,9 @@ from ranker.context import parse_rank
 from ranker.ladder import RUNGS
 from ranker.pipeline import RankPipeline
 from ranker.sources import source_names
-from sieve.errors import InvalidRequest, Overloaded, grpc_errors
-from sieve.grpc_server import Server, add_servicer
+from sieve.auth import current_caller
+from sieve.errors import InvalidRequest, Overloaded, PermissionDenied, grpc_errors
+from sieve.grpc_server import Server, add_servicer, guard
 from sieve.metrics import IN_FLIGHT, IN_FLIGHT_LIMIT, RANK_ANSWERS, RANK_RUNGS, serve_metrics
 from sieve.tls import warn_if_exposed
 
@@ -36,6 +37,10 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
     async def Rank(
         self, request: sieve_pb2.RankRequest, context: grpc.aio.ServicerContext
     ) -> sieve_pb2.RankResponse:
+        if request.debug and not current_caller().debug:
+            raise PermissionDenied(
+                f"caller {current_caller().identity} may not ask for debug (ranker.auth)"
+            )
         limit = self.limit.limit
         if self.in_flight >= limit:
             # Shed at once, before any work: the accepted calls keep their latency.
@@ -49,7 +54,9 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
         IN_FLIGHT.inc()
         try:
             result = await self.pipeline.rank(
-                parse_rank(request, self.config), context.time_remaining()
+                parse_rank(request, self.config),
+                context.time_remaining(),
+                context.invocation_metadata() if self.pipeline.tracer is not None else None,
             )
         except InvalidRequest:
             RANK_ANSWERS.labels("invalid").inc()
@@ -108,6 +115,7 @@ async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[Ser
     """
     pipeline = RankPipeline(config, artifacts_root)
     warn_if_exposed("ranker", config.host, config.tls)
+    interceptors, limiter = guard(config.auth, config.rate_limit)
     server = Server(
         SERVICE_NAME,
         config.host,
@@ -116,7 +124,10 @@ async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[Ser
         config.max_connection_age_s,
         config.grace_s,
         config.tls,
+        interceptors,
     )
+    if limiter is not None:
+        server.on_stop(limiter.close)
     server.every(config.item_refresh_s, pipeline.refresh_item_features, "item feature refresh")
     server.every(config.reload_check_s, pipeline.reload, "artifact reload")
     server.on_stop(pipeline.close)

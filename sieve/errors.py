@@ -42,6 +42,12 @@ class Overloaded(SieveError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class PermissionDenied(SieveError):
+    """The caller is known but may not do what it asked."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ArtifactError(SieveError):
     """An artifact is missing, corrupt or does not match its manifest."""
 

@@ -71,6 +71,7 @@ class Server:
         max_connection_age_s: float = 0.0,
         grace_s: float = 5.0,
         tls: ServerTls | None = None,
+        interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
     ) -> None:
         """``max_concurrent_rpcs``: gRPC's own bound on RPCs accepted and not yet
         answered, those waiting for the event loop included; past it gRPC answers
@@ -79,6 +80,7 @@ class Server:
         calls on them get ``grace_s`` to finish), so clients re-resolve; 0: never.
         ``tls``: serve TLS (or mutual TLS) with certificates that rotate
         (``sieve/tls.py``); None or not enabled: plaintext.
+        ``interceptors``: e.g. ``sieve.auth.GuardInterceptor`` (tokens, limits).
 
         No SO_REUSEPORT: a second server on a port in use fails to start instead
         of silently sharing it (replicas take a port each: app/workers.py)."""
@@ -92,7 +94,11 @@ class Server:
                 ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(grace_s * 1000)),
             ]
-        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
+        self.server = grpc.aio.server(
+            options=options,
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
+            interceptors=interceptors or None,
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._address = f"{host}:{port}"
@@ -189,3 +195,15 @@ def client_options(service_config: dict[str, object] | None = None) -> list[tupl
     """Channel options of our clients: ``round_robin`` over the addresses the target
     resolves to, merged into ``service_config`` (e.g. a retry policy)."""
     return [("grpc.service_config", json.dumps({**ROUND_ROBIN, **(service_config or {})}))]
+
+
+def guard(auth: Any, rate_limit: Any) -> tuple[tuple[grpc.aio.ServerInterceptor, ...], Any]:
+    """The interceptors a service's ``auth`` and ``rate_limit`` config ask for, and
+    the rate limiter to close on stop (None: no limits)."""
+    from sieve.auth import GuardInterceptor
+    from sieve.ratelimit import RateLimiter
+
+    limiter = RateLimiter(rate_limit) if rate_limit.enabled else None
+    if not auth.required and limiter is None:
+        return (), None
+    return (GuardInterceptor(auth, (limiter,) if limiter else ()),), limiter
