@@ -14,7 +14,7 @@ GPU_WORK := .gpu-extra
 SHARED_ML := ../shared/data/movielens/ml-latest-small
 DATA ?= $(if $(wildcard $(SHARED_ML)/ratings.csv),$(SHARED_ML),)
 
-.PHONY: demo test venv venv-gpu test-gpu-extra redis protos lint clean
+.PHONY: demo test venv venv-gpu test-gpu-extra redis prometheus protos lint clean
 
 venv: $(STAMP)
 
@@ -50,10 +50,18 @@ redis:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 	@redis-server --version
 
+# Debian's prometheus (with promtool), for the metrics tests; never started as a service.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    --no-install-recommends prometheus >/dev/null; }
+	@prometheus --version 2>&1 | head -1
+
 demo: $(STAMP)
 	$(VENV)/bin/sieve quickstart $(if $(DATA),--data $(DATA),)
 
-test: $(STAMP) redis
+test: $(STAMP) redis prometheus
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -84,6 +84,8 @@ class CandidateConfig(Frozen):
     off by default. Callers need ``Retrieve`` among their methods."""
     rate_limit: RateLimitConfig = RateLimitConfig()
     """Per-caller token buckets (``sieve/ratelimit.py``); off by default."""
+    metrics_port: int = Field(-1, ge=-1, le=65535)
+    """Serve Prometheus metrics on ``/metrics`` at this port (0: a free one; -1: none)."""
     tracing: TracingConfig = TracingConfig()
     """OpenTelemetry spans of Retrieve, joined to the ranker's trace through the
     call's ``traceparent`` (``sieve/tracing.py``); off by default."""

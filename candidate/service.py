@@ -20,6 +20,7 @@ from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from sieve.batcher import MicroBatcher, per_group
 from sieve.errors import InvalidRequest, NotFound, grpc_errors
 from sieve.grpc_server import Server, add_servicer, guard
+from sieve.metrics import CANDIDATE_SECONDS, exemplar, serve_metrics
 from sieve.tls import warn_if_exposed
 from sieve.tracing import open_tracer
 from sieve.validation import echo, echo_list, id_list, query_vector
@@ -240,10 +241,11 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
     async def Retrieve(
         self, request: sieve_pb2.RetrieveRequest, context: grpc.aio.ServicerContext
     ) -> sieve_pb2.RetrieveResponse:
+        t0 = time.perf_counter()
         q = parse_retrieve(request, self.config)
         if self.tracer is None:
             with self.sets.use(q.version) as live:
-                return await self._retrieve(q, live.space(q.source), live)
+                return observed(await self._retrieve(q, live.space(q.source), live), t0)
         attrs = {"rpc.system": "grpc", "rpc.method": "Retrieve", "sieve.k": q.k}
         with self.tracer.server_span("Retrieve", context.invocation_metadata(), **attrs) as span:
             with self.sets.use(q.version) as live:
@@ -254,7 +256,7 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
             )
             if live.shards:
                 span.set_attribute("sieve.shard", live.shard)
-            return resp
+            return observed(resp, t0)
 
     async def _retrieve(
         self, q: RetrieveQuery, main: LiveIndex, live: LiveIndex
@@ -310,6 +312,15 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         return result, version, int((time.perf_counter() - t0) * 1e6)
 
 
+def observed(resp: sieve_pb2.RetrieveResponse, t0: float) -> sieve_pb2.RetrieveResponse:
+    """``resp``'s search time and the call's in ``sieve_candidate_seconds``."""
+    ex = exemplar()
+    search_us = resp.search_us + sum(m.search_us for m in resp.more)
+    CANDIDATE_SECONDS.labels("search").observe(search_us / 1e6, ex)
+    CANDIDATE_SECONDS.labels("total").observe(time.perf_counter() - t0, ex)
+    return resp
+
+
 def _search_all(
     searches: list[tuple[LiveIndex, np.ndarray, int]], exclude: np.ndarray, allow: list[str]
 ) -> list[tuple[SearchResult, str, int]]:
@@ -332,7 +343,7 @@ async def create_server(
     """
     servicer = CandidateServicer(config, artifacts_root)
     warn_if_exposed("candidate", config.host, config.tls)
-    interceptors, limiter = guard(config.auth, config.rate_limit)
+    interceptors, limiter = guard(config.auth, config.rate_limit, "candidate")
     server = Server(
         SERVICE_NAME,
         config.host,
@@ -345,6 +356,15 @@ async def create_server(
     )
     if limiter is not None:
         server.on_stop(limiter.close)
+    if config.metrics_port >= 0:
+        metrics = serve_metrics(config.host, config.metrics_port)
+        server.metrics_port = metrics.server_port
+
+        async def stop_metrics() -> None:
+            metrics.shutdown()
+            metrics.server_close()
+
+        server.on_stop(stop_metrics)
     server.every(config.reload_check_s, servicer.reload, "artifact reload")
     server.on_stop(servicer.close)
     add_servicer(server.server, servicer, sieve_pb2, "CandidateService")

@@ -54,7 +54,7 @@ from ranker.scorer import OnnxScorer
 from sieve import artifacts
 from sieve.batcher import MicroBatcher
 from sieve.device import decide
-from sieve.metrics import NONFINITE_FEATURES
+from sieve.metrics import NONFINITE_FEATURES, RANK_STAGE_SECONDS, exemplar
 from sieve.tracing import open_tracer
 from sieve.versions import VersionHolder
 
@@ -215,7 +215,7 @@ class RankPipeline:
         """
         tracer = self.tracer
         if tracer is None:
-            return await self._rank(q, time_left_s)
+            return observed(await self._rank(q, time_left_s))
         with tracer.server_span(
             "Rank", metadata, **{"rpc.system": "grpc", "rpc.method": "Rank", "sieve.k": q.k}
         ) as span:
@@ -233,7 +233,7 @@ class RankPipeline:
                     deadlines[stage] = at
                 marks = [(s, us) for s, us in result.timings if s != "total"]
                 tracer.stage_spans(span, start_ns, marks, deadlines, frozenset({"retrieve"}))
-            return result
+            return observed(result)  # inside the span: its trace id is the exemplar
 
     async def _rank(self, q: RankQuery, time_left_s: float | None) -> RankResult:
         deadlines = Deadlines(self.reliability.budget_ms, time.perf_counter(), time_left_s)
@@ -414,3 +414,12 @@ class RankPipeline:
 def _history_down(e: BaseException) -> str:
     log.warning("shown-history store failed: %s: %s", type(e).__name__, e)
     return f"history_unavailable: {type(e).__name__}; fatigue used no history"
+
+
+def observed(result: RankResult) -> RankResult:
+    """``result``'s stage times in ``sieve_rank_stage_seconds`` (with the sampled
+    trace's id as the exemplar, when there is one)."""
+    ex = exemplar()
+    for stage, micros in result.timings:
+        RANK_STAGE_SECONDS.labels(stage).observe(micros / 1e6, ex)
+    return result

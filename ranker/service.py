@@ -16,7 +16,14 @@ from ranker.sources import source_names
 from sieve.auth import current_caller
 from sieve.errors import InvalidRequest, Overloaded, PermissionDenied, grpc_errors
 from sieve.grpc_server import Server, add_servicer, guard
-from sieve.metrics import IN_FLIGHT, IN_FLIGHT_LIMIT, RANK_ANSWERS, RANK_RUNGS, serve_metrics
+from sieve.metrics import (
+    CALLS_BY_CALLER,
+    IN_FLIGHT,
+    IN_FLIGHT_LIMIT,
+    RANK_ANSWERS,
+    RANK_RUNGS,
+    serve_metrics,
+)
 from sieve.tls import warn_if_exposed
 
 log = logging.getLogger(__name__)
@@ -71,6 +78,7 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
         self.limit.answered(result.out_of_time, in_flight)  # congestion, even when fixed
         IN_FLIGHT_LIMIT.set(self.limit.limit)
         RANK_ANSWERS.labels("degraded" if result.rungs or result.degradations else "full").inc()
+        CALLS_BY_CALLER.labels("ranker", current_caller().label, "ok").inc()
         for rung in result.rungs:
             RANK_RUNGS.labels(rung).inc()
         names = [source_names(int(b)) for b in result.sources]
@@ -115,7 +123,7 @@ async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[Ser
     """
     pipeline = RankPipeline(config, artifacts_root)
     warn_if_exposed("ranker", config.host, config.tls)
-    interceptors, limiter = guard(config.auth, config.rate_limit)
+    interceptors, limiter = guard(config.auth, config.rate_limit, "ranker")
     server = Server(
         SERVICE_NAME,
         config.host,

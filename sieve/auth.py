@@ -33,6 +33,7 @@ from pydantic import Field, field_validator, model_validator
 
 from sieve.config import Frozen
 from sieve.errors import ConfigError
+from sieve.metrics import CALLS_BY_CALLER
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,12 @@ class Caller:
 
     def may(self, method: str) -> bool:
         return "*" in self.methods or method in self.methods
+
+    @property
+    def label(self) -> str:
+        """The caller as a metric label: authenticated identities (a bounded set:
+        the keys, the JWT subjects); ``anonymous`` for the rest (peers, CNs)."""
+        return self.identity if self.identity.startswith(("key:", "jwt:")) else "anonymous"
 
 
 ANONYMOUS = Caller("anonymous", frozenset({"*"}), True)
@@ -239,8 +246,11 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates (when ``auth.required``), authorizes the method, runs the
     ``checks`` (rate limits), then hands the call on with its caller set."""
 
-    def __init__(self, auth: AuthConfig, checks: tuple[Check, ...] = ()) -> None:
+    def __init__(
+        self, auth: AuthConfig, checks: tuple[Check, ...] = (), service: str = "service"
+    ) -> None:
         self.auth = auth
+        self.service = service
         self.authenticator = Authenticator(auth) if auth.required else None
         self.checks = checks
 
@@ -259,6 +269,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         behavior = handler.unary_unary
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            caller: Caller | None = None
             try:
                 caller = self._caller(metadata, context)
                 if not caller.may(method):
@@ -270,7 +281,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 for check in self.checks:
                     await check(caller, method)
             except Refused as e:
+                who = caller.label if caller is not None else "unauthenticated"
+                CALLS_BY_CALLER.labels(self.service, who, e.code.name).inc()
                 await context.abort(e.code, str(e), getattr(e, "trailing_metadata", ()))
+            assert caller is not None  # the refusals above abort
             token = _CALLER.set(caller)
             try:
                 return await behavior(request, context)

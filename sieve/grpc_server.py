@@ -197,7 +197,9 @@ def client_options(service_config: dict[str, object] | None = None) -> list[tupl
     return [("grpc.service_config", json.dumps({**ROUND_ROBIN, **(service_config or {})}))]
 
 
-def guard(auth: Any, rate_limit: Any) -> tuple[tuple[grpc.aio.ServerInterceptor, ...], Any]:
+def guard(
+    auth: Any, rate_limit: Any, service: str
+) -> tuple[tuple[grpc.aio.ServerInterceptor, ...], Any]:
     """The interceptors a service's ``auth`` and ``rate_limit`` config ask for, and
     the rate limiter to close on stop (None: no limits)."""
     from sieve.auth import GuardInterceptor
@@ -206,4 +208,4 @@ def guard(auth: Any, rate_limit: Any) -> tuple[tuple[grpc.aio.ServerInterceptor,
     limiter = RateLimiter(rate_limit) if rate_limit.enabled else None
     if not auth.required and limiter is None:
         return (), None
-    return (GuardInterceptor(auth, (limiter,) if limiter else ()),), limiter
+    return (GuardInterceptor(auth, (limiter,) if limiter else (), service),), limiter

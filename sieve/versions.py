@@ -23,6 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from sieve import artifacts
 from sieve.errors import ArtifactError, NotReady, VersionNotLoaded
+from sieve.metrics import RELOADS, set_live_version
 from sieve.validation import echo
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,9 @@ class VersionHolder(Generic[S]):
         """
         state = await self._load(artifacts.current_version(self.root))
         self._held = (state,)
+        set_live_version(self.name, state.version)
+        for outcome in ("swapped", "refused"):  # at 0 from the start: increase() is defined
+            RELOADS.labels(self.name, outcome)
         return state
 
     def pick(self, version: str = "") -> S:
@@ -187,6 +191,7 @@ class VersionHolder(Generic[S]):
                     pending = await self._load(target)
                 except ArtifactError as e:
                     self._refused = target
+                    RELOADS.labels(self.name, "refused").inc()
                     self._log.error("%s refused artifact set %s: %s; still serving %s",
                               self.name, target, e, live.version)  # fmt: skip
                     return False
@@ -200,6 +205,8 @@ class VersionHolder(Generic[S]):
             dropped = [s for s in before if s not in self._held]
             self._log.info("%s swapped artifact set: %s -> %s (held: %s)", self.name,
                      live.version, pending.version, ", ".join(self.versions))  # fmt: skip
+            RELOADS.labels(self.name, "swapped").inc()
+            set_live_version(self.name, pending.version, live.version)
             del before, live, pending
             await self._retire(dropped)
             return True

@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -101,7 +102,8 @@ def test_one_trace_across_both_processes(
     config = tmp_path / "sieve.toml"
     config.write_text(
         f'[candidate.tracing]\nenabled = true\nsample_ratio = 0.0\nendpoint = "{receiver.url}"\n\n'
-        f'[ranker.tracing]\nenabled = true\nsample_ratio = 0.0\nendpoint = "{receiver.url}"\n'
+        f'[ranker.tracing]\nenabled = true\nsample_ratio = 0.0\nendpoint = "{receiver.url}"\n\n'
+        "[ranker.reliability]\nmetrics_port = 0\n"
     )
     procs = []
     try:
@@ -113,6 +115,7 @@ def test_one_trace_across_both_processes(
                    "--candidate-address", f"127.0.0.1:{cport}")
         )  # fmt: skip
         rport = _wait(rready, procs)
+        mport = int(rready.read_text().split()[3])  # "ranker PORT metrics M"
         trace_id, caller_span = secrets.token_hex(16), secrets.token_hex(8)
         with grpc.insecure_channel(f"127.0.0.1:{rport}") as ch:
             stub = sieve_pb2_grpc.RankerServiceStub(ch)
@@ -123,6 +126,17 @@ def test_one_trace_across_both_processes(
                 metadata=(("traceparent", f"00-{trace_id}-{caller_span}-01"),),
             )
         assert untraced.items and answer.items
+        # the latency histograms carry the sampled call's trace id as an exemplar
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{mport}/metrics",
+            headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            exposition = r.read().decode()
+        assert any(
+            line.startswith("sieve_rank_stage_seconds_bucket") and f'trace_id="{trace_id}"' in line
+            for line in exposition.splitlines()
+        ), "no exemplar carries the trace id"
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             mine = [s for s in receiver.spans if s["trace"] == trace_id]
