@@ -20,7 +20,7 @@ from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from sieve.batcher import MicroBatcher, per_group
 from sieve.errors import InvalidRequest, NotFound, grpc_errors
 from sieve.grpc_server import Server, add_servicer, guard
-from sieve.metrics import CANDIDATE_SECONDS, exemplar, serve_metrics
+from sieve.metrics import CANDIDATE_SECONDS, exemplar
 from sieve.tls import warn_if_exposed
 from sieve.tracing import open_tracer
 from sieve.validation import echo, echo_list, id_list, query_vector
@@ -356,15 +356,7 @@ async def create_server(
     )
     if limiter is not None:
         server.on_stop(limiter.close)
-    if config.metrics_port >= 0:
-        metrics = serve_metrics(config.host, config.metrics_port)
-        server.metrics_port = metrics.server_port
-
-        async def stop_metrics() -> None:
-            metrics.shutdown()
-            metrics.server_close()
-
-        server.on_stop(stop_metrics)
+    server.serve_metrics(config.metrics_port)
     server.every(config.reload_check_s, servicer.reload, "artifact reload")
     server.on_stop(servicer.close)
     add_servicer(server.server, servicer, sieve_pb2, "CandidateService")

@@ -22,7 +22,6 @@ from sieve.metrics import (
     IN_FLIGHT_LIMIT,
     RANK_ANSWERS,
     RANK_RUNGS,
-    serve_metrics,
 )
 from sieve.tls import warn_if_exposed
 
@@ -139,16 +138,7 @@ async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[Ser
     server.every(config.item_refresh_s, pipeline.refresh_item_features, "item feature refresh")
     server.every(config.reload_check_s, pipeline.reload, "artifact reload")
     server.on_stop(pipeline.close)
-    port = config.reliability.metrics_port
-    if port >= 0:
-        metrics = serve_metrics(config.host, port)
-        server.metrics_port = metrics.server_port
-
-        async def stop_metrics() -> None:
-            metrics.shutdown()
-            metrics.server_close()
-
-        server.on_stop(stop_metrics)
+    server.serve_metrics(config.reliability.metrics_port)
     add_servicer(server.server, RankerServicer(config, pipeline), sieve_pb2, "RankerService")
     await server.start_serving(pipeline.start)
     return server, pipeline

@@ -102,6 +102,7 @@ class Server:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._address = f"{host}:{port}"
+        self._host = host
         self._tls = tls
         self.port = 0
         self.metrics_port = -1  # /metrics over HTTP, where the service serves it
@@ -109,6 +110,22 @@ class Server:
         self._jobs: list[tuple[float, Callable[[], Awaitable[object]], str]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+
+    def serve_metrics(self, port: int) -> None:
+        """Serve Prometheus ``/metrics`` on ``port`` of this server's host (0: a free
+        one; -1: none) until the server stops; ``metrics_port`` is the bound port."""
+        if port < 0:
+            return
+        from sieve.metrics import serve_metrics
+
+        metrics = serve_metrics(self._host, port)
+        self.metrics_port = metrics.server_port
+
+        async def stop_metrics() -> None:
+            metrics.shutdown()
+            metrics.server_close()
+
+        self.on_stop(stop_metrics)
 
     def every(self, seconds: float, job: Callable[[], Awaitable[object]], what: str) -> None:
         """Run ``job`` every ``seconds`` while SERVING; a failure is logged, not fatal."""
