@@ -6,9 +6,11 @@ process adds to the same series.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 # Importing Feast sets PROMETHEUS_MULTIPROC_DIR to a feast_metrics_* temporary
@@ -95,12 +97,22 @@ def set_live_version(service: str, version: str, before: str = "") -> None:
     ARTIFACT_INFO.labels(service, version).set(1)
 
 
-def exemplar() -> dict[str, str] | None:
-    """``{"trace_id": ...}`` of the current span when it is sampled (tracing on), for
-    a histogram observation's exemplar; None otherwise."""
+@functools.cache
+def _trace_api() -> Any:
+    """OpenTelemetry's trace API, or None without the ``tracing`` extra (looked up
+    once, not on every call)."""
     try:
         from opentelemetry import trace
     except ImportError:
+        return None
+    return trace
+
+
+def exemplar() -> dict[str, str] | None:
+    """``{"trace_id": ...}`` of the current span when it is sampled (tracing on), for
+    a histogram observation's exemplar; None otherwise."""
+    trace = _trace_api()
+    if trace is None:
         return None
     ctx = trace.get_current_span().get_span_context()
     if not ctx.is_valid or not ctx.trace_flags.sampled:
