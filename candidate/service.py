@@ -19,7 +19,7 @@ from candidate.sets import SPACES, LiveIndex, load_live, use_gpu
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from sieve.batcher import MicroBatcher, per_group
 from sieve.errors import InvalidRequest, NotFound, grpc_errors
-from sieve.grpc_server import Server, add_servicer, guard
+from sieve.grpc_server import Server, add_servicer
 from sieve.metrics import CANDIDATE_SECONDS, exemplar
 from sieve.tls import warn_if_exposed
 from sieve.tracing import open_tracer
@@ -343,7 +343,6 @@ async def create_server(
     """
     servicer = CandidateServicer(config, artifacts_root)
     warn_if_exposed("candidate", config.host, config.tls)
-    interceptors, limiter = guard(config.auth, config.rate_limit, "candidate")
     server = Server(
         SERVICE_NAME,
         config.host,
@@ -352,10 +351,8 @@ async def create_server(
         config.max_connection_age_s,
         config.grace_s,
         config.tls,
-        interceptors,
+        (config.auth, config.rate_limit, "candidate"),
     )
-    if limiter is not None:
-        server.on_stop(limiter.close)
     server.serve_metrics(config.metrics_port)
     server.every(config.reload_check_s, servicer.reload, "artifact reload")
     server.on_stop(servicer.close)

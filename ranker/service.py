@@ -15,7 +15,7 @@ from ranker.pipeline import RankPipeline
 from ranker.sources import source_names
 from sieve.auth import current_caller
 from sieve.errors import InvalidRequest, Overloaded, PermissionDenied, grpc_errors
-from sieve.grpc_server import Server, add_servicer, guard
+from sieve.grpc_server import Server, add_servicer
 from sieve.metrics import (
     CALLS_BY_CALLER,
     IN_FLIGHT,
@@ -122,7 +122,6 @@ async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[Ser
     """
     pipeline = RankPipeline(config, artifacts_root)
     warn_if_exposed("ranker", config.host, config.tls)
-    interceptors, limiter = guard(config.auth, config.rate_limit, "ranker")
     server = Server(
         SERVICE_NAME,
         config.host,
@@ -131,10 +130,8 @@ async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[Ser
         config.max_connection_age_s,
         config.grace_s,
         config.tls,
-        interceptors,
+        (config.auth, config.rate_limit, "ranker"),
     )
-    if limiter is not None:
-        server.on_stop(limiter.close)
     server.every(config.item_refresh_s, pipeline.refresh_item_features, "item feature refresh")
     server.every(config.reload_check_s, pipeline.reload, "artifact reload")
     server.on_stop(pipeline.close)

@@ -71,7 +71,7 @@ class Server:
         max_connection_age_s: float = 0.0,
         grace_s: float = 5.0,
         tls: ServerTls | None = None,
-        interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
+        guarded: tuple[Any, Any, str] | None = None,
     ) -> None:
         """``max_concurrent_rpcs``: gRPC's own bound on RPCs accepted and not yet
         answered, those waiting for the event loop included; past it gRPC answers
@@ -80,7 +80,8 @@ class Server:
         calls on them get ``grace_s`` to finish), so clients re-resolve; 0: never.
         ``tls``: serve TLS (or mutual TLS) with certificates that rotate
         (``sieve/tls.py``); None or not enabled: plaintext.
-        ``interceptors``: e.g. ``sieve.auth.GuardInterceptor`` (tokens, limits).
+        ``guarded``: (auth config, rate-limit config, the service's metric label):
+        tokens and per-caller limits by ``guard``, the limiter closed on stop.
 
         No SO_REUSEPORT: a second server on a port in use fails to start instead
         of silently sharing it (replicas take a port each: app/workers.py)."""
@@ -94,6 +95,7 @@ class Server:
                 ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(grace_s * 1000)),
             ]
+        interceptors, limiter = guard(*guarded) if guarded is not None else ((), None)
         self.server = grpc.aio.server(
             options=options,
             maximum_concurrent_rpcs=max_concurrent_rpcs,
@@ -110,6 +112,8 @@ class Server:
         self._jobs: list[tuple[float, Callable[[], Awaitable[object]], str]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        if limiter is not None:
+            self.on_stop(limiter.close)
 
     def serve_metrics(self, port: int) -> None:
         """Serve Prometheus ``/metrics`` on ``port`` of this server's host (0: a free
