@@ -135,7 +135,10 @@ async def serve(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from sieve import logs
+
     cfg = _config(args)
+    logs.configure(cfg.logging)
     updates_c: dict[str, object] = (
         {"port": args.candidate_port} if args.candidate_port is not None else {}
     )

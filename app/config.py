@@ -14,6 +14,7 @@ from features.config import OnlineStoreConfig, SqliteStoreConfig
 from ranker.config import RankerConfig
 from sieve.config import Frozen
 from sieve.errors import ConfigError
+from sieve.logs import LoggingConfig
 
 
 class RetrieverConfig(Frozen):
@@ -135,6 +136,9 @@ class SieveConfig(Frozen):
     build: BuildConfig = BuildConfig()
     candidate: CandidateConfig = CandidateConfig()
     ranker: RankerConfig = RankerConfig()
+    logging: LoggingConfig = LoggingConfig()
+    """How ``sieve serve`` logs (``sieve/logs.py``): text or JSON lines, sampled
+    request lines, user ids hashed."""
 
 
 def load_config(path: Path | None) -> SieveConfig:

@@ -17,9 +17,11 @@ from candidate.config import CandidateConfig
 from candidate.index import CandidateIndex, SearchRequest, SearchResult
 from candidate.sets import SPACES, LiveIndex, load_live, use_gpu
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
+from sieve.auth import current_caller
 from sieve.batcher import MicroBatcher, per_group
 from sieve.errors import InvalidRequest, NotFound, grpc_errors
 from sieve.grpc_server import Server, add_servicer
+from sieve.logs import new_request_id, requests
 from sieve.metrics import CANDIDATE_SECONDS, exemplar
 from sieve.tls import warn_if_exposed
 from sieve.tracing import open_tracer
@@ -155,7 +157,7 @@ def check_dim(index: CandidateIndex, vector: np.ndarray, field: str) -> None:
         raise InvalidRequest(f"{field} has {len(vector)} values, the index expects {index.dim}")
 
 
-_Batcher = MicroBatcher[tuple[LiveIndex, SearchRequest], tuple[SearchResult, str]]
+_Batcher = MicroBatcher[tuple[LiveIndex, SearchRequest], tuple[SearchResult, str, int]]
 
 
 class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
@@ -192,14 +194,18 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
 
     def _search_batch(
         self, reqs: list[tuple[LiveIndex, SearchRequest]]
-    ) -> list[tuple[SearchResult, str]]:
+    ) -> list[tuple[SearchResult, str, int]]:
         """Search each request on the set it took when it arrived (its pinned version
         or the newest then): one ``search_many`` per set, so a batch that spans a swap
         or several pinned versions never answers a request from another set's index."""
 
-        def on_set(live: LiveIndex, group: list[SearchRequest]) -> list[tuple[SearchResult, str]]:
+        def on_set(
+            live: LiveIndex, group: list[SearchRequest]
+        ) -> list[tuple[SearchResult, str, int]]:
+            t0 = time.perf_counter()
             found = live.index.search_many(group, self.config.batch_exclude_slack)
-            return [(res, live.version) for res in found]
+            us = int((time.perf_counter() - t0) * 1e6)
+            return [(res, live.version, us) for res in found]
 
         return per_group(reqs, on_set)
 
@@ -242,25 +248,30 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
         self, request: sieve_pb2.RetrieveRequest, context: grpc.aio.ServicerContext
     ) -> sieve_pb2.RetrieveResponse:
         t0 = time.perf_counter()
+        metadata = context.invocation_metadata()
+        new_request_id(metadata)
         q = parse_retrieve(request, self.config)
         if self.tracer is None:
             with self.sets.use(q.version) as live:
-                return observed(await self._retrieve(q, live.space(q.source), live), t0)
+                resp, queued_s = await self._retrieve(q, live.space(q.source), live)
+            return observed(resp, q, t0, queued_s)
         attrs = {"rpc.system": "grpc", "rpc.method": "Retrieve", "sieve.k": q.k}
-        with self.tracer.server_span("Retrieve", context.invocation_metadata(), **attrs) as span:
+        with self.tracer.server_span("Retrieve", metadata, **attrs) as span:
             with self.sets.use(q.version) as live:
-                resp = await self._retrieve(q, live.space(q.source), live)
+                resp, queued_s = await self._retrieve(q, live.space(q.source), live)
             span.set_attribute("sieve.artifact_version", resp.artifact_version)
             span.set_attribute(
                 "sieve.search_us", resp.search_us + sum(m.search_us for m in resp.more)
             )
             if live.shards:
                 span.set_attribute("sieve.shard", live.shard)
-            return observed(resp, t0)
+            return observed(resp, q, t0, queued_s)
 
     async def _retrieve(
         self, q: RetrieveQuery, main: LiveIndex, live: LiveIndex
-    ) -> sieve_pb2.RetrieveResponse:
+    ) -> tuple[sieve_pb2.RetrieveResponse, float]:
+        """The answer, and the seconds its searches waited for a search thread or a
+        batch (0 when searched inline)."""
         check_on(main.index, q)
         vector = q.vector
         if vector is None:
@@ -272,19 +283,27 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
             space = live.space(m.source)
             check_dim(space.index, m.vector, f"more[{i}].user_vector")
             searches.append((space, m.vector, m.k))
+        queued_s = 0.0
         if self.batcher is not None:
             # Checked here, so one bad vector cannot fail the batch it would join.
-            found = await asyncio.gather(*(self._batched(s, v, k, q) for s, v, k in searches))
+            batched = await asyncio.gather(*(self._batched(s, v, k, q) for s, v, k in searches))
+            found = [(r, v, us) for r, v, us, _ in batched]
+            queued_s = max(w for *_, w in batched)
         elif self._search_pool is None:
-            found = _search_all(searches, q.exclude, q.allow)
+            found, _ = _search_all(searches, q.exclude, q.allow)
         else:
             # Faiss releases the GIL: the loop serves other calls while a worker
             # searches; every space of the call in one hand-off.
-            found = await asyncio.get_running_loop().run_in_executor(
-                self._search_pool, _search_all, searches, q.exclude, q.allow
+            found, queued_s = await asyncio.get_running_loop().run_in_executor(
+                self._search_pool,
+                _search_all,
+                searches,
+                q.exclude,
+                q.allow,
+                time.perf_counter(),
             )
         (result, version, search_us), *rest = found
-        return sieve_pb2.RetrieveResponse(
+        resp = sieve_pb2.RetrieveResponse(
             item_ids=result.item_ids.tolist(),
             scores=result.scores.tolist(),
             artifact_version=version,
@@ -301,36 +320,62 @@ class CandidateServicer(sieve_pb2_grpc.CandidateServiceServicer):
                 for m, (r, _, us) in zip(q.more, rest, strict=True)
             ],
         )
+        return resp, queued_s
 
     async def _batched(
         self, space: LiveIndex, vector: np.ndarray, k: int, q: RetrieveQuery
-    ) -> tuple[SearchResult, str, int]:
+    ) -> tuple[SearchResult, str, int, float]:
+        """(result, version, microseconds of its batch's search, seconds waited for
+        the batch to form and start)."""
         assert self.batcher is not None
         t0 = time.perf_counter()
         req = SearchRequest(space.index.check_query(vector), k, q.exclude, q.allow)
-        result, version = await self.batcher.submit((space, req))
-        return result, version, int((time.perf_counter() - t0) * 1e6)
+        result, version, batch_us = await self.batcher.submit((space, req))
+        return result, version, batch_us, max(0.0, time.perf_counter() - t0 - batch_us / 1e6)
 
 
-def observed(resp: sieve_pb2.RetrieveResponse, t0: float) -> sieve_pb2.RetrieveResponse:
-    """``resp``'s search time and the call's in ``sieve_candidate_seconds``."""
+def observed(
+    resp: sieve_pb2.RetrieveResponse, q: RetrieveQuery, t0: float, queued_s: float
+) -> sieve_pb2.RetrieveResponse:
+    """``resp``'s search time, its wait for a search thread or batch, and the call's
+    in ``sieve_candidate_seconds``; its ``request`` line when in the sample."""
     ex = exemplar()
     search_us = resp.search_us + sum(m.search_us for m in resp.more)
+    total_s = time.perf_counter() - t0
     CANDIDATE_SECONDS.labels("search").observe(search_us / 1e6, ex)
-    CANDIDATE_SECONDS.labels("total").observe(time.perf_counter() - t0, ex)
+    CANDIDATE_SECONDS.labels("queue").observe(queued_s, ex)
+    CANDIDATE_SECONDS.labels("total").observe(total_s, ex)
+    request_log = requests()
+    if request_log.sampled():
+        request_log.request(
+            "Retrieve",
+            q.user_id if q.vector is None else None,
+            caller=current_caller().label,
+            k=q.k,
+            spaces=1 + len(q.more),
+            version=resp.artifact_version,
+            search_ms=round(search_us / 1000, 3),
+            queue_ms=round(queued_s * 1000, 3),
+            total_ms=round(total_s * 1000, 3),
+        )
     return resp
 
 
 def _search_all(
-    searches: list[tuple[LiveIndex, np.ndarray, int]], exclude: np.ndarray, allow: list[str]
-) -> list[tuple[SearchResult, str, int]]:
-    """Each (space, vector, k) searched in turn: (result, version, microseconds)."""
+    searches: list[tuple[LiveIndex, np.ndarray, int]],
+    exclude: np.ndarray,
+    allow: list[str],
+    handed_off: float | None = None,
+) -> tuple[list[tuple[SearchResult, str, int]], float]:
+    """Each (space, vector, k) searched in turn: (result, version, microseconds), and
+    the seconds since ``handed_off`` (a ``perf_counter`` time) before the first began."""
+    queued_s = 0.0 if handed_off is None else max(0.0, time.perf_counter() - handed_off)
     out = []
     for space, vector, k in searches:
         t0 = time.perf_counter()
         result = space.index.search(vector, k, exclude, allow)
         out.append((result, space.version, int((time.perf_counter() - t0) * 1e6)))
-    return out
+    return out, queued_s
 
 
 async def create_server(

@@ -17,6 +17,7 @@ from ranker.ladder import retrieve_starved
 from ranker.resilience import Breaker
 from sieve.auth import TokenFile
 from sieve.grpc_server import client_options
+from sieve.logs import REQUEST_ID, REQUEST_ID_KEY
 from sieve.tls import channel_credentials as tls_credentials
 from sieve.tls import channel_options as tls_options
 from sieve.tracing import Tracer
@@ -167,8 +168,12 @@ class CandidateClient:
         return resp, ""
 
     def _metadata(self) -> list[tuple[str, str]] | None:
-        """The token, and the current span's ``traceparent`` when tracing is on."""
+        """The token, the Rank's request id (the candidate's log lines carry it too),
+        and the current span's ``traceparent`` when tracing is on."""
         md = list(self._token.metadata() or ())
+        request_id = REQUEST_ID.get()
+        if request_id:
+            md.append((REQUEST_ID_KEY, request_id))
         if self._tracer is not None:
             md += self._tracer.inject()
         return md or None

@@ -52,8 +52,10 @@ from ranker.response_cache import CachedAnswer, ResponseCache, open_response_cac
 from ranker.scatter import ShardedCandidates
 from ranker.scorer import OnnxScorer
 from sieve import artifacts
+from sieve.auth import current_caller
 from sieve.batcher import MicroBatcher
 from sieve.device import decide
+from sieve.logs import requests
 from sieve.metrics import NONFINITE_FEATURES, RANK_STAGE_SECONDS, exemplar
 from sieve.tracing import open_tracer
 from sieve.versions import VersionHolder
@@ -215,7 +217,7 @@ class RankPipeline:
         """
         tracer = self.tracer
         if tracer is None:
-            return observed(await self._rank(q, time_left_s))
+            return observed(await self._rank(q, time_left_s), q)
         with tracer.server_span(
             "Rank", metadata, **{"rpc.system": "grpc", "rpc.method": "Rank", "sieve.k": q.k}
         ) as span:
@@ -233,7 +235,7 @@ class RankPipeline:
                     deadlines[stage] = at
                 marks = [(s, us) for s, us in result.timings if s != "total"]
                 tracer.stage_spans(span, start_ns, marks, deadlines, frozenset({"retrieve"}))
-            return observed(result)  # inside the span: its trace id is the exemplar
+            return observed(result, q)  # inside the span: its trace id is the exemplar
 
     async def _rank(self, q: RankQuery, time_left_s: float | None) -> RankResult:
         deadlines = Deadlines(self.reliability.budget_ms, time.perf_counter(), time_left_s)
@@ -416,10 +418,24 @@ def _history_down(e: BaseException) -> str:
     return f"history_unavailable: {type(e).__name__}; fatigue used no history"
 
 
-def observed(result: RankResult) -> RankResult:
+def observed(result: RankResult, q: RankQuery) -> RankResult:
     """``result``'s stage times in ``sieve_rank_stage_seconds`` (with the sampled
-    trace's id as the exemplar, when there is one)."""
+    trace's id as the exemplar, when there is one), and its ``request`` log line
+    when this call is in the sample."""
     ex = exemplar()
     for stage, micros in result.timings:
         RANK_STAGE_SECONDS.labels(stage).observe(micros / 1e6, ex)
+    request_log = requests()
+    if request_log.sampled():
+        request_log.request(
+            "Rank",
+            q.user_id,
+            caller=current_caller().label,
+            k=q.k,
+            version=result.version,
+            items=len(result.item_ids),
+            rungs=list(result.rungs),
+            degradations=len(result.degradations),
+            stage_ms={s: round(us / 1000, 3) for s, us in result.timings},
+        )
     return result

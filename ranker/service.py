@@ -16,6 +16,7 @@ from ranker.sources import source_names
 from sieve.auth import current_caller
 from sieve.errors import InvalidRequest, Overloaded, PermissionDenied, grpc_errors
 from sieve.grpc_server import Server, add_servicer
+from sieve.logs import new_request_id
 from sieve.metrics import (
     CALLS_BY_CALLER,
     IN_FLIGHT,
@@ -43,6 +44,7 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
     async def Rank(
         self, request: sieve_pb2.RankRequest, context: grpc.aio.ServicerContext
     ) -> sieve_pb2.RankResponse:
+        new_request_id(context.invocation_metadata())
         if request.debug and not current_caller().debug:
             raise PermissionDenied(
                 f"caller {current_caller().identity} may not ask for debug (ranker.auth)"

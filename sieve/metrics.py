@@ -66,8 +66,9 @@ CALLS_BY_CALLER = Counter(
 )
 CANDIDATE_SECONDS = Histogram(
     "sieve_candidate_seconds",
-    "Candidate service time per Retrieve: the ANN searches (search) and the whole "
-    "call (total; the rest is validation, queueing and encoding)",
+    "Candidate service time per Retrieve: the ANN searches (search), the wait for a "
+    "search thread or a batch to start (queue) and the whole call (total; the rest is "
+    "validation and encoding)",
     ["part"],
     buckets=LATENCY_BUCKETS,
 )
@@ -83,7 +84,7 @@ RELOADS = Counter(
 # Every series exists from the start (at 0), so a rate() over it is defined.
 for _outcome in ("full", "degraded", "shed", "invalid", "error"):
     RANK_ANSWERS.labels(_outcome)
-for _part in ("search", "total"):
+for _part in ("search", "queue", "total"):
     CANDIDATE_SECONDS.labels(_part)
 for _stage in ("validate", "user_features", "retrieve", "item_features", "score", "rerank",
                "fallback", "total"):  # fmt: skip

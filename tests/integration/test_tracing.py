@@ -1,10 +1,15 @@
 """OpenTelemetry traces across both services, each in its own process, exported
 over OTLP/HTTP to a receiver in this test that decodes the collector protocol
 (``opentelemetry-proto``): one trace id from the caller's ``traceparent``
-through the ranker's Rank and stage spans to the candidate's Retrieve span."""
+through the ranker's Rank and stage spans to the candidate's Retrieve span; and
+both processes' JSON log lines carrying that trace id and one request id."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
+import re
 import secrets
 import threading
 import time
@@ -99,11 +104,14 @@ def test_one_trace_across_both_processes(
     artifacts_root: Path, receiver: Receiver, tmp_path: Path
 ) -> None:
     # sample_ratio 0: only a caller's sampled traceparent starts a trace (ParentBased)
+    key_file = tmp_path / "user_id.key"
+    key_file.write_text(secrets.token_hex(32))
     config = tmp_path / "sieve.toml"
     config.write_text(
         f'[candidate.tracing]\nenabled = true\nsample_ratio = 0.0\nendpoint = "{receiver.url}"\n\n'
         f'[ranker.tracing]\nenabled = true\nsample_ratio = 0.0\nendpoint = "{receiver.url}"\n\n'
-        "[ranker.reliability]\nmetrics_port = 0\n"
+        "[ranker.reliability]\nmetrics_port = 0\n\n"
+        f'[logging]\nformat = "json"\nrequest_sample = 1.0\nuser_id_key_file = "{key_file}"\n'
     )
     procs = []
     try:
@@ -148,8 +156,8 @@ def test_one_trace_across_both_processes(
     finally:
         for p in procs:
             p.terminate()
-        for p in procs:
-            p.wait(30)
+        outputs = [p.communicate(timeout=30)[0] for p in procs]
+    check_logs(outputs, trace_id, answer.artifact_version, key_file.read_text().encode())
     mine = [s for s in receiver.spans if s["trace"] == trace_id]
     assert len({s["trace"] for s in receiver.spans}) == 1, "the untraced Rank was traced"
     by = {(s["service"], s["name"]): s for s in mine}
@@ -165,3 +173,31 @@ def test_one_trace_across_both_processes(
     retrieve = by["sieve-candidate", "Retrieve"]
     assert retrieve["parent"] == by["sieve-ranker", "retrieve"]["span"]  # joined over gRPC
     assert retrieve["attrs"]["sieve.artifact_version"].string_value == answer.artifact_version
+
+
+def check_logs(outputs: list[str], trace_id: str, version: str, key: bytes) -> None:
+    """Every log line is one JSON object (the rest of the output is the ready and
+    shutdown notices ``sieve serve`` prints); the traced Rank's request line and the
+    Retrieve it made carry its trace id and one request id; the user id is hashed."""
+    text_log = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO|WARNING|ERROR) ")
+    lines = []
+    for out in outputs:
+        for line in out.splitlines():
+            assert not text_log.match(line), f"a text log line: {line}"
+            if line.startswith("{"):
+                lines.append(json.loads(line))
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in lines)
+    requests = [r for r in lines if r["message"] == "request"]
+    rank = [r for r in requests if r["method"] == "Rank" and r.get("trace_id") == trace_id]
+    assert len(rank) == 1, requests
+    user = hmac.new(key, b"42", hashlib.sha256).hexdigest()[:16]
+    assert rank[0]["user"] == user and rank[0]["version"] == version
+    assert rank[0]["caller"] == "anonymous" and rank[0]["stage_ms"]["total"] > 0
+    retrieve = [r for r in requests if r["method"] == "Retrieve"]
+    assert {r["request_id"] for r in retrieve} == {
+        r["request_id"] for r in requests if r["method"] == "Rank"
+    }
+    joined = [r for r in retrieve if r["request_id"] == rank[0]["request_id"]]
+    assert len(joined) == 1 and joined[0]["trace_id"] == trace_id
+    assert joined[0]["span_id"] != rank[0]["span_id"]  # the candidate's own span
+    assert not any('"42"' in json.dumps(r.get("user")) for r in requests)
