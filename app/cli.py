@@ -291,6 +291,15 @@ def _catalog(artifacts_root: Path | None) -> pd.DataFrame | None:
         return None
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    from app.events import run_worker
+    from sieve import logs
+
+    cfg = _config(args)
+    logs.configure(cfg.logging)
+    return run_worker(cfg, Path(args.artifacts), args.consumer, args.report_s, args.once)
+
+
 def cmd_rank(args: argparse.Namespace) -> int:
     import grpc
 
@@ -461,6 +470,23 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--ranker-metrics-port", type=int, help=argparse.SUPPRESS)
     s.add_argument("--ready-file", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser(
+        "events", help="apply recorded events to the online features (a stream worker)"
+    )
+    e.add_argument(
+        "--artifacts", default="artifacts", help="the artifact root served (default: artifacts)"
+    )
+    e.add_argument(
+        "--consumer", default="", help="this worker's name in the group (default: host-pid)"
+    )
+    e.add_argument(
+        "--report-s", type=float, default=10.0, help="seconds between count lines (default: 10)"
+    )
+    e.add_argument(
+        "--once", action="store_true", help="stop when no entry is waiting (tests, backfills)"
+    )
+    e.set_defaults(func=cmd_events)
 
     r = sub.add_parser("rank", help="ask the ranker for a user's recommendations")
     r.add_argument("--user", type=int, required=True, help="the user id to rank for")

@@ -57,6 +57,12 @@ class NaiveRanker(sieve_pb2_grpc.RankerServiceServicer):
         self.user_refs = [f"{view.name}:{f.name}" for f in view.features]
         self.item_refs = [f"{ITEM_VIEW.name}:{f.name}" for f in ITEM_VIEW.features]
 
+    async def RecordEvents(
+        self, request: sieve_pb2.RecordEventsRequest, context: grpc.aio.ServicerContext
+    ) -> sieve_pb2.RecordEventsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the naive pipeline takes no events")
+        raise AssertionError("unreachable: abort raises")
+
     async def Rank(
         self, request: sieve_pb2.RankRequest, context: grpc.aio.ServicerContext
     ) -> sieve_pb2.RankResponse:

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from features.events import EventsConfig
 from ranker.rerank import AnyRule, Fatigue, GroupCap, Mmr, Seen
 from sieve.auth import AuthConfig
 from sieve.config import Frozen
@@ -264,6 +265,9 @@ class RankerConfig(Frozen):
     rate_limit: RateLimitConfig = RateLimitConfig()
     """Per-caller token buckets (``sieve/ratelimit.py``), shared by replicas through
     Redis with ``store = "redis"``; off by default."""
+    events: EventsConfig = EventsConfig()
+    """The feedback loop: ``RecordEvents`` into a Redis Stream, the events views read
+    beside the user's features (``features/events.py``); off by default."""
     tracing: TracingConfig = TracingConfig()
     """OpenTelemetry traces of Rank and its stages (``sieve/tracing.py``, the
     ``tracing`` extra); off by default."""

@@ -37,8 +37,15 @@ import numpy as np
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
+from features.events import (
+    EVENT_VIEWS,
+    USER_EVENTS_VIEW,
+    EventStream,
+    ensure_events_repo,
+    with_events,
+)
 from features.item_table import ReadingChild
-from features.reader import FeatureFrame
+from features.reader import FeatureFrame, OnlineReader, open_reader
 from ranker import ladder, stages
 from ranker.candidates import CandidateClient
 from ranker.config import RankerConfig
@@ -124,6 +131,9 @@ class RankPipeline:
             ExponentialWithJitterBackoff(cap=0.005, base=0.001), rel.redis_retries
         )
         self._background: set[asyncio.Task[None]] = set()  # response-cache writes
+        # The feedback loop (start opens them when [ranker.events] is on).
+        self.events: EventStream | None = None
+        self.events_reader: OnlineReader | None = None
         self.sets: VersionHolder[LoadedSet] = VersionHolder(
             self.artifacts_root,
             self._load,
@@ -164,9 +174,33 @@ class RankPipeline:
         """
         await asyncio.to_thread(self._child.start)  # while this process is small
         await self.sets.start()
+        if self.config.events.enabled:
+            await self._start_events()
         self.candidates.start()
         if self.score_batcher is not None:
             self.score_batcher.start()
+
+    async def _start_events(self) -> None:
+        """The event stream, and the reader of the events views (their Feast repo
+        made from the live set's online store when it does not exist yet).
+
+        Raises:
+            ArtifactError: the events repo cannot be made or read.
+            redis.RedisError: the stream's Redis does not answer.
+        """
+        cfg = self.config.events
+        live = self.sets.live
+        assert live is not None
+        repo = await asyncio.to_thread(
+            ensure_events_repo, self.artifacts_root, live.registry_path.parent, cfg.feast_project
+        )
+        rel = self.reliability
+        reader = open_reader(repo, rel.redis_pool_size, rel.redis_timeout_s)
+        await reader.start()
+        await asyncio.to_thread(reader.prepare, EVENT_VIEWS)
+        self.events_reader = reader
+        self.events = EventStream(cfg)
+        await self.events.start()
 
     async def reload(self) -> bool:
         """Go live with the set ``CURRENT`` names, if it is new, as one unit: it is
@@ -196,6 +230,10 @@ class RankPipeline:
         await self.sets.close()
         if self.history is not None:
             await self.history.close()
+        if self.events is not None:
+            await self.events.close()
+        if self.events_reader is not None:
+            await self.events_reader.close()
         if self.response_cache is not None:
             await self.response_cache.close()
         if self._cpu is not None:
@@ -245,17 +283,41 @@ class RankPipeline:
             # features and the retrieval instead of as a round trip of the re-rank.
             history = self.history
             shown = asyncio.ensure_future(history.recent(q.user_id)) if history else None
+            # So is the read of what the user's events changed since the build.
+            events = (
+                asyncio.ensure_future(self._user_events(q.user_id))
+                if self.events_reader is not None
+                else None
+            )
             try:
-                return await self._funnel(state, ctx, shown)
+                return await self._funnel(state, ctx, shown, events)
             finally:
-                if shown is not None:
-                    if not shown.done():
-                        shown.cancel()  # a rung before the re-rank: not needed
-                    elif not shown.cancelled():
-                        shown.exception()  # seen, so asyncio does not log it as lost
+                for side in (shown, events):
+                    if side is not None:
+                        if not side.done():
+                            side.cancel()  # a rung before it was needed
+                        elif not side.cancelled():
+                            side.exception()  # seen, so asyncio does not log it as lost
+
+    async def _user_events(self, user_id: int) -> FeatureFrame | None:
+        """The events view's row of the user; None when the read fails (the Rank goes
+        on with the build's features, noted as ``events_unavailable``)."""
+        assert self.events_reader is not None
+        try:
+            async with asyncio.timeout(self.reliability.budget_ms.user_features / 1000):
+                return await self.events_reader.read(
+                    USER_EVENTS_VIEW, np.array([user_id], np.int64)
+                )
+        except Exception as e:  # noqa: BLE001 - fresher features are optional
+            log.warning("events view read failed: %s: %s", type(e).__name__, e)
+            return None
 
     async def _funnel(
-        self, state: LoadedSet, ctx: RankContext, shown: asyncio.Future[np.ndarray] | None
+        self,
+        state: LoadedSet,
+        ctx: RankContext,
+        shown: asyncio.Future[np.ndarray] | None,
+        events: asyncio.Future[FeatureFrame | None] | None = None,
     ) -> RankResult:
         """The stages in order; a stage with nothing to hand on ends on the ladder."""
         q, rel = ctx.query, self.reliability
@@ -270,6 +332,11 @@ class RankPipeline:
         if not user.found[0]:
             ctx.note(f"cold_start_user: no features for user {q.user_id}")
             return ladder.popular(state, ctx)
+        if events is not None:
+            fresh = await events
+            if fresh is None:
+                ctx.note("events_unavailable: ranked on the build's features")
+            user = with_events(user, fresh, self.config.events.recent)
 
         exclude = np.union1d(user.lists("seen_item_ids")[0], q.exclude)
         vector = stages.request_vector(state, ctx, user)

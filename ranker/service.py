@@ -6,7 +6,9 @@ import logging
 from pathlib import Path
 
 import grpc
+from redis.exceptions import RedisError
 
+from features.events import parse_events
 from protos.sieve.v1 import sieve_pb2, sieve_pb2_grpc
 from ranker.config import RankerConfig
 from ranker.context import parse_rank
@@ -14,11 +16,19 @@ from ranker.ladder import RUNGS
 from ranker.pipeline import RankPipeline
 from ranker.sources import source_names
 from sieve.auth import current_caller
-from sieve.errors import InvalidRequest, Overloaded, PermissionDenied, grpc_errors
+from sieve.errors import (
+    ConfigError,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    PermissionDenied,
+    grpc_errors,
+)
 from sieve.grpc_server import Server, add_servicer
 from sieve.logs import new_request_id
 from sieve.metrics import (
     CALLS_BY_CALLER,
+    EVENTS_RECORDED,
     IN_FLIGHT,
     IN_FLIGHT_LIMIT,
     RANK_ANSWERS,
@@ -44,7 +54,7 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
     async def Rank(
         self, request: sieve_pb2.RankRequest, context: grpc.aio.ServicerContext
     ) -> sieve_pb2.RankResponse:
-        new_request_id(context.invocation_metadata())
+        request_id = new_request_id(context.invocation_metadata())
         if request.debug and not current_caller().debug:
             raise PermissionDenied(
                 f"caller {current_caller().identity} may not ask for debug (ranker.auth)"
@@ -113,7 +123,35 @@ class RankerServicer(sieve_pb2_grpc.RankerServiceServicer):
             artifact_version=result.version,
             degradations=result.degradations,
             rungs=result.rungs,
+            request_id=request_id,
         )
+
+    @grpc_errors
+    async def RecordEvents(
+        self, request: sieve_pb2.RecordEventsRequest, context: grpc.aio.ServicerContext
+    ) -> sieve_pb2.RecordEventsResponse:
+        stream = self.pipeline.events
+        if stream is None:
+            raise ConfigError(
+                "this ranker does not take events: set [ranker.events] enabled = true "
+                "(and its redis_url) and restart it"
+            )
+        try:
+            entries = parse_events(request, self.config.events.max_future_s)
+        except InvalidRequest:
+            EVENTS_RECORDED.labels("invalid").inc(len(request.events))
+            raise
+        try:
+            await stream.append(entries)
+        except RedisError as e:
+            EVENTS_RECORDED.labels("unavailable").inc(len(entries))
+            log.warning("events: append failed: %s: %s", type(e).__name__, e)
+            raise NotReady(
+                f"the event stream is unavailable ({type(e).__name__}); the batch is not "
+                "acknowledged: retry it (events are applied once per event_id)"
+            ) from None
+        EVENTS_RECORDED.labels("accepted").inc(len(entries))
+        return sieve_pb2.RecordEventsResponse(accepted=len(entries))
 
 
 async def create_server(config: RankerConfig, artifacts_root: Path) -> tuple[Server, RankPipeline]:

@@ -72,6 +72,12 @@ CANDIDATE_SECONDS = Histogram(
     ["part"],
     buckets=LATENCY_BUCKETS,
 )
+EVENTS_RECORDED = Counter(
+    "sieve_events_recorded",
+    "Events by RecordEvents outcome: accepted (durable in the stream), invalid (the "
+    "batch refused), unavailable (the stream's Redis failed; not acknowledged)",
+    ["outcome"],
+)
 ARTIFACT_INFO = Gauge(
     "sieve_artifact_info", "1 for the artifact version a service serves now", ["service", "version"]
 )
@@ -84,6 +90,8 @@ RELOADS = Counter(
 # Every series exists from the start (at 0), so a rate() over it is defined.
 for _outcome in ("full", "degraded", "shed", "invalid", "error"):
     RANK_ANSWERS.labels(_outcome)
+for _outcome in ("accepted", "invalid", "unavailable"):
+    EVENTS_RECORDED.labels(_outcome)
 for _part in ("search", "queue", "total"):
     CANDIDATE_SECONDS.labels(_part)
 for _stage in ("validate", "user_features", "retrieve", "item_features", "score", "rerank",

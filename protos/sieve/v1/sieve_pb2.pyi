@@ -12,6 +12,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -22,6 +23,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _EventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_TYPE_UNSPECIFIED: _EventType.ValueType  # 0
+    EVENT_TYPE_IMPRESSION: _EventType.ValueType  # 1
+    """The item was on the user's screen."""
+    EVENT_TYPE_CLICK: _EventType.ValueType  # 2
+    EVENT_TYPE_RATING: _EventType.ValueType  # 3
+    """The user rated the item: value is the rating, 0.5..5."""
+    EVENT_TYPE_SKIP: _EventType.ValueType  # 4
+    """The user passed over the item (swiped it away, dismissed it)."""
+
+class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
+    """------------------------------------------------------------------- events --"""
+
+EVENT_TYPE_UNSPECIFIED: EventType.ValueType  # 0
+EVENT_TYPE_IMPRESSION: EventType.ValueType  # 1
+"""The item was on the user's screen."""
+EVENT_TYPE_CLICK: EventType.ValueType  # 2
+EVENT_TYPE_RATING: EventType.ValueType  # 3
+"""The user rated the item: value is the rating, 0.5..5."""
+EVENT_TYPE_SKIP: EventType.ValueType  # 4
+"""The user passed over the item (swiped it away, dismissed it)."""
+Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
 class UserVector(_message.Message):
@@ -411,7 +440,12 @@ class RankResponse(_message.Message):
     DEGRADATIONS_FIELD_NUMBER: _builtins.int
     DROPPED_FIELD_NUMBER: _builtins.int
     RUNGS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     artifact_version: _builtins.str
+    request_id: _builtins.str
+    """This answer's id (16 hex digits, or the caller's x-sieve-request-id): send
+    it back in the events about the items it showed, and find it in the logs.
+    """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankedItem]: ...
     @_builtins.property
@@ -450,11 +484,106 @@ class RankResponse(_message.Message):
         degradations: _abc.Iterable[_builtins.str] | None = ...,
         dropped: _abc.Iterable[Global___DroppedItem] | None = ...,
         rungs: _abc.Iterable[_builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_version", b"artifact_version", "degradations", b"degradations", "dropped", b"dropped", "items", b"items", "rungs", b"rungs", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_version", b"artifact_version", "degradations", b"degradations", "dropped", b"dropped", "items", b"items", "request_id", b"request_id", "rungs", b"rungs", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RankResponse: _TypeAlias = RankResponse  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    ITEM_ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ARTIFACT_VERSION_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The caller's id for the event, 1..64 printable ASCII characters, unique:
+    an event sent twice (a retried batch) is applied once.
+    """
+    user_id: _builtins.int
+    item_id: _builtins.int
+    type: Global___EventType.ValueType
+    value: _builtins.float
+    """The rating for EVENT_TYPE_RATING; 0 for the other types."""
+    timestamp_ms: _builtins.int
+    """When it happened, in milliseconds since the Unix epoch (not more than a
+    minute in the future).
+    """
+    request_id: _builtins.str
+    """The Rank answer that showed the item (RankResponse.request_id and
+    artifact_version), empty when the item was not shown by sieve.
+    """
+    artifact_version: _builtins.str
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        user_id: _builtins.int = ...,
+        item_id: _builtins.int = ...,
+        type: Global___EventType.ValueType = ...,
+        value: _builtins.float = ...,
+        timestamp_ms: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+        artifact_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_version", b"artifact_version", "event_id", b"event_id", "item_id", b"item_id", "request_id", b"request_id", "timestamp_ms", b"timestamp_ms", "type", b"type", "user_id", b"user_id", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class RecordEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
+        """1..1,000 events; a batch with an invalid event is refused whole
+        (INVALID_ARGUMENT naming it), nothing of it recorded.
+        """
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___Event] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordEventsRequest: _TypeAlias = RecordEventsRequest  # noqa: Y015
+
+@_typing.final
+class RecordEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.int
+    """How many events are now durable in the stream (all of the batch)."""
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordEventsResponse: _TypeAlias = RecordEventsResponse  # noqa: Y015

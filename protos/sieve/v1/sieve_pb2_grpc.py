@@ -122,6 +122,11 @@ class RankerServiceStub:
                 request_serializer=protos_dot_sieve_dot_v1_dot_sieve__pb2.RankRequest.SerializeToString,
                 response_deserializer=protos_dot_sieve_dot_v1_dot_sieve__pb2.RankResponse.FromString,
                 _registered_method=True)
+        self.RecordEvents = channel.unary_unary(
+                '/sieve.v1.RankerService/RecordEvents',
+                request_serializer=protos_dot_sieve_dot_v1_dot_sieve__pb2.RecordEventsRequest.SerializeToString,
+                response_deserializer=protos_dot_sieve_dot_v1_dot_sieve__pb2.RecordEventsResponse.FromString,
+                _registered_method=True)
 
 
 class RankerServiceServicer:
@@ -136,6 +141,15 @@ class RankerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordEvents(self, request, context):
+        """What users did with what they were shown: acknowledged once every event of
+        the batch is durable in the event stream (all or none), applied to the
+        online features by `sieve events` workers within about a second.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RankerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +157,11 @@ def add_RankerServiceServicer_to_server(servicer, server):
                     servicer.Rank,
                     request_deserializer=protos_dot_sieve_dot_v1_dot_sieve__pb2.RankRequest.FromString,
                     response_serializer=protos_dot_sieve_dot_v1_dot_sieve__pb2.RankResponse.SerializeToString,
+            ),
+            'RecordEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordEvents,
+                    request_deserializer=protos_dot_sieve_dot_v1_dot_sieve__pb2.RecordEventsRequest.FromString,
+                    response_serializer=protos_dot_sieve_dot_v1_dot_sieve__pb2.RecordEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +193,33 @@ class RankerService:
             '/sieve.v1.RankerService/Rank',
             protos_dot_sieve_dot_v1_dot_sieve__pb2.RankRequest.SerializeToString,
             protos_dot_sieve_dot_v1_dot_sieve__pb2.RankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sieve.v1.RankerService/RecordEvents',
+            protos_dot_sieve_dot_v1_dot_sieve__pb2.RecordEventsRequest.SerializeToString,
+            protos_dot_sieve_dot_v1_dot_sieve__pb2.RecordEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

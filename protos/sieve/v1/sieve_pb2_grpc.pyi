@@ -80,6 +80,11 @@ class RankerServiceStub:
     def __new__(cls, channel: _aio.Channel) -> RankerServiceAsyncStub: ...
     Rank: _grpc.UnaryUnaryMultiCallable[_sieve_pb2.RankRequest, _sieve_pb2.RankResponse]
     """The k best items for a user, through retrieval, scoring and re-ranking."""
+    RecordEvents: _grpc.UnaryUnaryMultiCallable[_sieve_pb2.RecordEventsRequest, _sieve_pb2.RecordEventsResponse]
+    """What users did with what they were shown: acknowledged once every event of
+    the batch is durable in the event stream (all or none), applied to the
+    online features by `sieve events` workers within about a second.
+    """
 
 @_typing.type_check_only
 class RankerServiceAsyncStub(RankerServiceStub):
@@ -88,6 +93,11 @@ class RankerServiceAsyncStub(RankerServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Rank: _aio.UnaryUnaryMultiCallable[_sieve_pb2.RankRequest, _sieve_pb2.RankResponse]  # type: ignore[assignment]
     """The k best items for a user, through retrieval, scoring and re-ranking."""
+    RecordEvents: _aio.UnaryUnaryMultiCallable[_sieve_pb2.RecordEventsRequest, _sieve_pb2.RecordEventsResponse]  # type: ignore[assignment]
+    """What users did with what they were shown: acknowledged once every event of
+    the batch is durable in the event stream (all or none), applied to the
+    online features by `sieve events` workers within about a second.
+    """
 
 class RankerServiceServicer(metaclass=_abc_1.ABCMeta):
     """------------------------------------------------------------------- ranker --"""
@@ -99,5 +109,16 @@ class RankerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_sieve_pb2.RankResponse, _abc.Awaitable[_sieve_pb2.RankResponse]]:
         """The k best items for a user, through retrieval, scoring and re-ranking."""
+
+    @_abc_1.abstractmethod
+    def RecordEvents(
+        self,
+        request: _sieve_pb2.RecordEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sieve_pb2.RecordEventsResponse, _abc.Awaitable[_sieve_pb2.RecordEventsResponse]]:
+        """What users did with what they were shown: acknowledged once every event of
+        the batch is durable in the event stream (all or none), applied to the
+        online features by `sieve events` workers within about a second.
+        """
 
 def add_RankerServiceServicer_to_server(servicer: RankerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
