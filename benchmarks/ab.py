@@ -312,7 +312,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     root = work / "artifacts"
     sides = {
         "A": dataclasses.replace(
-            Side.parse("A", args.a), ranker_workers=args.a_workers, candidate_shards=args.a_shards
+            Side.parse("A", args.a),
+            ranker_workers=args.a_workers,
+            candidate_shards=args.a_shards,
+            loadgen_args=tuple(shlex.split(args.a_loadgen_args)),
         ),
         "B": dataclasses.replace(
             Side.parse("B", args.b),
@@ -373,6 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seed": args.seed,
             "config": str(config),
             "config_b": str(works["B"][1]),
+            "loadgen_args_a": list(sides["A"].loadgen_args),
             "loadgen_args_b": list(sides["B"].loadgen_args),
             "work_b": str(works["B"][0]),
             "users_file": str(users),
@@ -449,6 +453,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the load generator's, both sides")
     ap.add_argument("--config", help="default WORK/sieve.toml")
     ap.add_argument("--b-config", help="side B's config (default: --config), e.g. with TLS")
+    ap.add_argument(
+        "--a-loadgen-args", default="", help="more load generator options for side A, one string"
+    )
     ap.add_argument(
         "--b-loadgen-args", default="", help="more load generator options for side B, one string"
     )

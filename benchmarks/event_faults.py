@@ -9,8 +9,9 @@ ratings (unique event ids, random users and items) at ``--rate`` for
 ``--seconds``, retrying a batch that is not acknowledged (UNAVAILABLE) with the
 same event ids, as a client should; a third of the way in the fault starts:
 
-- ``worker_kill``: SIGKILL worker 0 (its read, unacknowledged entries stay
-  pending); it restarts two thirds of the way in, and worker 1 claims them;
+- ``worker_kill``: SIGKILL worker 0 at a moment it holds entries it read and has
+  not acknowledged (polled with XPENDING; they stay pending); it restarts two
+  thirds of the way in, and worker 1 claims them after ``claim_idle_ms``;
 - ``stream_kill``: SIGKILL the stream's Redis, restarted from its AOF 1.5 s later;
 - ``poison``: malformed entries written straight into the stream among the good.
 
@@ -127,12 +128,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from features.events import EventsConfig
 
     rows: dict[str, Any] = {}
+    killed_holding: list[int] = []
     with EventStack(Path(args.work), args.items, 2) as st:
         cfg = EventsConfig(enabled=True)
         r = redis.Redis(host="127.0.0.1", port=st.events_port)
 
         def worker_kill(until: float) -> None:
+            # SIGKILL worker 0 while it holds entries it read and has not
+            # acknowledged (mid-batch), if that moment comes within 5 s
+            deadline, held = time.monotonic() + 5.0, []
+            while time.monotonic() < deadline:
+                held = r.xpending_range(cfg.stream, cfg.group, "-", "+", 1000, consumername="w0")
+                if held:
+                    break
             st.kill_worker(0)
+            killed_holding.append(len(held))  # type: ignore[arg-type]
             time.sleep(max(0.0, until - time.monotonic()))
             st.start_worker(0)
 
@@ -169,6 +179,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "lost": len(acked) - len(shown),
                 "drained_after_s": round(drain_s, 2),
             }
+            if name == "worker_kill":
+                rows[name]["entries_held_at_kill"] = killed_holding[0]
             print(name, rows[name], flush=True)
     return {"machine": machine(), "args": vars(args), "rows": rows}
 

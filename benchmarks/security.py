@@ -153,6 +153,11 @@ def main() -> None:
     ap.add_argument(
         "--tracing", type=float, help="side B also traces this share of calls (0-1), JSON logs"
     )
+    ap.add_argument(
+        "--secure-baseline",
+        action="store_true",
+        help="side A secured too (with --tracing: what tracing and logs add to security)",
+    )
     args = ap.parse_args()
     work = Path(args.work).resolve()
     secured, loadgen = secure(work)
@@ -162,8 +167,12 @@ def main() -> None:
         sink = Sink()
         secured = traced(secured, args.tracing, sink.url)
         results = results / f"tracing{args.tracing:g}"
+    baseline: list[str] = []
+    if args.secure_baseline:
+        baseline = ["--config", str(work / "sieve_secure.toml"), "--a-loadgen-args", loadgen]
+        results = results.with_name(results.name + "_secure_baseline")
     cmd = [
-        sys.executable, "-m", "benchmarks.ab", "--work", str(work),
+        sys.executable, "-m", "benchmarks.ab", "--work", str(work), *baseline,
         "--a", f"{ROOT}:app.cli", "--b", f"{ROOT}:app.cli", "--b-config", str(secured),
         "--b-loadgen-args", loadgen, "--rate", str(args.rate), "--seconds", str(args.seconds),
         "--rounds", str(args.rounds), "--results", str(results),

@@ -35,6 +35,8 @@ def test_no_acknowledged_event_is_lost(bench_work: Path, tmp_path: Path) -> None
         assert row["applied"] == row["visible"] == row["acknowledged"], (name, row)
         assert row["lost"] == 0, (name, row)
     assert rows["stream_kill"]["not_acknowledged_retries"] > 0  # the fault was hit
+    # the worker was killed holding entries it had read and not acknowledged
+    assert rows["worker_kill"]["entries_held_at_kill"] > 0
     assert rows["poison"]["dead_letters"] == 10
     assert rows["worker_kill"]["dead_letters"] == rows["stream_kill"]["dead_letters"] == 0
 
