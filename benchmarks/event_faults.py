@@ -136,13 +136,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def worker_kill(until: float) -> None:
             # SIGKILL worker 0 while it holds entries it read and has not
             # acknowledged (mid-batch), if that moment comes within 5 s
-            deadline, held = time.monotonic() + 5.0, []
+            deadline = time.monotonic() + 5.0
+            held: Any = []
             while time.monotonic() < deadline:
                 held = r.xpending_range(cfg.stream, cfg.group, "-", "+", 1000, consumername="w0")
                 if held:
                     break
             st.kill_worker(0)
-            killed_holding.append(len(held))  # type: ignore[arg-type]
+            killed_holding.append(len(held))
             time.sleep(max(0.0, until - time.monotonic()))
             st.start_worker(0)
 
