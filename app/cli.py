@@ -300,6 +300,23 @@ def cmd_events(args: argparse.Namespace) -> int:
     return run_worker(cfg, Path(args.artifacts), args.consumer, args.report_s, args.once)
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    import json
+
+    from app.replay import replay, replay_plan
+    from sieve import artifacts
+
+    aset = artifacts.load(Path(args.artifacts))
+    plan = replay_plan(aset, args.users, args.steps, args.seed)
+    positive = float(aset.manifest.build.config.get("positive_rating", 4.0))
+    report = asyncio.run(replay(args.frozen, args.fresh, plan, args.k, positive, args.gap_s))
+    text = json.dumps(report, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
 def cmd_rank(args: argparse.Namespace) -> int:
     import grpc
 
@@ -487,6 +504,25 @@ def parser() -> argparse.ArgumentParser:
         "--once", action="store_true", help="stop when no entry is waiting (tests, backfills)"
     )
     e.set_defaults(func=cmd_events)
+
+    rp = sub.add_parser(
+        "replay", help="play the holdout as events against a frozen and a fresh ranker"
+    )
+    rp.add_argument("--frozen", required=True, help="address of a ranker without events")
+    rp.add_argument("--fresh", required=True, help="address of a ranker with [ranker.events] on")
+    rp.add_argument(
+        "--artifacts", default="artifacts", help="the artifact root both serve (default: artifacts)"
+    )
+    rp.add_argument("--users", type=int, default=100, help="users sampled (default: 100)")
+    rp.add_argument("--steps", type=int, default=10, help="held-out ratings per user (default: 10)")
+    rp.add_argument("--k", type=int, default=50, help="items per Rank (default: 50)")
+    rp.add_argument(
+        "--gap-s", type=float, default=1.5,
+        help="the least seconds between a user's steps, for events to apply (default: 1.5)",
+    )  # fmt: skip
+    rp.add_argument("--seed", type=int, default=0, help="of the user sample (default: 0)")
+    rp.add_argument("--out", help="also write the report (JSON) here")
+    rp.set_defaults(func=cmd_replay)
 
     r = sub.add_parser("rank", help="ask the ranker for a user's recommendations")
     r.add_argument("--user", type=int, required=True, help="the user id to rank for")
