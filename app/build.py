@@ -67,6 +67,15 @@ def _version(data_dir: Path | None, synthetic: int, config: BuildConfig, now: da
     return f"{now:%Y%m%d%H%M%S}_{h.hexdigest()[:8]}"
 
 
+def with_event_ratings(ml: MovieLens, events_dir: Path) -> tuple[MovieLens, dict[str, Any]]:
+    """``ml`` with the event log's ratings in its ratings, and what was taken."""
+    from features.event_log import merge_ratings, read_event_log
+
+    ratings, stats = merge_ratings(ml.ratings, read_event_log(events_dir), ml.movies["movieId"])
+    info: dict[str, Any] = {"dir": str(events_dir.resolve()), **stats}
+    return MovieLens(movies=ml.movies, ratings=ratings, tags=ml.tags), info
+
+
 def _retrieval(index: Any, item_ids: np.ndarray, params: dict[str, int]) -> Any:
     """A Faiss index over the catalog, searched as the candidate service searches
     it (no stored user vectors)."""
@@ -83,6 +92,7 @@ def build(
     config: BuildConfig,
     cache_dir: Path | None = None,
     synthetic: int = 0,
+    events_dir: Path | None = None,
 ) -> BuildReport:
     """Run every offline job and publish the artifact set.
 
@@ -93,6 +103,9 @@ def build(
     The set is written into ``out/versions/<version>/`` and becomes live only when
     ``out/CURRENT`` is replaced at the very end, so a failed build leaves the last
     good set in place.
+
+    ``events_dir``: an event log (``sieve events --archive``) whose ratings join the
+    source's before the time split (``features/event_log.py``).
     """
     if (data_dir is None) == (synthetic == 0):
         raise ValueError("give either data_dir or synthetic=N")
@@ -149,6 +162,9 @@ def build(
             ml = MovieLens(movies=cat.movies, ratings=cat.ratings, tags=cat.tags)
             emb = cat.embeddings
             source = {"synthetic": {"n_items": synthetic, "seed": config.seed}}
+        if events_dir is not None:
+            ml, source["events"] = with_event_ratings(ml, Path(events_dir))
+            report.stats.update(events=source["events"])
         train, holdout = split(ml.ratings, config.holdout_fraction, config.split)
         # the validation split, carved from training the same way
         early, late = split(train, config.label_fraction, config.split)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING  # noqa: E402
 import pydantic  # noqa: E402
 
 from app.config import SieveConfig, load_config  # noqa: E402
+from app.loop_cli import add_loop_commands  # noqa: E402
 from sieve.errors import ConfigError, SieveError  # noqa: E402
 from sieve.local_redis import free_port  # noqa: E402
 
@@ -60,6 +61,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         cfg.build,
         Path(args.cache) if args.cache else None,
         synthetic=args.synthetic or 0,
+        events_dir=Path(args.events) if args.events else None,
     )
     _print_build(report)
     return 0
@@ -291,32 +293,6 @@ def _catalog(artifacts_root: Path | None) -> pd.DataFrame | None:
         return None
 
 
-def cmd_events(args: argparse.Namespace) -> int:
-    from app.events import run_worker
-    from sieve import logs
-
-    cfg = _config(args)
-    logs.configure(cfg.logging)
-    return run_worker(cfg, Path(args.artifacts), args.consumer, args.report_s, args.once)
-
-
-def cmd_replay(args: argparse.Namespace) -> int:
-    import json
-
-    from app.replay import replay, replay_plan
-    from sieve import artifacts
-
-    aset = artifacts.load(Path(args.artifacts))
-    plan = replay_plan(aset, args.users, args.steps, args.seed)
-    positive = float(aset.manifest.build.config.get("positive_rating", 4.0))
-    report = asyncio.run(replay(args.frozen, args.fresh, plan, args.k, positive, args.gap_s))
-    text = json.dumps(report, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
-
-
 def cmd_rank(args: argparse.Namespace) -> int:
     import grpc
 
@@ -436,6 +412,11 @@ def parser() -> argparse.ArgumentParser:
         "(default: artifacts)",
     )
     b.add_argument("--cache", help="embedding cache folder (default: OUT/cache)")
+    b.add_argument(
+        "--events", metavar="DIR",
+        help="an event log (sieve events --archive DIR): its ratings join the data's before "
+        "the time split",
+    )  # fmt: skip
     b.set_defaults(func=cmd_build)
 
     s = sub.add_parser("serve", help="start the candidate and ranker gRPC servers")
@@ -488,41 +469,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--ready-file", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
-    e = sub.add_parser(
-        "events", help="apply recorded events to the online features (a stream worker)"
-    )
-    e.add_argument(
-        "--artifacts", default="artifacts", help="the artifact root served (default: artifacts)"
-    )
-    e.add_argument(
-        "--consumer", default="", help="this worker's name in the group (default: host-pid)"
-    )
-    e.add_argument(
-        "--report-s", type=float, default=10.0, help="seconds between count lines (default: 10)"
-    )
-    e.add_argument(
-        "--once", action="store_true", help="stop when no entry is waiting (tests, backfills)"
-    )
-    e.set_defaults(func=cmd_events)
-
-    rp = sub.add_parser(
-        "replay", help="play the holdout as events against a frozen and a fresh ranker"
-    )
-    rp.add_argument("--frozen", required=True, help="address of a ranker without events")
-    rp.add_argument("--fresh", required=True, help="address of a ranker with [ranker.events] on")
-    rp.add_argument(
-        "--artifacts", default="artifacts", help="the artifact root both serve (default: artifacts)"
-    )
-    rp.add_argument("--users", type=int, default=100, help="users sampled (default: 100)")
-    rp.add_argument("--steps", type=int, default=10, help="held-out ratings per user (default: 10)")
-    rp.add_argument("--k", type=int, default=50, help="items per Rank (default: 50)")
-    rp.add_argument(
-        "--gap-s", type=float, default=1.5,
-        help="the least seconds between a user's steps, for events to apply (default: 1.5)",
-    )  # fmt: skip
-    rp.add_argument("--seed", type=int, default=0, help="of the user sample (default: 0)")
-    rp.add_argument("--out", help="also write the report (JSON) here")
-    rp.set_defaults(func=cmd_replay)
+    add_loop_commands(sub)
 
     r = sub.add_parser("rank", help="ask the ranker for a user's recommendations")
     r.add_argument("--user", type=int, required=True, help="the user id to rank for")

@@ -14,6 +14,7 @@ from pathlib import Path
 import redis
 
 from app.config import SieveConfig
+from features.event_log import EventArchiver
 from features.events import EventWorker, ensure_events_repo
 from sieve import artifacts
 
@@ -21,19 +22,29 @@ log = logging.getLogger("sieve.events")
 
 
 def run_worker(
-    cfg: SieveConfig, root: Path, consumer: str = "", report_s: float = 10.0, once: bool = False
+    cfg: SieveConfig,
+    root: Path,
+    consumer: str = "",
+    report_s: float = 10.0,
+    once: bool = False,
+    archive: Path | None = None,
 ) -> int:
-    """Run a worker on the artifact root ``root`` (its live set's online store).
+    """Run a worker on the artifact root ``root`` (its live set's online store), or
+    with ``archive``, an archiver writing the events as Parquet there.
 
     Raises:
         ArtifactError: no live set, or its feature repo is unreadable.
         redis.RedisError: the stream's Redis does not answer.
     """
     ev = cfg.ranker.events
-    aset = artifacts.load(root)
-    repo = ensure_events_repo(root, aset.verified("feature_store").parent, ev.feast_project)
     name = consumer or f"{socket.gethostname()}-{os.getpid()}"
-    worker = EventWorker(ev, repo, name)
+    worker: EventWorker | EventArchiver
+    if archive is not None:
+        worker = EventArchiver(ev, archive, name)
+    else:
+        aset = artifacts.load(root)
+        repo = ensure_events_repo(root, aset.verified("feature_store").parent, ev.feast_project)
+        worker = EventWorker(ev, repo, name)
     stopping = False
 
     def stop(*_: object) -> None:
@@ -42,7 +53,9 @@ def run_worker(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"events worker {name} on {ev.stream} (group {ev.group})", flush=True)
+    group = ev.archive_group if archive is not None else ev.group
+    print(f"events {'archiver' if archive else 'worker'} {name} on {ev.stream} (group {group})",
+          flush=True)  # fmt: skip
     last = time.monotonic()
     backoff = 0.1
     try:
@@ -61,8 +74,12 @@ def run_worker(
                 break
             if time.monotonic() - last >= report_s:
                 last = time.monotonic()
-                log.info("events: %s", worker.stats)
+                log.info("events: %s", _stats(worker))
     finally:
-        log.info("events: %s", worker.stats)
         worker.close()
+        log.info("events: %s", _stats(worker))
     return 0
+
+
+def _stats(worker: EventWorker | EventArchiver) -> object:
+    return worker.stats if isinstance(worker, EventWorker) else f"archived={worker.archived}"

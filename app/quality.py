@@ -106,6 +106,15 @@ def training_part(aset: artifacts.ArtifactSet) -> tuple[pd.DataFrame, np.ndarray
         movies, ratings = cat.movies, cat.ratings
     else:
         return None
+    if "events" in m.source:  # the build's event ratings, from the same log
+        from app.build import with_event_ratings
+        from sieve.data import MovieLens
+
+        log_dir = Path(m.source["events"]["dir"])
+        if not log_dir.is_dir():
+            return None
+        ml_all = MovieLens(movies=movies, ratings=ratings, tags=pd.DataFrame())
+        ratings = with_event_ratings(ml_all, log_dir)[0].ratings
     train, _ = split(ratings, float(cfg["holdout_fraction"]), str(cfg.get("split", "user")))
     return train, movies["movieId"].to_numpy(np.int64)
 
@@ -117,6 +126,46 @@ def _ci(values: list[float]) -> dict[str, float]:
 def _ratio(a: list[float], b: list[float]) -> dict[str, float]:
     r, low, high = paired_ratio_ci(np.array(a), np.array(b))
     return {"ratio": r, "low": low, "high": high}
+
+
+def offline_funnel(
+    aset: artifacts.ArtifactSet,
+) -> tuple[OfflineFunnel, pd.DataFrame, pd.DataFrame]:
+    """The set's funnel as the training code computes it (its indexes, tables and
+    neighbours), its user table (by user id) and item table (catalog order)."""
+    m = aset.manifest
+    assert m.text_index is not None
+    catalog_ids = aset.read_catalog(["item_id"])["item_id"].to_numpy(np.int64)
+    learned_index = CandidateIndex.load(
+        aset.verified("index"),
+        catalog_ids,
+        aset.verified("user_vectors"),
+        parse_search_params(m.index.search_params),
+    )
+    text_index = CandidateIndex.load(
+        aset.verified("text_index"),
+        catalog_ids,
+        aset.verified("text_user_vectors"),
+        parse_search_params(m.text_index.search_params),
+    )
+    users = pd.read_parquet(aset.verified("user_features")).set_index("user_id")
+    items = pd.read_parquet(aset.verified("item_features")).set_index("item_id")
+    items = items.loc[catalog_ids]  # catalog order, as the funnel indexes them
+    item_cols = item_inputs(items)
+    pop = item_cols["log_popularity"].astype(np.float32)
+    funnel = OfflineFunnel(
+        item_ids=catalog_ids,
+        item_vectors=np.load(aset.verified("item_embeddings")),
+        text_embeddings=np.asarray(np.load(aset.verified("text_embeddings"), mmap_mode="r")),
+        neighbour_rows=np.load(aset.verified("item_neighbours")),
+        neighbour_scores=np.load(aset.verified("item_neighbour_scores")),
+        popular_ids=catalog_ids[np.argsort(-pop, kind="stable")],
+        item_cols=item_cols,
+        learned_search=learned_index.top,
+        text_search=text_index.top,
+        quotas=dict(m.model.sources),
+    )
+    return funnel, users, items
 
 
 def evaluate(
@@ -143,42 +192,13 @@ def evaluate(
     if m.text_index is None or m.retriever is None:
         raise ValueError(f"{aset.root}: a set built before the learned retriever; rebuild it")
     positive = float(m.build.config["positive_rating"])
-    catalog_ids = aset.read_catalog(["item_id"])["item_id"].to_numpy(np.int64)
-    learned_index = CandidateIndex.load(
-        aset.verified("index"),
-        catalog_ids,
-        aset.verified("user_vectors"),
-        parse_search_params(m.index.search_params),
-    )
-    text_index = CandidateIndex.load(
-        aset.verified("text_index"),
-        catalog_ids,
-        aset.verified("text_user_vectors"),
-        parse_search_params(m.text_index.search_params),
-    )
-    item_vectors = np.load(aset.verified("item_embeddings"))
-    text = np.load(aset.verified("text_embeddings"), mmap_mode="r")
+    funnel, users, items = offline_funnel(aset)
+    catalog_ids, item_cols = funnel.item_ids, funnel.item_cols
+    text = funnel.text_embeddings
     dims = RerankConfig().diversity_dims  # the diversity rules' space, as served
     div_space = compact_space(text, dims) if 0 < dims < text.shape[1] else np.asarray(text)
-    users = pd.read_parquet(aset.verified("user_features")).set_index("user_id")
-    items = pd.read_parquet(aset.verified("item_features")).set_index("item_id")
-    items = items.loc[catalog_ids]  # catalog order, as the funnel indexes them
-    item_cols = item_inputs(items)
     pop = item_cols["log_popularity"].astype(np.float32)
-    by_pop = catalog_ids[np.argsort(-pop, kind="stable")]
-
-    funnel = OfflineFunnel(
-        item_ids=catalog_ids,
-        item_vectors=item_vectors,
-        text_embeddings=np.asarray(text),
-        neighbour_rows=np.load(aset.verified("item_neighbours")),
-        neighbour_scores=np.load(aset.verified("item_neighbour_scores")),
-        popular_ids=by_pop,
-        item_cols=item_cols,
-        learned_search=learned_index.top,
-        text_search=text_index.top,
-        quotas=dict(m.model.sources),
-    )
+    by_pop = funnel.popular_ids
     scorers = {}
     for name, role in MODELS.items():
         if role not in m.files:

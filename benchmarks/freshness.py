@@ -14,7 +14,11 @@ impressions, clicks and ratings of random users and items) and, twice a second,
 a probe: Rank a user, rate the answer's first item, and from the acknowledgement
 Rank that user every ``--poll-ms`` until the item is gone. Freshness is the time
 from the acknowledgement to the first answer without it (an upper bound, to the
-poll interval). Writes ``RESULTS/freshness/freshness.json`` and ``freshness.png``.
+poll interval; it includes that Rank's own time). The rankers run the default
+rule chain without ``fatigue`` (which demotes what was just shown, and would pass
+for the event's effect); every fourth probe is a control that sends no event and
+polls for 1 s: its item must stay. Writes ``RESULTS/freshness/freshness.json``
+and ``freshness.png``.
 """
 
 from __future__ import annotations
@@ -95,8 +99,12 @@ async def produce(stub: Any, users: np.ndarray, items: np.ndarray, rate: float,
     return sent
 
 
-async def probe(stub: Any, user: int, poll_ms: float, give_up_s: float) -> dict[str, Any]:
-    """Rank ``user``, rate its first item, poll Rank until the item is gone."""
+async def probe(
+    stub: Any, user: int, poll_ms: float, give_up_s: float, control: bool = False
+) -> dict[str, Any]:
+    """Rank ``user``, rate its first item, poll Rank until the item is gone. A
+    ``control`` probe sends no event and polls for ``give_up_s``: the item must stay
+    (else something other than the event moves it, and the figure means nothing)."""
     from protos.sieve.v1 import sieve_pb2
 
     first = await stub.Rank(sieve_pb2.RankRequest(user_id=user, k=50), timeout=5)
@@ -108,16 +116,18 @@ async def probe(stub: Any, user: int, poll_ms: float, give_up_s: float) -> dict[
                          timestamp_ms=int(time.time() * 1000),
                          request_id=first.request_id,
                          artifact_version=first.artifact_version)  # fmt: skip
-    await stub.RecordEvents(sieve_pb2.RecordEventsRequest(events=[ev]), timeout=5)
+    if not control:
+        await stub.RecordEvents(sieve_pb2.RecordEventsRequest(events=[ev]), timeout=5)
     acked = time.perf_counter()
     polls = 0
     while time.perf_counter() - acked < give_up_s:
         polls += 1
         resp = await stub.Rank(sieve_pb2.RankRequest(user_id=user, k=50), timeout=5)
         if item not in {i.item_id for i in resp.items}:
-            return {"user": user, "ms": (time.perf_counter() - acked) * 1000, "polls": polls}
+            ms = (time.perf_counter() - acked) * 1000
+            return {"user": user, "ms": ms, "polls": polls, "control": control}
         await asyncio.sleep(poll_ms / 1000)
-    return {"user": user, "ms": None, "polls": polls}
+    return {"user": user, "ms": None, "polls": polls, "control": control}
 
 
 async def drive(address: str, users: np.ndarray, items: np.ndarray,
@@ -133,9 +143,13 @@ async def drive(address: str, users: np.ndarray, items: np.ndarray,
         producer = asyncio.create_task(produce(stub, users, items, args.event_rate, until, acks_ms))
         probes: list[asyncio.Task[dict[str, Any]]] = []
         rng = np.random.default_rng(2)
+        n = 0
         while time.monotonic() < until:
             user = int(rng.choice(users))
-            probes.append(asyncio.create_task(probe(stub, user, args.poll_ms, 10.0)))
+            control = n % 4 == 3  # every fourth probe sends no event
+            wait_s = 1.0 if control else 10.0
+            probes.append(asyncio.create_task(probe(stub, user, args.poll_ms, wait_s, control)))
+            n += 1
             await asyncio.sleep(0.5)
         sent = await producer
         done = await asyncio.gather(*probes)
@@ -162,8 +176,12 @@ class EventStack:
         self.events_dir = work / "events_redis"
         shutil.rmtree(self.events_dir, ignore_errors=True)
         self.events_dir.mkdir(parents=True)
+        # The default chain without fatigue: a shown item's demotion must not pass
+        # for the event's exclusion (the control probes check that nothing else does).
         extra = (f"\n[ranker.events]\nenabled = true\n"
-                 f'redis_url = "redis://127.0.0.1:{self.events_port}/0"\n')  # fmt: skip
+                 f'redis_url = "redis://127.0.0.1:{self.events_port}/0"\n'
+                 '\n[ranker.rerank]\nrules = [{name = "seen"}, {name = "mmr", lambda = 0.5}, '
+                 '{name = "group_cap", cap = 5}]\n')  # fmt: skip
         self.config = bench_config(work, redis_port, extra, name="sieve_events.toml")
         self.root = root = work / "artifacts"
         try:
@@ -260,8 +278,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             measured = asyncio.run(drive(st.address, st.users, st.items, args))
             load.wait()
         rank = json.loads((st.work / "fresh_load.json").read_text())
-    fresh = [p["ms"] for p in measured["probes"] if p.get("ms") is not None]
-    lost = [p for p in measured["probes"] if "ms" in p and p["ms"] is None]
+    probes = [p for p in measured["probes"] if "skipped" not in p and not p["control"]]
+    controls = [p for p in measured["probes"] if "skipped" not in p and p["control"]]
+    fresh = [p["ms"] for p in probes if p["ms"] is not None]
+    lost = [p for p in probes if p["ms"] is None]
     for key in ("hdr", "ok_hdr", "cdf_ms"):
         rank.pop(key, None)
     return {
@@ -277,6 +297,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "max": max(fresh) if fresh else None,
             "not_visible_in_10s": len(lost),
         },  # fmt: skip
+        "controls": {
+            "n": len(controls),
+            "item_gone_without_an_event": sum(p["ms"] is not None for p in controls),
+        },
         "probes": measured["probes"],
         "rank_load": rank,
     }
@@ -284,7 +308,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def plot(result: dict[str, Any], out: Path) -> None:
     plt = pyplot()
-    fresh = sorted(p["ms"] for p in result["probes"] if p.get("ms") is not None)
+    fresh = sorted(
+        p["ms"] for p in result["probes"] if p.get("ms") is not None and not p["control"]
+    )
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(fresh, np.linspace(0, 1, len(fresh)), drawstyle="steps-post")
     ax.axvline(1000, color="red", linestyle="--", label="target p99 1 s")
@@ -314,7 +340,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "freshness.json").write_text(json.dumps(result, indent=1))
     plot(result, out)
-    summary = {k: result[k] for k in ("events", "freshness_ms")}
+    summary = {k: result[k] for k in ("events", "freshness_ms", "controls")}
     keys = ("latency_ms", "ok", "errors", "answers_on_a_rung")
     summary["rank"] = {k: result["rank_load"].get(k) for k in keys}
     print(json.dumps(summary, indent=1))

@@ -101,6 +101,11 @@ class EventsConfig(Frozen):
     """Item counters cover the current and the previous window of this length."""
     max_future_s: float = Field(60.0, ge=0.0)
     """An event stamped further ahead of the ranker's clock is refused."""
+    archive_group: str = "sieve-archive"
+    """The consumer group of ``sieve events --archive`` (``features/event_log.py``)."""
+    archive_rows: int = Field(10_000, ge=1)
+    archive_flush_s: float = Field(2.0, gt=0.0)
+    """An archiver writes its buffer this often (keep it under ``claim_idle_ms``)."""
 
 
 USER_EVENTS_VIEW = ViewSpec(

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from features.events import EventsConfig
+from ranker.feature_log import FeatureLogConfig
 from ranker.rerank import AnyRule, Fatigue, GroupCap, Mmr, Seen
 from sieve.auth import AuthConfig
 from sieve.config import Frozen
@@ -265,6 +266,9 @@ class RankerConfig(Frozen):
     rate_limit: RateLimitConfig = RateLimitConfig()
     """Per-caller token buckets (``sieve/ratelimit.py``), shared by replicas through
     Redis with ``store = "redis"``; off by default."""
+    feature_log: FeatureLogConfig = FeatureLogConfig()
+    """The model rows a sample of Ranks scored, as Parquet (``ranker/feature_log.py``;
+    ``sieve skew`` compares them with the training code's); off by default."""
     events: EventsConfig = EventsConfig()
     """The feedback loop: ``RecordEvents`` into a Redis Stream, the events views read
     beside the user's features (``features/events.py``); off by default."""

@@ -51,6 +51,7 @@ from ranker.candidates import CandidateClient
 from ranker.config import RankerConfig
 from ranker.context import RankContext, RankQuery, RankResult
 from ranker.device import onnx_cuda
+from ranker.feature_log import FeatureLog
 from ranker.history import ShownHistory, open_history
 from ranker.loaded import LoadedSet, load_set, refreshed
 from ranker.rerank import item_attributes
@@ -62,7 +63,7 @@ from sieve import artifacts
 from sieve.auth import current_caller
 from sieve.batcher import MicroBatcher
 from sieve.device import decide
-from sieve.logs import requests
+from sieve.logs import REQUEST_ID, requests
 from sieve.metrics import NONFINITE_FEATURES, RANK_STAGE_SECONDS, exemplar
 from sieve.tracing import open_tracer
 from sieve.versions import VersionHolder
@@ -131,6 +132,7 @@ class RankPipeline:
             ExponentialWithJitterBackoff(cap=0.005, base=0.001), rel.redis_retries
         )
         self._background: set[asyncio.Task[None]] = set()  # response-cache writes
+        self.feature_log = FeatureLog(config.feature_log) if config.feature_log.sample > 0 else None
         # The feedback loop (start opens them when [ranker.events] is on).
         self.events: EventStream | None = None
         self.events_reader: OnlineReader | None = None
@@ -232,6 +234,8 @@ class RankPipeline:
             await self.history.close()
         if self.events is not None:
             await self.events.close()
+        if self.feature_log is not None:
+            await asyncio.to_thread(self.feature_log.close)
         if self.events_reader is not None:
             await self.events_reader.close()
         if self.response_cache is not None:
@@ -402,6 +406,10 @@ class RankPipeline:
             ctx.mark("item_features")
             model_scores = await stages.score_batched(batcher, state, ctx, cand.x, rel)
             ctx.mark("score")
+        if self.feature_log is not None and self.feature_log.sampled():
+            self.feature_log.put(
+                REQUEST_ID.get(), q.user_id, state.version, state.scorer.features, cand
+            )
         if cand.n_bad:
             self.nonfinite_feature_values += cand.n_bad
             NONFINITE_FEATURES.inc(cand.n_bad)

@@ -45,6 +45,7 @@ class Rows(NamedTuple):
     x: np.ndarray  # model inputs [n, MODEL_FEATURES]
     n_bad: int  # non-finite inputs replaced by defaults
     sources: np.ndarray  # uint8 source bits (ranker/sources.py)
+    i2i: np.ndarray  # float32 item-to-item scores (0: no seed reaches the item)
 
 
 async def user_features(
@@ -168,7 +169,7 @@ def candidate_rows(
     n_bad = replace_nonfinite(x, state.feature_defaults)
     if n_bad:
         ctx.note(f"nonfinite_features: {n_bad} values scored with defaults")
-    return Rows(cand.ids, scores, cand.learned_rank, rows, x, n_bad, cand.sources)
+    return Rows(cand.ids, scores, cand.learned_rank, rows, x, n_bad, cand.sources, cand.i2i_score)
 
 
 def score_here(
