@@ -101,6 +101,9 @@ class EventsConfig(Frozen):
     """Item counters cover the current and the previous window of this length."""
     max_future_s: float = Field(60.0, ge=0.0)
     """An event stamped further ahead of the ranker's clock is refused."""
+    trim_s: float = Field(30.0, ge=0.0)
+    """How often a worker trims the stream of entries every consumer group has read
+    and acknowledged (``trim_stream``); 0: never (the stream grows without end)."""
     archive_group: str = "sieve-archive"
     """The consumer group of ``sieve events --archive`` (``features/event_log.py``)."""
     archive_rows: int = Field(10_000, ge=1)
@@ -391,6 +394,33 @@ def check_entry(fields: dict[bytes, bytes]) -> tuple[dict[str, str] | None, str]
     return entry, ""
 
 
+def trim_stream(r: Any, stream: str) -> int:
+    """Delete the entries every consumer group of ``stream`` has read and
+    acknowledged (below each group's oldest pending entry, or its last delivered
+    one); returns how many. A group created later (an archiver started after the
+    fact) sees only what is left, so start the groups you need first."""
+    groups = r.xinfo_groups(stream)
+    if not groups:
+        return 0
+    floors = []
+    for g in groups:
+        name = g["name"]
+        pending = r.xpending(stream, name)
+        if pending["pending"]:
+            floors.append(_id(pending["min"]))
+        else:  # everything delivered is acknowledged: keep from the next one on
+            ms, seq = _id(g["last-delivered-id"])
+            floors.append((ms, seq + 1))
+    ms, seq = min(floors)
+    return int(r.xtrim(stream, minid=f"{ms}-{seq}", approximate=False))
+
+
+def _id(raw: bytes | str) -> tuple[int, int]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 @dataclass
 class WorkerStats:
     read: int = 0
@@ -398,6 +428,7 @@ class WorkerStats:
     duplicates: int = 0
     dead: int = 0
     claimed: int = 0
+    trimmed: int = 0
 
 
 class EventWorker:
@@ -413,6 +444,7 @@ class EventWorker:
         self.apply = self.redis.register_script(APPLY)
         self.store = FeatureStore(repo_path=str(repo))
         self.stats = WorkerStats()
+        self._trimmed = time.monotonic()
         try:
             self.redis.xgroup_create(config.stream, config.group, id="0", mkstream=True)
         except redis.ResponseError as e:
@@ -435,6 +467,9 @@ class EventWorker:
             entries = [(i, f) for _, batch in got or () for i, f in batch]  # type: ignore[union-attr]
         if entries:
             self.handle(entries)
+        if c.trim_s and time.monotonic() - self._trimmed >= c.trim_s:
+            self._trimmed = time.monotonic()
+            self.stats.trimmed += trim_stream(self.redis, c.stream)
         return len(entries)
 
     def handle(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:

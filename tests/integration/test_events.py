@@ -229,3 +229,26 @@ async def test_a_ranker_without_events_says_how_to_turn_them_on(servers) -> None
             )
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "[ranker.events] enabled" in e.value.details()
+
+
+async def test_the_stream_is_trimmed_of_what_every_group_acknowledged(loop_ranker) -> None:  # type: ignore[no-untyped-def]
+    from features.events import trim_stream
+
+    stub, worker, r = loop_ranker["stub"], loop_ranker["worker"], loop_ranker["redis"]
+    cfg = loop_ranker["config"]
+    first = [event(21, 1), event(21, 2), event(21, 3)]
+    await stub.RecordEvents(sieve_pb2.RecordEventsRequest(events=first), timeout=10)
+    await drain(worker)
+    # a second group (an archiver) that has read only the first entry, unacknowledged
+    r.xgroup_create(cfg.stream, "slow", id="0")
+    held = r.xreadgroup("slow", "s1", {cfg.stream: ">"}, count=1)[0][1][0][0]
+    assert trim_stream(r, cfg.stream) == 0  # the slow group still needs all three
+    r.xack(cfg.stream, "slow", held)
+    r.xreadgroup("slow", "s1", {cfg.stream: ">"}, count=1)  # the second, pending
+    assert trim_stream(r, cfg.stream) == 1  # the first is everyone's past
+    r.xgroup_destroy(cfg.stream, "slow")
+    assert trim_stream(r, cfg.stream) == 2 and r.xlen(cfg.stream) == 0
+    # new events after a trim are read and applied as before
+    await stub.RecordEvents(sieve_pb2.RecordEventsRequest(events=[event(21, 4)]), timeout=10)
+    await drain(worker)
+    assert worker.stats.applied == 4
