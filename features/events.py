@@ -101,6 +101,9 @@ class EventsConfig(Frozen):
     """Item counters cover the current and the previous window of this length."""
     max_future_s: float = Field(60.0, ge=0.0)
     """An event stamped further ahead of the ranker's clock is refused."""
+    read_wait_ms: float = Field(10.0, ge=0.0)
+    """A Rank waits for the user's events row until its user-features deadline and at
+    least this long; past it the Rank goes on without it (``events_unavailable``)."""
     trim_s: float = Field(30.0, ge=0.0)
     """How often a worker trims the stream of entries every consumer group has read
     and acknowledged (``trim_stream``); 0: never (the stream grows without end)."""

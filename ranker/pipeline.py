@@ -308,13 +308,27 @@ class RankPipeline:
         on with the build's features, noted as ``events_unavailable``)."""
         assert self.events_reader is not None
         try:
-            async with asyncio.timeout(self.reliability.budget_ms.user_features / 1000):
-                return await self.events_reader.read(
-                    USER_EVENTS_VIEW, np.array([user_id], np.int64)
-                )
+            return await self.events_reader.read(USER_EVENTS_VIEW, np.array([user_id], np.int64))
         except Exception as e:  # noqa: BLE001 - fresher features are optional
             log.warning("events view read failed: %s: %s", type(e).__name__, e)
             return None
+
+    async def _await_events(
+        self, ctx: RankContext, events: asyncio.Future[FeatureFrame | None]
+    ) -> FeatureFrame | None:
+        """The events read (started beside the user features), waited for until the
+        user-features stage's deadline, and at least ``read_wait_ms``: a busy loop
+        that answers it late must not make the answer forget the user's events."""
+        cfg = self.config.events
+        wait = max(ctx.deadlines.left("user_features"), cfg.read_wait_ms / 1000)
+        try:
+            fresh = await asyncio.wait_for(asyncio.shield(events), wait)
+        except TimeoutError:
+            ctx.note(f"events_unavailable: the events read was not back in {wait * 1e3:.1f} ms")
+            return None
+        if fresh is None:
+            ctx.note("events_unavailable: the events read failed; ranked on the build's features")
+        return fresh
 
     async def _funnel(
         self,
@@ -337,9 +351,7 @@ class RankPipeline:
             ctx.note(f"cold_start_user: no features for user {q.user_id}")
             return ladder.popular(state, ctx)
         if events is not None:
-            fresh = await events
-            if fresh is None:
-                ctx.note("events_unavailable: ranked on the build's features")
+            fresh = await self._await_events(ctx, events)
             user = with_events(user, fresh, self.config.events.recent)
 
         exclude = np.union1d(user.lists("seen_item_ids")[0], q.exclude)
