@@ -13,7 +13,9 @@ The score is the hit rate of the *next* item: the share of steps whose held-out
 item (a positive rating, >= the build's threshold) is in that Rank's top k,
 averaged per user, with a 95% bootstrap interval over users and the paired
 ratio fresh / frozen. Also counted: answers holding an item the user rated at
-an earlier step of the replay (the fresh ranker must never show one).
+an earlier step of the replay (the fresh ranker should not show one: it can
+when the events read was late, ``events_unavailable``, or the answer came from a
+rung of the ladder; both are counted too).
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ async def replay(
 
     hits: dict[str, dict[int, list[bool]]] = {"frozen": {}, "fresh": {}}
     rated_shown = {"frozen": 0, "fresh": 0}
+    on_rung = {"frozen": 0, "fresh": 0}
+    no_events = 0  # fresh answers that went on without the user's events row
     rated: dict[int, set[int]] = {}
     answers = 0
     async with (
@@ -87,6 +91,11 @@ async def replay(
                 answers += 1
                 for mode, resp in zip(MODES, got, strict=True):
                     ids = {i.item_id for i in resp.items}
+                    on_rung[mode] += bool(resp.rungs)
+                    if mode == "fresh" and any(
+                        d.startswith("events_unavailable") for d in resp.degradations
+                    ):
+                        no_events += 1
                     if ids & rated.get(user, set()):
                         rated_shown[mode] += 1
                     if rating >= positive:
@@ -111,6 +120,8 @@ async def replay(
         "k": k,
         "positive_rating": positive,
         "answers_showing_an_item_rated_earlier": rated_shown,
+        "answers_on_a_rung": on_rung,
+        "fresh_answers_without_the_events_row": no_events,
     }
     for m in ("frozen", "fresh"):
         mean, low, high = bootstrap_ci(per_user[m]) if users else (float("nan"),) * 3

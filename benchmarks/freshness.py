@@ -13,12 +13,13 @@ This process sends ``--event-rate`` events/s (batches of 50 every 50 ms; a mix o
 impressions, clicks and ratings of random users and items) and, twice a second,
 a probe: Rank a user, rate the answer's first item, and from the acknowledgement
 Rank that user every ``--poll-ms`` until the item is gone. Freshness is the time
-from the acknowledgement to the first answer without it (an upper bound, to the
+from the acknowledgement to the first full-quality answer without it (an upper bound, to the
 poll interval; it includes that Rank's own time). The rankers run the default
 rule chain without ``fatigue`` (which demotes what was just shown, and would pass
 for the event's effect); every fourth probe is a control that sends no event and
-polls for 1 s: its item must stay. Writes ``RESULTS/freshness/freshness.json``
-and ``freshness.png``.
+polls for 1 s: its item must stay. Answers on a rung of the ladder (another path:
+fewer candidates, popular items) are polled past, not judged. Writes
+``RESULTS/freshness/freshness.json`` and ``freshness.png``.
 """
 
 from __future__ import annotations
@@ -119,15 +120,18 @@ async def probe(
     if not control:
         await stub.RecordEvents(sieve_pb2.RecordEventsRequest(events=[ev]), timeout=5)
     acked = time.perf_counter()
-    polls = 0
+    polls = on_rung = 0
     while time.perf_counter() - acked < give_up_s:
         polls += 1
         resp = await stub.Rank(sieve_pb2.RankRequest(user_id=user, k=50), timeout=5)
-        if item not in {i.item_id for i in resp.items}:
+        if resp.rungs:  # a rung's answer is another path (fewer candidates, popular)
+            on_rung += 1
+        elif item not in {i.item_id for i in resp.items}:
             ms = (time.perf_counter() - acked) * 1000
-            return {"user": user, "ms": ms, "polls": polls, "control": control}
+            return {"user": user, "ms": ms, "polls": polls, "on_rung": on_rung,
+                    "control": control}  # fmt: skip
         await asyncio.sleep(poll_ms / 1000)
-    return {"user": user, "ms": None, "polls": polls, "control": control}
+    return {"user": user, "ms": None, "polls": polls, "on_rung": on_rung, "control": control}
 
 
 async def drive(address: str, users: np.ndarray, items: np.ndarray,
