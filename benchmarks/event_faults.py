@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.freshness import EventStack
+from benchmarks.freshness import EventStack, drive, summarize
 from benchmarks.harness import RESULTS, machine
 
 ROWS = ("worker_kill", "stream_kill", "poison")
@@ -183,7 +183,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if name == "worker_kill":
                 rows[name]["entries_held_at_kill"] = killed_holding[0]
             print(name, rows[name], flush=True)
-    return {"machine": machine(), "args": vars(args), "rows": rows}
+        fresh = None
+        if args.probe_s > 0:  # freshness probes on the same processes, after the faults
+            probe_args = argparse.Namespace(
+                seconds=args.probe_s, event_rate=args.probe_rate, poll_ms=25.0
+            )
+            measured = asyncio.run(drive(st.address, st.users, st.items, probe_args))
+            fresh = summarize(measured, args.probe_s)
+    return {"machine": machine(), "args": vars(args), "rows": rows, "freshness": fresh}
 
 
 def _counts(r: Any, cfg: Any) -> dict[str, int]:
@@ -200,6 +207,11 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=20_000)
     ap.add_argument("--rate", type=float, default=200.0, help="events/s")
     ap.add_argument("--seconds", type=float, default=12.0, help="per row")
+    ap.add_argument(
+        "--probe-s", type=float, default=0.0,
+        help="then this many seconds of benchmarks.freshness probes on the same processes",
+    )  # fmt: skip
+    ap.add_argument("--probe-rate", type=float, default=200.0, help="their events/s")
     ap.add_argument("--results", default=str(RESULTS / "event_faults"))
     args = ap.parse_args()
     result = run(args)

@@ -18,7 +18,8 @@ poll interval; it includes that Rank's own time). The rankers run the default
 rule chain without ``fatigue`` (which demotes what was just shown, and would pass
 for the event's effect); every fourth probe is a control that sends no event and
 polls for 1 s: its item must stay. Answers on a rung of the ladder (another path:
-fewer candidates, popular items) are polled past, not judged. Writes
+fewer candidates, popular items) and answers that went on without the events row
+(``events_unavailable``: counted, the share under load) are polled past, not judged. Writes
 ``RESULTS/freshness/freshness.json`` and ``freshness.png``.
 """
 
@@ -120,18 +121,21 @@ async def probe(
     if not control:
         await stub.RecordEvents(sieve_pb2.RecordEventsRequest(events=[ev]), timeout=5)
     acked = time.perf_counter()
-    polls = on_rung = 0
+    polls = on_rung = no_events = 0
     while time.perf_counter() - acked < give_up_s:
         polls += 1
         resp = await stub.Rank(sieve_pb2.RankRequest(user_id=user, k=50), timeout=5)
         if resp.rungs:  # a rung's answer is another path (fewer candidates, popular)
             on_rung += 1
+        elif any(d.startswith("events_unavailable") for d in resp.degradations):
+            no_events += 1  # ranked without the events row: says nothing either way
         elif item not in {i.item_id for i in resp.items}:
             ms = (time.perf_counter() - acked) * 1000
             return {"user": user, "ms": ms, "polls": polls, "on_rung": on_rung,
-                    "control": control}  # fmt: skip
+                    "no_events": no_events, "control": control}  # fmt: skip
         await asyncio.sleep(poll_ms / 1000)
-    return {"user": user, "ms": None, "polls": polls, "on_rung": on_rung, "control": control}
+    return {"user": user, "ms": None, "polls": polls, "on_rung": on_rung,
+            "no_events": no_events, "control": control}  # fmt: skip
 
 
 async def drive(address: str, users: np.ndarray, items: np.ndarray,
@@ -282,31 +286,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             measured = asyncio.run(drive(st.address, st.users, st.items, args))
             load.wait()
         rank = json.loads((st.work / "fresh_load.json").read_text())
+    for key in ("hdr", "ok_hdr", "cdf_ms"):
+        rank.pop(key, None)
+    return {"machine": machine(), "args": vars(args), **summarize(measured, args.seconds),
+            "rank_load": rank}  # fmt: skip
+
+
+def summarize(measured: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Events sent and their acknowledgement times, freshness of the probes, the
+    controls' outcome, and every probe."""
     probes = [p for p in measured["probes"] if "skipped" not in p and not p["control"]]
     controls = [p for p in measured["probes"] if "skipped" not in p and p["control"]]
     fresh = [p["ms"] for p in probes if p["ms"] is not None]
-    lost = [p for p in probes if p["ms"] is None]
-    for key in ("hdr", "ok_hdr", "cdf_ms"):
-        rank.pop(key, None)
     return {
-        "machine": machine(),
-        "args": vars(args),
         "events": {
             "sent": measured["sent"],
-            "rate_per_s": measured["sent"] / args.seconds,
+            "rate_per_s": measured["sent"] / seconds,
             "ack_ms": percentiles(measured["acks_ms"]),
-        },  # fmt: skip
+        },
         "freshness_ms": {
             **percentiles(fresh),
             "max": max(fresh) if fresh else None,
-            "not_visible_in_10s": len(lost),
-        },  # fmt: skip
+            "not_visible_in_10s": sum(p["ms"] is None for p in probes),
+        },
         "controls": {
             "n": len(controls),
             "item_gone_without_an_event": sum(p["ms"] is not None for p in controls),
         },
+        "polls": {
+            "n": sum(p["polls"] for p in probes + controls),
+            "on_a_rung": sum(p["on_rung"] for p in probes + controls),
+            "without_the_events_row": sum(p["no_events"] for p in probes + controls),
+        },
         "probes": measured["probes"],
-        "rank_load": rank,
     }
 
 
