@@ -164,6 +164,35 @@ async def drive(address: str, users: np.ndarray, items: np.ndarray,
     return {"sent": sent, "acks_ms": acks_ms, "probes": done}
 
 
+def wait_for_consumers(port: int, names: list[str], timeout_s: float = 180.0) -> None:
+    """Return once every worker in ``names`` has read from the stream (joined the
+    group): started, Feast imported, the events repo in place.
+
+    Raises:
+        RuntimeError: not within ``timeout_s``.
+    """
+    import redis
+
+    from features.events import EventsConfig
+
+    cfg = EventsConfig()
+    r = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            try:
+                consumers: Any = r.xinfo_consumers(cfg.stream, cfg.group)
+                joined = {c["name"].decode() for c in consumers}
+            except redis.ResponseError:  # no stream or group yet
+                joined = set()
+            if set(names) <= joined:
+                return
+            time.sleep(0.2)
+    finally:
+        r.close()
+    raise RuntimeError(f"event workers {names} did not start within {timeout_s} s")
+
+
 class EventStack:
     """The whole loop as processes, for this benchmark and ``benchmarks.event_faults``:
     the feature store's Redis (the set built once), the stream's Redis (AOF, fresh),
@@ -234,7 +263,7 @@ class EventStack:
             for i in range(self.n_workers):
                 self.start_worker(i)
             self.stack.callback(self.stop_workers)
-            time.sleep(3)  # the workers' Feast import
+            wait_for_consumers(self.events_port, [f"w{i}" for i in range(self.n_workers)])
         except BaseException:
             self.stack.close()
             raise
