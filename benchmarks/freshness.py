@@ -164,33 +164,25 @@ async def drive(address: str, users: np.ndarray, items: np.ndarray,
     return {"sent": sent, "acks_ms": acks_ms, "probes": done}
 
 
-def wait_for_consumers(port: int, names: list[str], timeout_s: float = 180.0) -> None:
-    """Return once every worker in ``names`` has read from the stream (joined the
-    group): started, Feast imported, the events repo in place.
+def wait_for_workers(logs: list[tuple[Path, int]], timeout_s: float = 180.0) -> None:
+    """Return once each worker's log (from the given offset on) says it runs: its
+    "events worker NAME on STREAM" line comes after Feast is imported and the
+    events repo is in place, just before it first reads.
 
     Raises:
         RuntimeError: not within ``timeout_s``.
     """
-    import redis
-
-    from features.events import EventsConfig
-
-    cfg = EventsConfig()
-    r = redis.Redis(host="127.0.0.1", port=port)
     deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            try:
-                consumers: Any = r.xinfo_consumers(cfg.stream, cfg.group)
-                joined = {c["name"].decode() for c in consumers}
-            except redis.ResponseError:  # no stream or group yet
-                joined = set()
-            if set(names) <= joined:
-                return
-            time.sleep(0.2)
-    finally:
-        r.close()
-    raise RuntimeError(f"event workers {names} did not start within {timeout_s} s")
+    while time.monotonic() < deadline:
+        started = 0
+        for path, offset in logs:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                started += b"events worker " in f.read()
+        if started == len(logs):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"event workers ({[str(p) for p, _ in logs]}) did not start in time")
 
 
 class EventStack:
@@ -260,10 +252,12 @@ class EventStack:
                 )  # fmt: skip
             )
             self.address = f"127.0.0.1:{rport}"
+            logs = [self.work / "logs" / f"ev_worker{i}.log" for i in range(self.n_workers)]
+            offsets = [p.stat().st_size if p.exists() else 0 for p in logs]
             for i in range(self.n_workers):
                 self.start_worker(i)
             self.stack.callback(self.stop_workers)
-            wait_for_consumers(self.events_port, [f"w{i}" for i in range(self.n_workers)])
+            wait_for_workers(list(zip(logs, offsets, strict=True)))
         except BaseException:
             self.stack.close()
             raise

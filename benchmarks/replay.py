@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from app.replay import replay, replay_plan
-from benchmarks.freshness import wait_for_consumers
+from benchmarks.freshness import wait_for_workers
 from benchmarks.harness import RESULTS, ROOT, machine, process, pyplot, serving
 from sieve import artifacts
 from sieve.local_redis import free_port, start_redis, wait_for_redis
@@ -63,7 +63,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
                      "--artifacts", str(root), "--consumer", "w0"],
                     work / "logs" / "worker.log", cwd=ROOT),
         ):  # fmt: skip
-            wait_for_consumers(port, ["w0"])  # events sent before it runs would wait
+            wait_for_workers([(work / "logs" / "worker.log", 0)])  # events would wait for it
             aset = artifacts.load(root)
             plan = replay_plan(aset, args.users, args.steps, seed)
             positive = float(aset.manifest.build.config.get("positive_rating", 4.0))
