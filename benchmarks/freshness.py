@@ -10,17 +10,19 @@ run), ``sieve serve`` (candidate and ranker, ``[ranker.events]`` on), ``--worker
 ``sieve events`` workers, and the Rank load generator at ``--rank-rate``.
 
 This process sends ``--event-rate`` events/s (batches of 50 every 50 ms; a mix of
-impressions, clicks and ratings of random users and items) and, twice a second,
-a probe: Rank a user, rate the answer's first item, and from the acknowledgement
-Rank that user every ``--poll-ms`` until the item is gone. Freshness is the time
-from the acknowledgement to the first full-quality answer without it (an upper bound, to the
-poll interval; it includes that Rank's own time). The rankers run the default
-rule chain without ``fatigue`` (which demotes what was just shown, and would pass
-for the event's effect); every fourth probe is a control that sends no event and
-polls for 1 s: its item must stay. Answers on a rung of the ladder (another path:
-fewer candidates, popular items) and answers that went on without the events row
-(``events_unavailable``: counted, the share under load) are polled past, not judged. Writes
-``RESULTS/freshness/freshness.json`` and ``freshness.png``.
+impressions, clicks and ratings of random items by four fifths of the users) and,
+twice a second, a probe on one of the other fifth, in turn: Rank the user, rate
+the answer's first item, and from the acknowledgement Rank that user every
+``--poll-ms`` until the item is gone. Freshness is the time from the
+acknowledgement to the first full-quality answer without it (an upper bound, to
+the poll interval; it includes that Rank's own time). The rankers run the
+default rule chain without ``fatigue`` (which demotes what was just shown, and
+would pass for the event's effect); every fourth probe is a control that sends
+no event and polls for 1 s: its item must stay. Answers on a rung of the ladder
+(another path: fewer candidates, popular items) and answers that went on without
+the events row (``events_unavailable``: counted, the share under load) are
+polled past, not judged. Writes ``RESULTS/freshness/freshness.json`` and
+``freshness.png``.
 """
 
 from __future__ import annotations
@@ -148,12 +150,17 @@ async def drive(address: str, users: np.ndarray, items: np.ndarray,
         stub = sieve_pb2_grpc.RankerServiceStub(ch)
         acks_ms: list[float] = []
         until = time.monotonic() + args.seconds
-        producer = asyncio.create_task(produce(stub, users, items, args.event_rate, until, acks_ms))
+        # Probes on a fifth of the users, taken in turn, the background events on the
+        # rest: another event's rating would change a probed user's answer too.
+        n_probe = max(1, len(users) // 5)
+        probe_users, background = users[:n_probe], users[n_probe:]
+        producer = asyncio.create_task(
+            produce(stub, background, items, args.event_rate, until, acks_ms)
+        )
         probes: list[asyncio.Task[dict[str, Any]]] = []
-        rng = np.random.default_rng(2)
         n = 0
         while time.monotonic() < until:
-            user = int(rng.choice(users))
+            user = int(probe_users[n % n_probe])
             control = n % 4 == 3  # every fourth probe sends no event
             wait_s = 1.0 if control else 10.0
             probes.append(asyncio.create_task(probe(stub, user, args.poll_ms, wait_s, control)))
