@@ -188,12 +188,17 @@ class EventStream:
         self.redis = aredis.Redis.from_url(config.redis_url, socket_timeout=2.0)
 
     async def start(self) -> None:
-        """Check the Redis answers, and say what its persistence keeps.
+        """Say what the stream's Redis persistence keeps. A Redis that does not
+        answer is logged, not fatal: Rank serves, and RecordEvents answers
+        UNAVAILABLE until the Redis is back (the client reconnects)."""
+        from redis.exceptions import RedisError
 
-        Raises:
-            redis.RedisError: the Redis does not answer.
-        """
-        conf = await self.redis.config_get("append*")
+        try:
+            conf = await self.redis.config_get("append*")
+        except RedisError as e:
+            log.warning("events: %s does not answer (%s); RecordEvents answers UNAVAILABLE "
+                        "until it does", self.config.redis_url, e)  # fmt: skip
+            return
         aof = conf.get(b"appendonly", conf.get("appendonly"))
         if aof in (b"no", "no"):
             log.warning(

@@ -252,3 +252,29 @@ async def test_the_stream_is_trimmed_of_what_every_group_acknowledged(loop_ranke
     await stub.RecordEvents(sieve_pb2.RecordEventsRequest(events=[event(21, 4)]), timeout=10)
     await drain(worker)
     assert worker.stats.applied == 4
+
+
+async def test_a_stream_redis_that_is_down_leaves_rank_serving(  # type: ignore[no-untyped-def]
+    servers, artifacts_root: Path, tmp_path: Path
+) -> None:
+    from ranker.service import create_server
+    from sieve.local_redis import free_port
+
+    root = copy_artifacts(artifacts_root, tmp_path / "root")
+    events = EventsConfig(enabled=True, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    cfg = RankerConfig(port=0, item_refresh_s=0, candidate_address=servers["candidate"],
+                       reliability=RELAXED, rerank=STATELESS, events=events)  # fmt: skip
+    server, _ = await create_server(cfg, root)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = sieve_pb2_grpc.RankerServiceStub(ch)
+            answer = await stub.Rank(sieve_pb2.RankRequest(user_id=42), timeout=30)
+            assert answer.items and not answer.rungs
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.RecordEvents(
+                    sieve_pb2.RecordEventsRequest(events=[event(42, 1)]), timeout=10
+                )
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "not acknowledged: retry it" in e.value.details()
+    finally:
+        await server.stop(0)
