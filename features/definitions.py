@@ -108,13 +108,10 @@ def views(vector_dim: int = RETRIEVAL_DIM) -> tuple[ViewSpec, ViewSpec]:
 TIMESTAMP_FIELD = "event_timestamp"
 
 
-def feature_definitions(offline_dir: Path) -> list[object]:
-    """Feast objects over the parquet files in ``offline_dir``.
-
-    ``offline_dir`` must hold ``user_features.parquet`` and ``item_features.parquet``
-    (written by ``features.materialize.write_offline``).
-    """
-    from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+def feast_view(spec: ViewSpec, source: Any) -> tuple[Any, Any]:
+    """The Feast entity and online feature view of ``spec``, fed by ``source`` (a
+    file source, or a push source over one)."""
+    from feast import Entity, FeatureView, Field, ValueType
     from feast.types import Array, Float32, Int64
 
     types: dict[str, Any] = {
@@ -123,24 +120,36 @@ def feature_definitions(offline_dir: Path) -> list[object]:
         "float_list": Array(Float32),
         "int64_list": Array(Int64),
     }
+    entity = Entity(name=spec.entity, join_keys=[spec.join_key], value_type=ValueType.INT64)
+    view = FeatureView(
+        name=spec.name,
+        entities=[entity],
+        ttl=timedelta(days=3650),
+        schema=[Field(name=spec.join_key, dtype=Int64)]
+        + [Field(name=f.name, dtype=types[f.kind]) for f in spec.features],
+        source=source,
+        online=True,
+    )
+    return entity, view
+
+
+def feature_definitions(offline_dir: Path) -> list[object]:
+    """Feast objects over the parquet files in ``offline_dir``.
+
+    ``offline_dir`` must hold ``user_features.parquet`` and ``item_features.parquet``
+    (written by ``features.materialize.write_offline``).
+    """
+    from feast import FeatureService, FileSource
+
     objects: list[object] = []
     views: list[Any] = []
     for spec in VIEWS:
-        entity = Entity(name=spec.entity, join_keys=[spec.join_key], value_type=ValueType.INT64)
         source = FileSource(
             name=f"{spec.name}_source",
             path=str(Path(offline_dir).resolve() / f"{spec.name}.parquet"),
             timestamp_field=TIMESTAMP_FIELD,
         )
-        view = FeatureView(
-            name=spec.name,
-            entities=[entity],
-            ttl=timedelta(days=3650),
-            schema=[Field(name=spec.join_key, dtype=Int64)]
-            + [Field(name=f.name, dtype=types[f.kind]) for f in spec.features],
-            source=source,
-            online=True,
-        )
+        entity, view = feast_view(spec, source)
         objects += [entity, view]
         views.append(view)
     objects.append(FeatureService(name=FEATURE_SERVICE, features=views))

@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from features.definitions import FeatureSpec, ViewSpec
+from features.definitions import FeatureSpec, ViewSpec, feast_view
 from features.reader import FeatureFrame
 from protos.sieve.v1 import sieve_pb2
 from sieve.config import Frozen
@@ -230,13 +230,10 @@ objects = event_definitions(Path(__file__).parent / "data")
 
 def event_definitions(data_dir: Path) -> list[object]:
     """Feast objects: the two views, each fed by a push source over a parquet log."""
-    from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
-    from feast.types import Array, Int64
+    from feast import FileSource, PushSource
 
-    types: dict[str, Any] = {"int64": Int64, "int64_list": Array(Int64)}
     objects: list[object] = []
     for spec in EVENT_VIEWS:
-        entity = Entity(name=spec.entity, join_keys=[spec.join_key], value_type=ValueType.INT64)
         push = PushSource(
             name=f"{spec.name}_push",
             batch_source=FileSource(
@@ -245,15 +242,7 @@ def event_definitions(data_dir: Path) -> list[object]:
                 timestamp_field="event_timestamp",
             ),
         )
-        view = FeatureView(
-            name=spec.name,
-            entities=[entity],
-            ttl=timedelta(days=3650),
-            schema=[Field(name=spec.join_key, dtype=Int64)]
-            + [Field(name=f.name, dtype=types[f.kind]) for f in spec.features],
-            source=push,
-            online=True,
-        )
+        entity, view = feast_view(spec, push)
         objects += [entity, push, view]
     return objects
 
